@@ -1,0 +1,198 @@
+"""LMVSD and VMLSD: cross-modality guided masked self-distillation (paper Sec. III-B).
+
+Both directions are one objective, ``GuidedMaskedDistillation``, parameterised by the masked
+modality:
+
+* ``"image"`` (LMVSD): score the image tokens against the main branch's sentence feature,
+  keep the top-K fraction, mask a random α fraction of those in the *embedded* image tokens,
+  re-encode the image only, decode with the main branch's text features.
+* ``"text"`` (VMLSD): the mirror: score words against the image feature, mask word
+  embeddings, re-encode the text only, decode with the main branch's image features.
+
+The branch's logits are trained to reproduce the main branch's detached prediction
+(``supervision="distill"``, the paper) or the ground truth (``"ground_truth"``, Table VI).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from masksd.losses import consistency_loss, segmentation_loss
+from masksd.masking import correlation_scores, replace_tokens, sample_mask, select_top_k
+from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.towers import Decoder, align_scores
+
+__all__ = ["BranchConfig", "LMVSDConfig", "VMLSDConfig", "GuidedMaskedDistillation"]
+
+Modality = Literal["image", "text"]
+Supervision = Literal["distill", "ground_truth"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchConfig:
+    """Settings of one masked self-distillation branch.
+
+    Attributes:
+        enabled: run this branch at all.
+        top_k: fraction of valid tokens kept by correlation filtering, in (0, 1].
+        ratio: fraction α of the kept tokens replaced by the mask token, in [0, 1].
+        weight: loss weight λ (>= 0).
+        masking: False is the "no masking" ablation (paper Table V): the branch re-encodes the
+            unmasked tokens and no mask token is created.
+        metric: correlation ``"dot"`` (paper) or ``"cosine"``.
+    """
+
+    enabled: bool = True
+    top_k: float = 0.5
+    ratio: float = 0.25
+    weight: float = 0.75
+    masking: bool = True
+    metric: Literal["dot", "cosine"] = "dot"
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "ratio", "weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not 0.0 < self.top_k <= 1.0:
+            raise ValueError(f"top_k must lie in (0, 1], got {self.top_k}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio}")
+        if self.weight < 0.0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.metric not in ("dot", "cosine"):
+            raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMVSDConfig(BranchConfig):
+    """Language-guided masked visual branch; defaults = paper Table III best (0.5 / 0.25 / 0.75)."""
+
+    top_k: float = 0.5
+    ratio: float = 0.25
+    weight: float = 0.75
+
+
+@dataclass(frozen=True, kw_only=True)
+class VMLSDConfig(BranchConfig):
+    """Visual-guided masked language branch; defaults = paper Table IV best (0.5 / 0.1 / 0.1)."""
+
+    top_k: float = 0.5
+    ratio: float = 0.1
+    weight: float = 0.1
+
+
+class GuidedMaskedDistillation(Objective):
+    """One masked self-distillation branch (LMVSD for ``"image"``, VMLSD for ``"text"``).
+
+    Args:
+        name: key of this loss term (``"lmvsd"`` / ``"vmlsd"``).
+        masked_modality: ``"image"`` or ``"text"``.
+        embed_dim: width C of the masked tower's embedded tokens (size of the mask token).
+        config: the branch settings.
+        supervision: ``"distill"`` (target = detached main prediction) or ``"ground_truth"``.
+        hard_targets: binarise the teacher at ``threshold`` instead of soft probabilities.
+        threshold: probability threshold for hard targets.
+        decoder: a private decoder copy (unshared-weights ablation, Table VII); None shares the
+            model's decoder.
+
+    Parameters: ``mask_token [C]`` (initialised ``N(0, 0.02²)``) when masking is on, plus the
+    private decoder when given.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        masked_modality: Modality,
+        embed_dim: int,
+        config: BranchConfig,
+        supervision: Supervision = "distill",
+        hard_targets: bool = False,
+        threshold: float = 0.5,
+        decoder: Decoder | None = None,
+    ) -> None:
+        super().__init__()
+        if masked_modality not in ("image", "text"):
+            raise ValueError(f"masked_modality must be 'image' or 'text', got {masked_modality!r}")
+        if supervision not in ("distill", "ground_truth"):
+            raise ValueError(f"supervision must be 'distill' or 'ground_truth', got {supervision!r}")
+        if not isinstance(config, BranchConfig):
+            raise TypeError(f"config must be a BranchConfig, got {type(config).__name__}")
+        self.name = name
+        self.masked_modality: Modality = masked_modality
+        self.config = config
+        self.weight = float(config.weight)
+        self.supervision: Supervision = supervision
+        self.hard_targets = hard_targets
+        self.threshold = threshold
+        self.decoder = decoder
+        if config.masking:
+            self.mask_token = nn.Parameter(torch.randn(embed_dim) * 0.02)
+        else:
+            self.register_parameter("mask_token", None)
+
+    @classmethod
+    def with_private_decoder(cls, decoder: Decoder, **kwargs: object) -> GuidedMaskedDistillation:
+        """Build a branch with an independent copy of ``decoder`` (unshared weights)."""
+        if not isinstance(decoder, nn.Module):
+            raise TypeError("share_decoder=False needs the decoder to be an nn.Module to copy it")
+        return cls(decoder=copy.deepcopy(decoder), **kwargs)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"name={self.name!r}, masked={self.masked_modality}, top_k={c.top_k}, "
+            f"ratio={c.ratio}, weight={c.weight}, masking={c.masking}, "
+            f"supervision={self.supervision!r}"
+        )
+
+    def select(self, context: DistillContext) -> tuple[Tensor, Tensor]:
+        """Correlation filtering and guided masking: ``(kept, masked)``, each ``[B, N]`` bool."""
+        if self.masked_modality == "image":
+            tower, embedded = context.model.image_tower, context.image_embedded
+            tokens, guide = context.image_encoded.tokens, context.text_encoded.global_feature
+        else:
+            tower, embedded = context.model.text_tower, context.text_embedded
+            tokens, guide = context.text_encoded.tokens, context.image_encoded.global_feature
+        with torch.no_grad():
+            scores = correlation_scores(guide.detach(), tokens.detach(), metric=self.config.metric)
+            scores = align_scores(tower, scores, embedded)
+            kept = select_top_k(scores, embedded.maskable, top_k=self.config.top_k)
+            if self.config.masking:
+                masked = sample_mask(kept, ratio=self.config.ratio, generator=context.generator)
+            else:
+                masked = torch.zeros_like(kept)
+        return kept, masked
+
+    def forward(self, context: DistillContext) -> ObjectiveOutput:
+        """Run the masked branch and return its loss and the ``kept``/``masked`` masks."""
+        kept, masked = self.select(context)
+        model = context.model
+        decoder = self.decoder if self.decoder is not None else model.decoder
+        if self.masked_modality == "image":
+            embedded, tower = context.image_embedded, model.image_tower
+        else:
+            embedded, tower = context.text_embedded, model.text_tower
+        tokens = embedded.tokens
+        if self.mask_token is not None:
+            tokens = replace_tokens(tokens, masked, self.mask_token)
+        encoded = tower.encode(embedded.with_tokens(tokens))
+        if self.masked_modality == "image":
+            logits = decoder(encoded, context.text_encoded)
+        else:
+            logits = decoder(context.image_encoded, encoded)
+        if self.supervision == "distill":
+            loss = consistency_loss(
+                logits, context.main_logits, hard=self.hard_targets, threshold=self.threshold
+            )
+        else:
+            if context.target is None:
+                raise ValueError(f"{self.name}: supervision='ground_truth' needs a target mask")
+            loss = segmentation_loss(logits, context.target)
+        return ObjectiveOutput(loss=loss, info={"kept": kept, "masked": masked, "logits": logits.detach()})

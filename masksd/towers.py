@@ -1,0 +1,190 @@
+"""The tower contract: what masksd needs from a model, and the bare model built from it.
+
+A *tower* turns one modality's raw input into features in two steps, so that masksd can mask
+tokens between them:
+
+``embed(inputs) -> Embedded``
+    Raw inputs (images ``[B, 3, H, W]``, token ids ``[B, L]``, anything) to embedded tokens
+    ``[B, N, C]`` plus a ``maskable [B, N]`` bool mask (False for padding, special tokens and
+    anything that must never be selected or masked). Whatever ``encode`` needs besides the tokens
+    (token ids for pooling, the patch grid, ...) goes into ``extras``.
+``encode(embedded) -> Encoded``
+    Embedded tokens to per-token features ``[B, N_enc, D]`` in the space shared with the other
+    tower (used only to *score* tokens), a global feature ``[B, D]`` in that same space, and
+    ``features``: whatever the decoder consumes (multi-level maps, word features, masks, ...).
+
+The decoder is any callable ``decoder(image: Encoded, text: Encoded) -> logits`` with logits of
+shape ``[B, 1, h, w]`` or ``[B, h, w]``.
+
+Usually ``N_enc == N`` (a ViT's patch tokens line up with its patch embeddings). A tower whose
+encoded grid differs from its embedded grid (a CNN stem, a hierarchical backbone) implements
+``align_scores(scores [B, N_enc], embedded) -> [B, N]`` to carry correlation scores back onto the
+embedded tokens; the default requires the two counts to be equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Embedded", "Encoded", "Tower", "Decoder", "RISModel", "align_scores"]
+
+
+@dataclass
+class Embedded:
+    """Output of ``Tower.embed``.
+
+    Attributes:
+        tokens: ``[B, N, C]`` embedded tokens, the place where masking happens.
+        maskable: ``[B, N]`` bool; True where a token may be selected and masked.
+        extras: anything ``encode`` needs besides the tokens; passed through unchanged to the
+            masked branches.
+    """
+
+    tokens: Tensor
+    maskable: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
+            raise ValueError(
+                f"Embedded.tokens must be a [B, N, C] tensor, got "
+                f"{_describe(self.tokens)}"
+            )
+        if not isinstance(self.maskable, Tensor) or self.maskable.dtype != torch.bool:
+            raise TypeError(
+                f"Embedded.maskable must be a bool tensor, got {_describe(self.maskable)}"
+            )
+        if tuple(self.maskable.shape) != tuple(self.tokens.shape[:2]):
+            raise ValueError(
+                f"Embedded.maskable must have shape [B, N] = {tuple(self.tokens.shape[:2])}, "
+                f"got {tuple(self.maskable.shape)}"
+            )
+
+    def with_tokens(self, tokens: Tensor) -> Embedded:
+        """A copy carrying new ``tokens [B, N, C]`` and the same mask and extras."""
+        return dataclasses.replace(self, tokens=tokens)
+
+
+@dataclass
+class Encoded:
+    """Output of ``Tower.encode``.
+
+    Attributes:
+        tokens: ``[B, N_enc, D]`` per-token features in the space shared with the other tower's
+            ``global_feature`` (only used to score tokens; never differentiated through the
+            score).
+        global_feature: ``[B, D]`` sentence / image feature in that shared space.
+        features: whatever the decoder consumes; masksd never looks inside.
+    """
+
+    tokens: Tensor
+    global_feature: Tensor
+    features: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
+            raise ValueError(
+                f"Encoded.tokens must be a [B, N, D] tensor, got {_describe(self.tokens)}"
+            )
+        if not isinstance(self.global_feature, Tensor) or self.global_feature.dim() != 2:
+            raise ValueError(
+                "Encoded.global_feature must be a [B, D] tensor, got "
+                f"{_describe(self.global_feature)}"
+            )
+
+
+@runtime_checkable
+class Tower(Protocol):
+    """What masksd needs from one modality (see the module docstring)."""
+
+    embed_dim: int
+
+    def embed(self, inputs: Any) -> Embedded: ...
+
+    def encode(self, embedded: Embedded) -> Encoded: ...
+
+
+class Decoder(Protocol):
+    """``decoder(image, text) -> logits [B, 1, h, w]`` (or ``[B, h, w]``)."""
+
+    def __call__(self, image: Encoded, text: Encoded) -> Tensor: ...
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _check_tower(tower: Any, argument: str) -> None:
+    if not isinstance(tower, nn.Module):
+        raise TypeError(
+            f"{argument} must be a torch.nn.Module (so that its parameters are trained and "
+            f"saved), got {type(tower).__name__}"
+        )
+    missing = [name for name in ("embed", "encode") if not callable(getattr(tower, name, None))]
+    if missing:
+        raise TypeError(f"{argument} must define {' and '.join(missing)}(); see masksd.towers")
+    embed_dim = getattr(tower, "embed_dim", None)
+    if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
+        raise TypeError(
+            f"{argument}.embed_dim must be a positive int (the width C of its embedded "
+            f"tokens), got {embed_dim!r}"
+        )
+
+
+def align_scores(tower: Any, scores: Tensor, embedded: Embedded) -> Tensor:
+    """Map scores over encoded tokens ``[B, N_enc]`` onto embedded tokens ``[B, N]``.
+
+    Uses ``tower.align_scores`` when the tower defines it; otherwise the counts must match.
+    """
+    custom = getattr(tower, "align_scores", None)
+    if callable(custom):
+        scores = custom(scores, embedded)
+    if tuple(scores.shape) != tuple(embedded.maskable.shape):
+        raise ValueError(
+            f"{type(tower).__name__}: encoded tokens give scores of shape "
+            f"{tuple(scores.shape)} but the embedded tokens have shape "
+            f"{tuple(embedded.maskable.shape)}; define align_scores(scores, embedded) on the "
+            "tower to map one onto the other"
+        )
+    return scores
+
+
+class RISModel(nn.Module):
+    """The bare model: ``decoder(image_tower.encode(embed(x)), text_tower.encode(embed(t)))``.
+
+    This is exactly what ``MaskedSelfDistill`` runs at inference, and what ``unwrap()`` returns.
+
+    Args:
+        image_tower: a ``Tower`` for images (an ``nn.Module``).
+        text_tower: a ``Tower`` for text (an ``nn.Module``).
+        decoder: ``decoder(image: Encoded, text: Encoded) -> logits``; an ``nn.Module`` if it has
+            parameters.
+    """
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, decoder: Decoder) -> None:
+        super().__init__()
+        _check_tower(image_tower, "image_tower")
+        _check_tower(text_tower, "text_tower")
+        if not callable(decoder):
+            raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.decoder = decoder
+
+    def encode(self, images: Any, texts: Any) -> tuple[Encoded, Encoded]:
+        """Embed and encode both modalities (the main branch without the decoder)."""
+        image = self.image_tower.encode(self.image_tower.embed(images))
+        text = self.text_tower.encode(self.text_tower.embed(texts))
+        return image, text
+
+    def forward(self, images: Any, texts: Any) -> Tensor:
+        """Segmentation logits ``[B, 1, h, w]`` (or whatever shape the decoder returns)."""
+        image, text = self.encode(images, texts)
+        return self.decoder(image, text)
