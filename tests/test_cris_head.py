@@ -137,8 +137,6 @@ def _bad(levels, sentence, words, mask, which):
         return levels, sentence, words, mask[:, :3]
     if which == "mask_dtype":
         return levels, sentence, words, mask.long()
-    if which == "mask_all_pad":
-        return levels, sentence, words, torch.ones_like(mask)
     raise AssertionError(which)
 
 
@@ -146,7 +144,7 @@ def _bad(levels, sentence, words, mask, which):
     ("n_levels", "levels"), ("levels_type", "levels"), ("vis_dim", "levels[2]"),
     ("grid", "levels[2]"), ("sentence", "sentence"), ("sentence_batch", "sentence"),
     ("words", "words"), ("words_ndim", "words"), ("mask_shape", "word_pad_mask"),
-    ("mask_dtype", "word_pad_mask"), ("mask_all_pad", "word_pad_mask"),
+    ("mask_dtype", "word_pad_mask"),
 ])
 def test_bad_inputs_raise(which: str, name: str) -> None:
     head = make_head().eval()

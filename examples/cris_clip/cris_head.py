@@ -20,8 +20,11 @@ Differences from CRIS (ResNet backbone), all forced or suggested by the ViT / an
   batch of one, so here it is ``Linear + ReLU`` (the gated map still goes through BN2d + ReLU).
 * Word features are projected to ``dim`` by a Linear when their width differs (CRIS relies
   on the text width being equal to the decoder width).
-* A sample whose words are all padding would make the cross-attention softmax NaN; it is
-  rejected with a ValueError instead.
+* The levels may have different widths (``vis_dim`` per level): the reference model feeds
+  intermediate ViT layers (``width``) and the final CLIP-projected tokens (``embed_dim``).
+* A sample whose words are all padding makes the cross-attention softmax NaN. With CLIP
+  tokens this cannot happen (SOT/EOT are never padding); it is not checked on the hot path
+  because the check would cost a device sync per step.
 """
 
 from __future__ import annotations
@@ -106,20 +109,33 @@ class CoordConv(nn.Module):
         return self.conv(torch.cat([x, coord], dim=1))
 
 
+def _level_dims(vis_dim: int | Sequence[int], num_levels: int) -> list[int]:
+    """Channel width of every level: one int for all, or one per level."""
+    if isinstance(vis_dim, int):
+        return [vis_dim] * num_levels
+    dims = [int(d) for d in vis_dim]
+    if len(dims) != num_levels:
+        raise ValueError(f"vis_dim lists {len(dims)} widths for {num_levels} levels")
+    return dims
+
+
 class CRISNeck(nn.Module):
     """Sentence-gated multi-level fusion (CRIS ``FPN``) for single-stride ViT features.
 
-    Inputs: ``levels`` -- ``num_levels`` tensors ``[B, vis_dim, h, w]`` ordered shallow → deep
+    Inputs: ``levels`` -- ``num_levels`` tensors ``[B, vis_dims[i], h, w]`` ordered shallow → deep
     (the last one is gated by the sentence); ``sentence`` -- ``[B, text_dim]``.
     Output: ``[B, dim, h, w]``.
     """
 
-    def __init__(self, vis_dim: int, text_dim: int, num_levels: int = 3, dim: int = 512) -> None:
+    def __init__(self, vis_dim: int | Sequence[int], text_dim: int, num_levels: int = 3,
+                 dim: int = 512) -> None:
         super().__init__()
         self.num_levels = num_levels
+        vis_dims = _level_dims(vis_dim, num_levels)
         # deepest level: 1×1 projection (CRIS f1_v_proj); the others 3×3 (f2/f3_v_proj)
         self.in_proj = nn.ModuleList(
-            conv_bn_relu(vis_dim, dim, 1 if i == num_levels - 1 else 3) for i in range(num_levels))
+            conv_bn_relu(vis_dims[i], dim, 1 if i == num_levels - 1 else 3)
+            for i in range(num_levels))
         self.txt_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.ReLU(inplace=True))
         self.gate_norm = nn.Sequential(nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
         # top-down cascade: level i fused with the (already fused) level i+1 (CRIS f2/f3_cat)
@@ -255,7 +271,8 @@ class CRISHead(nn.Module):
 
     ``forward(levels, sentence, words, word_pad_mask)``:
 
-    * ``levels``: ``num_levels`` tensors ``[B, vis_dim, h, w]`` (shallow → deep, same grid),
+    * ``levels``: ``num_levels`` tensors ``[B, vis_dim[i], h, w]`` (shallow → deep, same grid;
+      ``vis_dim`` is one width for all levels or one per level),
     * ``sentence``: ``[B, text_dim]`` global text feature,
     * ``words``: ``[B, L, word_dim]`` per-token text features (``word_dim`` defaults to
       ``text_dim``),
@@ -264,7 +281,7 @@ class CRISHead(nn.Module):
     returns mask logits ``[B, 1, 4h, 4w]`` (1/4 of the image for a patch-16 ViT).
     """
 
-    def __init__(self, *, vis_dim: int, text_dim: int, num_levels: int = 3, dim: int = 512,
+    def __init__(self, *, vis_dim: int | Sequence[int], text_dim: int, num_levels: int = 3, dim: int = 512,
                  num_layers: int = 3, nhead: int = 8, dim_feedforward: int = 2048,
                  dropout: float = 0.1, proj_dim: int = 256, word_dim: int | None = None) -> None:
         super().__init__()
@@ -272,7 +289,7 @@ class CRISHead(nn.Module):
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if dim % 4 or dim % nhead:
             raise ValueError(f"dim must be divisible by 4 and by nhead={nhead}, got {dim}")
-        self.vis_dim = vis_dim
+        self.vis_dims = _level_dims(vis_dim, num_levels)
         self.text_dim = text_dim
         self.word_dim = text_dim if word_dim is None else word_dim
         self.num_levels = num_levels
@@ -288,10 +305,10 @@ class CRISHead(nn.Module):
             raise ValueError(f"levels must be a list of {self.num_levels} tensors, got {n}")
         ref = levels[0].shape if isinstance(levels[0], Tensor) else None
         for i, lvl in enumerate(levels):
-            if not isinstance(lvl, Tensor) or lvl.ndim != 4 or lvl.shape[1] != self.vis_dim:
+            if not isinstance(lvl, Tensor) or lvl.ndim != 4 or lvl.shape[1] != self.vis_dims[i]:
                 got = tuple(lvl.shape) if isinstance(lvl, Tensor) else type(lvl).__name__
-                raise ValueError(f"levels[{i}] must be [B, {self.vis_dim}, h, w], got {got}")
-            if lvl.shape != ref:
+                raise ValueError(f"levels[{i}] must be [B, {self.vis_dims[i]}, h, w], got {got}")
+            if (lvl.shape[0], *lvl.shape[2:]) != (ref[0], *ref[2:]):
                 raise ValueError(f"levels[{i}] has shape {tuple(lvl.shape)}, but levels[0] has "
                                  f"{tuple(ref)}; all levels must share batch and grid")
         b = ref[0]
@@ -310,9 +327,6 @@ class CRISHead(nn.Module):
         if word_pad_mask.dtype != torch.bool:
             raise ValueError(f"word_pad_mask must be torch.bool (True = padding), "
                              f"got {word_pad_mask.dtype}")
-        if bool(word_pad_mask.all(dim=1).any()):
-            raise ValueError("word_pad_mask marks every word of some sample as padding; "
-                             "each sample needs at least one real token")
 
     def forward(self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor,
                 word_pad_mask: Tensor) -> Tensor:

@@ -272,15 +272,28 @@ def _subsets(obj: SceneObject, *, allow_empty: bool) -> list[Phrase]:
     return out
 
 
+def _n_attrs(p: Phrase) -> int:
+    return sum(v is not None for v in (p.size, p.colour, p.shape))
+
+
+_PHRASE_WEIGHTS = (0.15, 0.45, 0.3, 0.1)  # by number of attributes in a target phrase
+
+
+def _pick(options: list, phrases: list[Phrase], rng: np.random.Generator):
+    """Pick one of ``options`` favouring phrases with one or two attributes."""
+    w = np.array([_PHRASE_WEIGHTS[_n_attrs(p)] for p in phrases])
+    return options[int(rng.choice(len(options), p=w / w.sum()))]
+
+
 def _minimal_unique(objects: list[SceneObject], idx: int, rng: np.random.Generator) -> Phrase | None:
-    """A phrase naming only ``objects[idx]``; usually a minimal one."""
+    """A phrase naming only ``objects[idx]``: minimal, sometimes with extra attributes."""
     phrases = [p for p in _subsets(objects[idx], allow_empty=False)
                if sum(p.matches(o) for o in objects) == 1]
     if not phrases:
         return None
-    n_min = min(sum(v is not None for v in (p.size, p.colour, p.shape)) for p in phrases)
-    minimal = [p for p in phrases if sum(v is not None for v in (p.size, p.colour, p.shape)) == n_min]
-    pool = minimal if rng.random() < 0.85 else phrases
+    n_min = min(_n_attrs(p) for p in phrases)
+    minimal = [p for p in phrases if _n_attrs(p) == n_min]
+    pool = minimal if rng.random() < 0.8 else phrases
     return pool[rng.integers(len(pool))]
 
 
@@ -292,6 +305,7 @@ def _try_relation(objects: list[SceneObject], t: int, rng: np.random.Generator) 
         if anchor is None:
             continue
         for rel in rng.permutation(RELATIONS):
+            valid = []
             for phrase in _subsets(objects[t], allow_empty=True):
                 # the relation must be needed: the phrase alone names >= 2 non-anchor objects
                 others = [i for i, o in enumerate(objects) if i != a and phrase.matches(o)]
@@ -299,12 +313,15 @@ def _try_relation(objects: list[SceneObject], t: int, rng: np.random.Generator) 
                     continue
                 expr = Expression("relation", phrase, relation=str(rel), anchor=anchor)
                 if resolve(expr, objects, margins=True) == [t]:
-                    return expr
+                    valid.append(expr)
+            if valid:
+                return _pick(valid, [e.target for e in valid], rng)
     return None
 
 
 def _try_ordinal(objects: list[SceneObject], t: int, rng: np.random.Generator) -> Expression | None:
     for direction in rng.permutation(DIRECTIONS):
+        valid = []
         for phrase in _subsets(objects[t], allow_empty=True):
             n = sum(phrase.matches(o) for o in objects)
             if n < 2 or n > 4:
@@ -313,7 +330,9 @@ def _try_ordinal(objects: list[SceneObject], t: int, rng: np.random.Generator) -
                 expr = Expression("ordinal", phrase, ordinal=k, direction=str(direction),
                                   superlative=k == 1 and bool(rng.random() < 0.5))
                 if resolve(expr, objects, margins=True) == [t]:
-                    return expr
+                    valid.append(expr)
+        if valid:
+            return _pick(valid, [e.target for e in valid], rng)
     return None
 
 
