@@ -73,9 +73,7 @@ def _check_pair(
     if t.ndim != 3:
         raise ValueError(f"target must have shape [B, H, W] or [H, W], got {tuple(target.shape)}")
     if p.shape != t.shape:
-        raise ValueError(
-            f"pred and target shapes differ: pred {tuple(p.shape)} vs target {tuple(t.shape)}"
-        )
+        raise ValueError(f"pred and target shapes differ: pred {tuple(p.shape)} vs target {tuple(t.shape)}")
     if p.device != t.device:
         t = t.to(p.device)
     return p, t
@@ -216,9 +214,7 @@ class RISMetrics:
             )
         if isinstance(pred, (list, tuple)):
             if len(pred) != len(target):
-                raise ValueError(
-                    f"pred and target lists differ in length: {len(pred)} vs {len(target)}"
-                )
+                raise ValueError(f"pred and target lists differ in length: {len(pred)} vs {len(target)}")
             inters, unions = [], []
             for i, (p, t) in enumerate(zip(pred, target, strict=True)):
                 if getattr(p, "ndim", None) != 2 or getattr(t, "ndim", None) != 2:

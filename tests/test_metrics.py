@@ -72,8 +72,7 @@ def test_oiou_differs_from_miou() -> None:
     assert r["count"] == 2
     assert r["prec@0.5"] == pytest.approx(0.5)
     assert r["prec@0.9"] == pytest.approx(0.5)
-    assert set(r) == {"miou", "oiou", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9",
-                      "count"}
+    assert set(r) == {"miou", "oiou", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "count"}
 
 
 def test_prec_compare_at_exact_threshold() -> None:
@@ -143,10 +142,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_two_gloo_processes(tmp_path: Path) -> None:
     world = 2
-    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     ref = RISMetrics()
     for rank in range(world):
         ref.update(*_rank_data(rank))

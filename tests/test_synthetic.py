@@ -19,8 +19,11 @@ _SUP = re.compile(rf"^the (leftmost|rightmost|topmost|bottommost) {_NP}$")
 
 
 def _np_match(size: str | None, colour: str | None, shape: str, obj) -> bool:
-    return ((size is None or obj.size == size) and (colour is None or obj.colour == colour)
-            and (shape == "shape" or obj.shape == shape))
+    return (
+        (size is None or obj.size == size)
+        and (colour is None or obj.colour == colour)
+        and (shape == "shape" or obj.shape == shape)
+    )
 
 
 def referents(sentence: str, objects: list) -> list[int]:
@@ -37,8 +40,12 @@ def referents(sentence: str, objects: list) -> list[int]:
             d = {i: math.dist((objects[i].cx, objects[i].cy), (a.cx, a.cy)) for i in cands}
             best = (min if rel == "nearest to" else max)(d.values())
             return [i for i in cands if d[i] == best]
-        test = {"left of": lambda o: o.cx < a.cx, "right of": lambda o: o.cx > a.cx,
-                "above": lambda o: o.cy < a.cy, "below": lambda o: o.cy > a.cy}[rel]
+        test = {
+            "left of": lambda o: o.cx < a.cx,
+            "right of": lambda o: o.cx > a.cx,
+            "above": lambda o: o.cy < a.cy,
+            "below": lambda o: o.cy > a.cy,
+        }[rel]
         return [i for i in cands if test(objects[i])]
     if (m := _ORD.match(sentence)) or (m := _SUP.match(sentence)):
         if m.re is _ORD:
@@ -47,10 +54,13 @@ def referents(sentence: str, objects: list) -> list[int]:
         else:
             word, s, c, n = m.groups()
             side, k = word[: -len("most")], 0
-            side = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}[side]
         cands = [i for i, o in enumerate(objects) if _np_match(s, c, n, o)]
-        key = {"left": lambda o: o.cx, "right": lambda o: -o.cx,
-               "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
+        key = {
+            "left": lambda o: o.cx,
+            "right": lambda o: -o.cx,
+            "top": lambda o: o.cy,
+            "bottom": lambda o: -o.cy,
+        }[side]
         ranked = sorted(cands, key=lambda i: key(objects[i]))
         return [ranked[k]] if len(ranked) > k else []
     raise AssertionError(f"unparseable sentence {sentence!r}")
@@ -107,8 +117,9 @@ def test_distractors_share_attributes(train_samples: list) -> None:
     shared = 0
     for s in train_samples:
         t = s.objects[s.target_index]
-        shared += any(o.colour == t.colour or o.shape == t.shape
-                      for i, o in enumerate(s.objects) if i != s.target_index)
+        shared += any(
+            o.colour == t.colour or o.shape == t.shape for i, o in enumerate(s.objects) if i != s.target_index
+        )
     assert shared / len(train_samples) > 0.9
 
 

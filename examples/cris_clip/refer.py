@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,12 @@ def _load_pickle(path: Path) -> Any:
             return pickle.load(f, encoding="latin1")
 
 
+def _decode(rle: Any) -> np.ndarray:
+    with warnings.catch_warnings():  # pycocotools vs numpy 2 `copy=` DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Rasterise a COCO segmentation (polygon list, uncompressed or compressed RLE).
 
@@ -76,14 +83,14 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         if len(segmentation) == 0:
             return np.zeros((height, width), dtype=bool)
         rles = mask_utils.frPyObjects(segmentation, height, width)
-        m = mask_utils.decode(rles)  # [H, W, N]
+        m = _decode(rles)  # [H, W, N]
     elif isinstance(segmentation, dict) and "counts" in segmentation:
         rle = segmentation
         if isinstance(rle["counts"], list):
             rle = mask_utils.frPyObjects(rle, height, width)
         elif isinstance(rle["counts"], str):
             rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        m = mask_utils.decode(rle)
+        m = _decode(rle)
     else:
         raise ValueError(f"unsupported segmentation format: {type(segmentation).__name__}")
     if m.ndim == 3:
@@ -142,8 +149,7 @@ class ReferDataset(Dataset):
             if not path.is_file():
                 raise FileNotFoundError(
                     f"{dataset} annotation file not found: {path} (looked for "
-                    f"'{path.name}' in {ds_dir}). "
-                    + REFER_DATA_HELP.format(dataset=dataset)
+                    f"'{path.name}' in {ds_dir}). " + REFER_DATA_HELP.format(dataset=dataset)
                 )
         self.image_root = self._find_image_root(image_root)
 
@@ -169,8 +175,7 @@ class ReferDataset(Dataset):
             root = Path(image_root)
             if not root.is_dir():
                 raise FileNotFoundError(
-                    f"COCO train2014 image folder not found: {root} (image_root). "
-                    + COCO_IMAGES_HELP
+                    f"COCO train2014 image folder not found: {root} (image_root). " + COCO_IMAGES_HELP
                 )
             return root
         candidates = default_image_roots(self.data_root)
@@ -212,9 +217,7 @@ class ReferDataset(Dataset):
         image = self.load_image(ref["image_id"])
         mask = self.load_mask(ref["ann_id"])
         if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"ref {ref['ref_id']}: mask {mask.shape} does not match image {image.shape[:2]}"
-            )
+            raise ValueError(f"ref {ref['ref_id']}: mask {mask.shape} does not match image {image.shape[:2]}")
         sent_id = sent.get("sent_id", f"{ref['ref_id']}_{k}")
         return {
             "image": image,

@@ -41,12 +41,13 @@ HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
 )
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "compositional": 3}
 DEFAULT_SIZES: dict[str, int] = {"train": 4000, "val": 500, "test": 500, "compositional": 500}
-RELATIONS: tuple[str, ...] = (
-    "left of", "right of", "above", "below", "nearest to", "farthest from"
-)
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "nearest to", "farthest from")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
 SUPERLATIVES: dict[str, str] = {
-    "left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"
+    "left": "leftmost",
+    "right": "rightmost",
+    "top": "topmost",
+    "bottom": "bottommost",
 }
 ORDINALS: tuple[str, ...] = ("first", "second", "third")
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
@@ -287,8 +288,9 @@ def _pick(options: list, phrases: list[Phrase], rng: np.random.Generator):
 
 def _minimal_unique(objects: list[SceneObject], idx: int, rng: np.random.Generator) -> Phrase | None:
     """A phrase naming only ``objects[idx]``: minimal, sometimes with extra attributes."""
-    phrases = [p for p in _subsets(objects[idx], allow_empty=False)
-               if sum(p.matches(o) for o in objects) == 1]
+    phrases = [
+        p for p in _subsets(objects[idx], allow_empty=False) if sum(p.matches(o) for o in objects) == 1
+    ]
     if not phrases:
         return None
     n_min = min(_n_attrs(p) for p in phrases)
@@ -327,8 +329,13 @@ def _try_ordinal(objects: list[SceneObject], t: int, rng: np.random.Generator) -
             if n < 2 or n > 4:
                 continue
             for k in (1, 2, 3):
-                expr = Expression("ordinal", phrase, ordinal=k, direction=str(direction),
-                                  superlative=k == 1 and bool(rng.random() < 0.5))
+                expr = Expression(
+                    "ordinal",
+                    phrase,
+                    ordinal=k,
+                    direction=str(direction),
+                    superlative=k == 1 and bool(rng.random() < 0.5),
+                )
                 if resolve(expr, objects, margins=True) == [t]:
                     valid.append(expr)
         if valid:
@@ -379,12 +386,19 @@ def generate_sample(split: str, index: int, *, image_size: int = 64, seed: int =
         bg = tuple(int(v) for v in rng.integers(10, 45, size=3))
         image, labels = _render(objects, image_size, bg)
         return SyntheticSample(
-            image=image, mask=labels == t, sentence=expr.text(), target_index=t,
-            objects=objects, expression=expr, id=f"synthetic/{split}/{seed}/{index}",
+            image=image,
+            mask=labels == t,
+            sentence=expr.text(),
+            target_index=t,
+            objects=objects,
+            expression=expr,
+            id=f"synthetic/{split}/{seed}/{index}",
         )
 
 
-def generate_split(split: str, *, num_samples: int, image_size: int = 64, seed: int = 0) -> list[SyntheticSample]:
+def generate_split(
+    split: str, *, num_samples: int, image_size: int = 64, seed: int = 0
+) -> list[SyntheticSample]:
     """Generate ``num_samples`` samples of ``split`` ("train", "val", "test", "compositional")."""
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
         raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
@@ -398,7 +412,9 @@ class SyntheticReferDataset(Dataset):
     ``id`` str. Use :meth:`sample` for the full :class:`SyntheticSample`.
     """
 
-    def __init__(self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0
+    ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
         n = DEFAULT_SIZES[split] if num_samples is None else num_samples

@@ -27,8 +27,17 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 MAX_LEN: dict[str, int] = {"refcoco": 17, "refcoco+": 17, "refcocog": 22, "synthetic": 17}
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "MAX_LEN", "LetterboxInfo", "PreparedDataset", "Tokenizer",
-    "collate", "letterbox", "letterbox_mask", "prepare_sample", "unletterbox",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "MAX_LEN",
+    "LetterboxInfo",
+    "PreparedDataset",
+    "Tokenizer",
+    "collate",
+    "letterbox",
+    "letterbox_mask",
+    "prepare_sample",
+    "unletterbox",
 ]
 
 
@@ -61,8 +70,16 @@ def letterbox_info(orig_h: int, orig_w: int, size: int) -> LetterboxInfo:
     scale = size / max(orig_h, orig_w)
     new_h = min(size, max(1, round(orig_h * scale)))
     new_w = min(size, max(1, round(orig_w * scale)))
-    return LetterboxInfo(int(orig_h), int(orig_w), int(size), float(scale), new_h, new_w,
-                         (size - new_h) // 2, (size - new_w) // 2)
+    return LetterboxInfo(
+        int(orig_h),
+        int(orig_w),
+        int(size),
+        float(scale),
+        new_h,
+        new_w,
+        (size - new_h) // 2,
+        (size - new_w) // 2,
+    )
 
 
 def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, LetterboxInfo]:
@@ -79,16 +96,14 @@ def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, LetterboxInfo
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a np.ndarray, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image must be uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}"
-        )
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
     info = letterbox_info(image.shape[0], image.shape[1], size)
     resized = Image.fromarray(image).resize((info.new_w, info.new_h), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     out = torch.zeros(3, info.size, info.size, dtype=torch.float32)
-    out[:, info.top:info.top + info.new_h, info.left:info.left + info.new_w] = (arr - mean) / std
+    out[:, info.top : info.top + info.new_h, info.left : info.left + info.new_w] = (arr - mean) / std
     return out, info
 
 
@@ -107,13 +122,11 @@ def letterbox_mask(mask: np.ndarray | torch.Tensor, info: LetterboxInfo) -> torc
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"mask must be a np.ndarray or torch.Tensor, got {type(mask).__name__}")
     if mask.ndim != 2 or mask.shape != (info.orig_h, info.orig_w):
-        raise ValueError(
-            f"mask must have shape [{info.orig_h}, {info.orig_w}] (from info), got {mask.shape}"
-        )
+        raise ValueError(f"mask must have shape [{info.orig_h}, {info.orig_w}] (from info), got {mask.shape}")
     small = Image.fromarray((mask != 0).astype(np.uint8) * 255)
     small = small.resize((info.new_w, info.new_h), Image.NEAREST)
     out = torch.zeros(info.size, info.size, dtype=torch.float32)
-    out[info.top:info.top + info.new_h, info.left:info.left + info.new_w] = torch.from_numpy(
+    out[info.top : info.top + info.new_h, info.left : info.left + info.new_w] = torch.from_numpy(
         np.asarray(small) > 127
     ).float()
     return out
