@@ -93,12 +93,15 @@ def correlation_scores(
         raise TypeError("global_feature and tokens must be floating-point tensors")
     if metric not in ("dot", "cosine"):
         raise ValueError(f"metric must be 'dot' or 'cosine', got {metric!r}")
-    query = global_feature.float()
-    keys = tokens.float()
-    if metric == "cosine":
-        query = torch.nn.functional.normalize(query, dim=-1)
-        keys = torch.nn.functional.normalize(keys, dim=-1)
-    return torch.einsum("bd,bnd->bn", query, keys)
+    # Autocast would run the einsum (a bmm) in bf16/fp16 again: keep the scores in float32, or
+    # near-equal scores collapse into ties and top-K favours the lower indices.
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        query = global_feature.float()
+        keys = tokens.float()
+        if metric == "cosine":
+            query = torch.nn.functional.normalize(query, dim=-1)
+            keys = torch.nn.functional.normalize(keys, dim=-1)
+        return torch.einsum("bd,bnd->bn", query, keys)
 
 
 def kept_counts(valid_counts: Tensor, top_k: float) -> Tensor:

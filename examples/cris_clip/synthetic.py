@@ -43,12 +43,7 @@ SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "compositional": 3
 DEFAULT_SIZES: dict[str, int] = {"train": 4000, "val": 500, "test": 500, "compositional": 500}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "nearest to", "farthest from")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
-SUPERLATIVES: dict[str, str] = {
-    "left": "leftmost",
-    "right": "rightmost",
-    "top": "topmost",
-    "bottom": "bottommost",
-}
+SUPERLATIVES: dict[str, str] = {d: f"{d}most" for d in DIRECTIONS}  # "leftmost", ...
 ORDINALS: tuple[str, ...] = ("first", "second", "third")
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
 
