@@ -10,6 +10,10 @@ Training forward (``wrapper.train()``)::
 
 Eval forward (``wrapper.eval()``) runs the bare model only: ``unwrap()(x, t)``, bit for bit.
 
+BatchNorm layers of the shared model normalise the masked branches with those branches' own
+batch statistics, but only the main branch updates their running statistics: inference sees
+unmasked inputs, so its statistics must describe unmasked inputs.
+
 State dict: the bare model's keys are prefixed ``model.`` (``model.image_tower.*``,
 ``model.text_tower.*``, ``model.decoder.*``); the added parameters are the mask tokens
 ``objectives.lmvsd.mask_token`` and ``objectives.vmlsd.mask_token`` (and private decoder copies
@@ -19,7 +23,8 @@ State dict: the bare model's keys are prefixed ``model.`` (``model.image_tower.*
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +61,26 @@ class DistillOutput:
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     selections: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+@contextmanager
+def _running_stats_frozen(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Let BatchNorm layers normalise with batch statistics but leave running stats untouched.
+
+    The masked branches run the shared decoder on masked inputs; their statistics must not leak
+    into the running averages that inference uses (those describe unmasked inputs only).
+    """
+    saved = []
+    for norm in norms:
+        if norm.training and norm.track_running_stats:
+            saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
+            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
 
 
 def _branch_config(value: Any, default: BranchConfig, argument: str) -> BranchConfig | None:
@@ -143,6 +168,10 @@ class MaskedSelfDistill(nn.Module):
                 raise ValueError(f"objective name {objective.name!r} is used twice")
             objectives[objective.name] = objective
         self.objectives = nn.ModuleDict(objectives)
+        self._shared_norms = [
+            module for module in self.model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        ]
 
     def unwrap(self) -> RISModel:
         """The bare model (same modules, shared parameters): what inference runs."""
@@ -185,9 +214,10 @@ class MaskedSelfDistill(nn.Module):
         total = self.seg_weight * seg
         losses = {"seg": seg.detach()}
         selections: dict[str, dict[str, Tensor]] = {}
-        for name, objective in self.objectives.items():
-            result = objective(context)
-            total = total + objective.weight * result.loss.float()
-            losses[name] = result.loss.detach()
-            selections[name] = result.info
+        with _running_stats_frozen(self._shared_norms):
+            for name, objective in self.objectives.items():
+                result = objective(context)
+                total = total + objective.weight * result.loss.float()
+                losses[name] = result.loss.detach()
+                selections[name] = result.info
         return DistillOutput(logits=logits, loss=total, losses=losses, selections=selections)

@@ -145,9 +145,7 @@ class TinyBNDecoder(TinyDecoder):
         return self.bn(self.image_in(feature_map))
 
 
-def make_batch(
-    batch_size: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def make_batch(batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(images [B, 3, 16, 16], ids [B, 8], target [B, 16, 16] float)``.
 
     Each id row is ``SOT, 1-5 words (ids 3..49), EOT, PAD...``; targets are random rectangles.

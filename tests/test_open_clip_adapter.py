@@ -1,0 +1,208 @@
+"""``masksd.adapters.open_clip`` against real open_clip models (random init, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+open_clip = pytest.importorskip("open_clip")
+
+from masksd import MaskedSelfDistill, VMLSDConfig  # noqa: E402
+from masksd.adapters.open_clip import (  # noqa: E402
+    CLIP_EOT_TOKEN_ID,
+    CLIP_PAD_TOKEN_ID,
+    CLIP_SOT_TOKEN_ID,
+    OpenCLIPImageTower,
+    OpenCLIPTextTower,
+    towers_from_open_clip,
+)
+
+SENTENCES = ["the red dog on the left", "man", "a small cup next to the tall glass bottle"]
+SPECIAL = (CLIP_SOT_TOKEN_ID, CLIP_EOT_TOKEN_ID, CLIP_PAD_TOKEN_ID)
+
+
+def tiny_clip(context_length: int = 17, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+            text_cfg=dict(context_length=context_length, vocab_size=49408, width=32, heads=2, layers=2),
+        )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    """A real ViT-B/16 config at 96 px, random init (~150M parameters): built once."""
+    model = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=96)
+    return model.eval()
+
+
+def images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class ClipDecoder(nn.Module):
+    """Uses projected image tokens, image levels, words (+ pad mask) and the sentence feature."""
+
+    def __init__(self, width: int = 32, dim: int = 32, hidden: int = 16) -> None:
+        super().__init__()
+        self.tokens_in = nn.Linear(dim, hidden)
+        self.level_in = nn.Conv2d(width, hidden, kernel_size=1)
+        self.sentence_in = nn.Linear(dim, hidden)
+        self.words_in = nn.Linear(width, hidden)
+        self.out = nn.Conv2d(hidden, 1, kernel_size=1)
+
+    def forward(self, image, text):
+        gh, gw = image.features["grid"]
+        x = self.tokens_in(image.tokens)  # [B, N, h]
+        f = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
+        for level in image.features["levels"]:
+            f = f + self.level_in(level)
+        f = f * torch.sigmoid(self.sentence_in(text.global_feature))[:, :, None, None]
+        words = self.words_in(text.features["words"])  # [B, L, h]
+        attn = torch.einsum("bchw,blc->bhwl", f, words)
+        attn = attn.masked_fill(text.features["pad_mask"][:, None, None], float("-inf")).softmax(-1)
+        f = f + torch.einsum("bhwl,blc->bchw", attn, words)
+        return self.out(f)
+
+
+# --------------------------------------------------------------------------- tiny CLIP
+
+
+def test_image_tower_matches_encode_image_and_levels():
+    clip = tiny_clip().eval()
+    image_tower, _ = towers_from_open_clip(clip, image_layers=(0, -1))
+    assert isinstance(image_tower, OpenCLIPImageTower) and image_tower.embed_dim == 32
+    x = images(3)
+    with torch.no_grad():
+        embedded = image_tower.embed(x)
+        encoded = image_tower.encode(embedded)
+        reference = clip.encode_image(x)
+    assert embedded.tokens.shape == (3, 16, 32) and embedded.maskable.all()
+    assert torch.equal(encoded.global_feature, reference)
+    assert encoded.tokens.shape == (3, 16, 32)
+    levels = encoded.features["levels"]
+    assert len(levels) == 2 and all(level.shape == (3, 32, 4, 4) for level in levels)
+    assert encoded.features["grid"] == (4, 4)
+    # no layers requested: no levels, same global feature
+    plain = towers_from_open_clip(clip)[0]
+    with torch.no_grad():
+        assert torch.equal(plain.encode(plain.embed(x)).global_feature, reference)
+        assert plain.encode(plain.embed(x)).features["levels"] == []
+
+
+@pytest.mark.parametrize("context_length", [17, 77])
+def test_text_tower_matches_encode_text(tokenizer, context_length):
+    clip = tiny_clip(context_length).eval()
+    _, text_tower = towers_from_open_clip(clip, text_layers=(1,))
+    assert isinstance(text_tower, OpenCLIPTextTower) and text_tower.embed_dim == 32
+    ids = tokenizer(SENTENCES, context_length=context_length)
+    with torch.no_grad():
+        embedded = text_tower.embed(ids)
+        encoded = text_tower.encode(embedded)
+        reference = clip.encode_text(ids)
+    assert torch.equal(encoded.global_feature, reference)
+    assert encoded.tokens.shape == (3, context_length, 32)
+    assert encoded.features["words"].shape == (3, context_length, 32)
+    assert torch.equal(encoded.features["pad_mask"], ids == CLIP_PAD_TOKEN_ID)
+    assert encoded.features["levels"][0].shape == (3, context_length, 32)
+    special = torch.isin(ids, torch.tensor(SPECIAL))
+    assert torch.equal(embedded.maskable, ~special)
+    assert embedded.maskable.sum().item() == sum(len(tokenizer.encode(s)) for s in SENTENCES)
+
+
+def test_short_ids_on_a_77_token_model(tokenizer):
+    """RefCOCO-style 17-token ids on a context-77 CLIP: causal attention gives the same feature."""
+    clip = tiny_clip(77).eval()
+    _, text_tower = towers_from_open_clip(clip)
+    full = tokenizer(SENTENCES, context_length=77)
+    short = tokenizer(SENTENCES, context_length=17)
+    assert torch.equal(full[:, :17], short)
+    with torch.no_grad():
+        short_feature = text_tower.encode(text_tower.embed(short)).global_feature
+        reference = clip.encode_text(full)
+    torch.testing.assert_close(short_feature, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_special_tokens_never_masked_in_training(tokenizer):
+    clip = tiny_clip()
+    image_tower, text_tower = towers_from_open_clip(clip)
+    wrapper = MaskedSelfDistill(
+        image_tower, text_tower, ClipDecoder(), vmlsd=VMLSDConfig(top_k=1.0, ratio=1.0)
+    ).train()
+    ids = tokenizer(SENTENCES, context_length=17)
+    out = wrapper(images(3), ids, torch.zeros(3, 32, 32), generator=torch.Generator().manual_seed(0))
+    special = torch.isin(ids, torch.tensor(SPECIAL))
+    assert torch.equal(out.selections["vmlsd"]["masked"], ~special)
+    assert out.selections["lmvsd"]["masked"].shape == (3, 16)
+
+
+def test_wrapped_training_step_gradients(tokenizer):
+    clip = tiny_clip()
+    image_tower, text_tower = towers_from_open_clip(clip, image_layers=(0,))
+    decoder = ClipDecoder()
+    wrapper = MaskedSelfDistill(image_tower, text_tower, decoder).train()
+    ids = tokenizer(SENTENCES, context_length=17)
+    target = torch.zeros(3, 32, 32)
+    target[:, 8:24, 4:20] = 1
+    out = wrapper(images(3), ids, target, generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (3, 1, 4, 4)
+    assert set(out.losses) == {"seg", "lmvsd", "vmlsd"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [name for name, p in wrapper.named_parameters() if p.grad is None]
+    assert not missing, missing
+    # every CLIP parameter that the main forward uses is trained (logit_scale is not used)
+    wrapped = {id(p) for p in wrapper.parameters()}
+    unused = {name for name, p in clip.named_parameters() if id(p) not in wrapped}
+    assert unused == {"logit_scale"}
+    assert all(p.grad is not None for name, p in clip.named_parameters() if name != "logit_scale")
+    assert set(wrapper.added_parameters()) == {"objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"}
+    # towers share CLIP's parameters: nothing is copied
+    assert wrapper.model.text_tower.token_embedding is clip.token_embedding
+    assert wrapper.model.image_tower.visual is clip.visual
+
+
+def test_adapter_errors(tokenizer):
+    clip = tiny_clip()
+    image_tower, text_tower = towers_from_open_clip(clip)
+    with pytest.raises(ValueError, match="force_image_size"):
+        image_tower.embed(images(1, size=48))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        image_tower.embed(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="context length"):
+        text_tower.embed(tokenizer(["a cat"], context_length=18))
+    with pytest.raises(ValueError, match="token ids"):
+        text_tower.embed(torch.zeros(1, 17))
+    with pytest.raises(ValueError, match="feature_layers"):
+        towers_from_open_clip(clip, image_layers=(2,))
+    with pytest.raises(TypeError, match="open_clip"):
+        towers_from_open_clip(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        OpenCLIPImageTower(nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------- ViT-B/16 at 96 px
+
+
+def test_vit_b16_towers_match_clip(vit_b16, tokenizer):
+    image_tower, text_tower = towers_from_open_clip(vit_b16, image_layers=(3, 7, 11))
+    assert image_tower.embed_dim == 768 and text_tower.embed_dim == 512
+    x = images(1, size=96)
+    ids = tokenizer(["the dog on the left"])  # context 77
+    with torch.no_grad():
+        image = image_tower.encode(image_tower.embed(x))
+        text = text_tower.encode(text_tower.embed(ids))
+        assert torch.equal(image.global_feature, vit_b16.encode_image(x))
+        assert torch.equal(text.global_feature, vit_b16.encode_text(ids))
+    assert image.tokens.shape == (1, 36, 512)
+    assert [tuple(level.shape) for level in image.features["levels"]] == [(1, 768, 6, 6)] * 3
+    assert text.tokens.shape == (1, 77, 512)
+    with pytest.raises(ValueError, match="force_image_size"):
+        image_tower.embed(images(1, size=224))
