@@ -1,0 +1,411 @@
+"""Training-step cost of CM-MaskSD against the bare model, its floor and a naive reference.
+
+    python benchmarks/step_cost.py [--config cpu|gpu] [--quick] [--repeats N] [--tokens 64,144]
+                                   [--json out.json] [--markdown out.md] [--plot out.png]
+
+One process, one model, one batch. Every variant runs once per round, round-robin with a
+rotating start; warm-up rounds are discarded; medians and IQR / min-max are reported.
+
+Variants (each = forward + backward + ``Adam.step()`` + ``zero_grad``, one shared optimizer):
+    baseline  bare ``RISModel`` + BCE segmentation loss (no wrapper)
+    visual / textual / both   ``MaskedSelfDistill`` with LMVSD only / VMLSD only / both
+    naive     a reference written here: three full passes of the bare model (main; masked
+              image + text; image + masked text), re-running both towers and the decoder per
+              branch, masking with ``masksd.masking``, same three losses
+Floor = baseline + one image-encoder pass + one text-encoder pass + two decoder passes, each
+timed alone as forward + backward of the sum of what the decoder consumes (inputs are leaves
+that require grad, as in the real branches). ``ratio_X = median_X / median_baseline``.
+``eval_ratio``: no-grad eval forward of the wrapped model (eval mode) over the bare model.
+``masking_share``: the wrapper's own selection code (``GuidedMaskedDistillation.select``:
+``correlation_scores`` + ``select_top_k`` + ``sample_mask``) plus ``replace_tokens`` forward and
+backward, for both branches, timed alone on the step's shapes (10 calls per sample, interleaved
+with the steps), over the median ``both`` step. ``masking_share_insitu`` cross-checks it by
+timing the same functions (forward only) inside real ``both`` steps.
+Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+
+import _common as cm
+import torch
+from model import PRESETS, Preset, build_model, wrap_model
+from torch import nn
+
+import masksd.objectives.guided_masking as gm
+from masksd import DistillContext, consistency_loss, segmentation_loss
+from masksd.masking import replace_tokens
+
+CPU_PRESET = Preset(  # ViT-B/16 proportions (head width 64, patch 16), scaled down for a CPU
+    clip_model=None,
+    image_size=224,
+    clip_cfg=dict(
+        embed_dim=128,
+        vision_cfg=dict(image_size=224, patch_size=16, width=192, layers=6, head_width=64),
+        text_cfg=dict(context_length=17, vocab_size=49408, width=128, heads=2, layers=4),
+    ),
+    image_layers=(1, 3),
+    head_dim=64, head_layers=1, head_heads=4, head_ffn=256, head_proj_dim=32, dropout=0.1,
+)
+CONFIGS = {
+    "cpu": dict(preset=CPU_PRESET, batch=8, amp=False, repeats=20, warmup=2,
+                tokens=(64, 144, 256, 576, 900), sweep_repeats=6),
+    "gpu": dict(preset=PRESETS["vitb16"], batch=16, amp=True, repeats=30, warmup=5,
+                tokens=(196, 400, 576, 900, 1296), sweep_repeats=10),
+}
+QUICK = dict(repeats=3, warmup=1, tokens=(64, 144), sweep_repeats=3)
+MAIN_TASKS = ("baseline", "visual", "textual", "both", "naive", "floor_image", "floor_text",
+              "floor_decoder", "eval_bare", "eval_wrapped", "masking_x10")
+SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")
+MASKING_FNS = ("correlation_scores", "select_top_k", "sample_mask", "replace_tokens")
+
+
+def preset_for_tokens(preset: Preset, tokens: int, patch: int = 16) -> Preset:
+    side = round(tokens**0.5)
+    if side * side != tokens:
+        raise SystemExit(f"--tokens: {tokens} is not a square number of patches")
+    size = side * patch
+    if preset.clip_model is None:
+        cfg = dict(preset.clip_cfg, vision_cfg=dict(preset.clip_cfg["vision_cfg"], image_size=size))
+        return replace(preset, image_size=size, clip_cfg=cfg)
+    return replace(preset, image_size=size)
+
+
+class Bench:
+    """The model, its wrappers, one optimizer, one batch, and one step function per variant."""
+
+    def __init__(self, preset: Preset, batch: int, device: torch.device, amp: bool, seed: int = 0):
+        cm.seed_everything(seed)
+        self.model = build_model(preset).to(device)
+        m = self.model
+        self.wrapped = {
+            "visual": wrap_model(m, lmvsd=True, vmlsd=False).to(device),
+            "textual": wrap_model(m, lmvsd=False, vmlsd=True).to(device),
+            "both": wrap_model(m).to(device),
+        }
+        self.naive_tokens = nn.ParameterList(
+            [nn.Parameter(torch.randn(t.embed_dim) * 0.02) for t in (m.image_tower, m.text_tower)]
+        ).to(device)
+        params = [*m.parameters(), *self.naive_tokens]
+        params += [p for w in self.wrapped.values() for p in w.added_parameters().values()]
+        self.opt = torch.optim.Adam(list(dict.fromkeys(params)), lr=1e-5)
+        self.x, self.t, self.y = cm.synthetic_batch(batch, preset.image_size, preset.context_length, device, seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        objectives = self.wrapped["both"].objectives
+        self.lm, self.vm = objectives["lmvsd"], objectives["vmlsd"]
+        with torch.no_grad(), self.amp():  # main-branch intermediates for the parts timed alone
+            ie, te = m.image_tower.embed(self.x), m.text_tower.embed(self.t)
+            ienc, tenc = m.image_tower.encode(ie), m.text_tower.encode(te)
+        self.context = DistillContext(model=m, image_embedded=ie, text_embedded=te, image_encoded=ienc,
+                                      text_encoded=tenc, main_logits=m.decoder(ienc, tenc),
+                                      target=self.y, generator=self.generator)
+        self.grads = {"image": torch.ones_like(ie.tokens), "text": torch.ones_like(te.tokens)}
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    def set_mode(self, name: str) -> None:
+        for module in (self.model, *self.wrapped.values()):
+            module.train(not name.startswith("eval"))
+
+    def clear(self, name: str) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def _finish(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    # --- training steps --------------------------------------------------------------------
+    def baseline(self) -> None:
+        with self.amp():
+            loss = segmentation_loss(self.model(self.x, self.t), self.y)
+        self._finish(loss)
+
+    def wrapped_step(self, name: str) -> None:
+        with self.amp():
+            out = self.wrapped[name](self.x, self.t, self.y, generator=self.generator)
+        self._finish(out.loss)
+
+    def _mask(self, objective, guide, tokens, embedded):
+        with torch.no_grad():
+            scores = gm.correlation_scores(guide.detach(), tokens.detach(), metric=objective.config.metric)
+            kept = gm.select_top_k(scores, embedded.maskable, top_k=objective.config.top_k)
+            return gm.sample_mask(kept, ratio=objective.config.ratio, generator=self.generator)
+
+    def naive(self) -> None:
+        it, tt, dec = self.model.image_tower, self.model.text_tower, self.model.decoder
+        tok_i, tok_t = self.naive_tokens
+        with self.amp():
+            ie, te = it.embed(self.x), tt.embed(self.t)
+            ienc, tenc = it.encode(ie), tt.encode(te)
+            main = dec(ienc, tenc)
+            m_img = self._mask(self.lm, tenc.global_feature, ienc.tokens, ie)
+            m_txt = self._mask(self.vm, ienc.global_feature, tenc.tokens, te)
+            ie1 = it.embed(self.x)  # pass 2: image re-embedded and masked, text re-encoded
+            out1 = dec(it.encode(ie1.with_tokens(replace_tokens(ie1.tokens, m_img, tok_i))),
+                       tt.encode(tt.embed(self.t)))
+            te2 = tt.embed(self.t)  # pass 3: image re-encoded, text masked
+            out2 = dec(it.encode(it.embed(self.x)),
+                       tt.encode(te2.with_tokens(replace_tokens(te2.tokens, m_txt, tok_t))))
+            loss = (segmentation_loss(main, self.y) + self.lm.weight * consistency_loss(out1, main)
+                    + self.vm.weight * consistency_loss(out2, main))
+        self._finish(loss)
+
+    # --- parts of the floor, each alone (forward + backward) -------------------------------
+    def floor_image(self) -> None:
+        ie = self.context.image_embedded
+        with self.amp():
+            enc = self.model.image_tower.encode(ie.with_tokens(cm.leaf(ie.tokens)))
+            out = enc.tokens.float().sum() + sum(v.float().sum() for v in enc.features["levels"])
+        out.backward()
+
+    def floor_text(self) -> None:
+        te = self.context.text_embedded
+        with self.amp():
+            enc = self.model.text_tower.encode(te.with_tokens(cm.leaf(te.tokens)))
+            out = enc.global_feature.float().sum() + enc.features["words"].float().sum()
+        out.backward()
+
+    def floor_decoder(self) -> None:
+        c = self.context
+        image = type(c.image_encoded)(**cm.leaf(vars(c.image_encoded)))
+        text = type(c.text_encoded)(**cm.leaf(vars(c.text_encoded)))
+        with self.amp():
+            out = self.model.decoder(image, text).float().sum()
+        out.backward()
+
+    # --- eval and masking ------------------------------------------------------------------
+    def eval_bare(self) -> None:
+        with torch.no_grad(), self.amp():
+            self.model(self.x, self.t)
+
+    def eval_wrapped(self) -> None:
+        with torch.no_grad(), self.amp():
+            self.wrapped["both"](self.x, self.t)
+
+    def masking_once(self) -> None:
+        """Both branches' selection (the wrapper's own code) + replace_tokens fwd/bwd."""
+        with self.amp():
+            for objective, embedded, grad in ((self.lm, self.context.image_embedded, self.grads["image"]),
+                                              (self.vm, self.context.text_embedded, self.grads["text"])):
+                _, masked = objective.select(self.context)
+                src = cm.leaf(embedded.tokens)
+                out = gm.replace_tokens(src, masked, objective.mask_token)
+                torch.autograd.grad(out, (src, objective.mask_token), grad)
+
+    def masking_x10(self) -> None:
+        for _ in range(10):
+            self.masking_once()
+
+    def tasks(self, names) -> dict:
+        special = {"visual": lambda: self.wrapped_step("visual"),
+                   "textual": lambda: self.wrapped_step("textual"),
+                   "both": lambda: self.wrapped_step("both")}
+        return {n: special.get(n) or getattr(self, n) for n in names}
+
+    def masking_insitu(self, steps: int, timer: cm.Timer) -> float:
+        """Median seconds per ``both`` step spent inside the masking functions (forward only)."""
+        spent = [0.0]
+        per_step = []
+        originals = {name: getattr(gm, name) for name in MASKING_FNS}
+
+        def timed(fn):
+            def inner(*args, **kwargs):
+                timer.sync()
+                start = time.perf_counter()
+                result = fn(*args, **kwargs)
+                timer.sync()
+                spent[0] += time.perf_counter() - start
+                return result
+            return inner
+
+        self.set_mode("both")
+        try:
+            for name, fn in originals.items():
+                setattr(gm, name, timed(fn))
+            for _ in range(steps):
+                spent[0] = 0.0
+                self.wrapped_step("both")
+                per_step.append(spent[0])
+        finally:
+            for name, fn in originals.items():
+                setattr(gm, name, fn)
+        return statistics.median(per_step)
+
+
+def ratios(stats: dict) -> dict:
+    med = {k: v["median"] for k, v in stats.items()}
+    base, img, txt, dec = med["baseline"], med["floor_image"], med["floor_text"], med["floor_decoder"]
+    out = {f"ratio_{k}": med[k] / base for k in ("both", "visual", "textual", "naive") if k in med}
+    out["ratio_floor"] = (base + img + txt + 2 * dec) / base
+    out["ratio_floor_visual"] = (base + img + dec) / base
+    out["ratio_floor_textual"] = (base + txt + dec) / base
+    return out
+
+
+def paired_spread(times: dict) -> dict:
+    """Per-round ratios X_r / baseline_r (rounds are interleaved, so pairs share conditions)."""
+    out = {}
+    for k in ("both", "visual", "textual", "naive"):
+        if k in times:
+            r = cm.summarize([a / b for a, b in zip(times[k], times["baseline"])])
+            out[k] = {key: r[key] for key in ("median", "q1", "q3", "min", "max")}
+    return out
+
+
+def run(args) -> dict:
+    cfg = dict(CONFIGS[args.config], **(QUICK if args.quick else {}))
+    if args.repeats:
+        cfg["repeats"] = args.repeats
+    if args.tokens is not None:
+        cfg["tokens"] = tuple(int(v) for v in args.tokens.split(",") if v)
+    if args.batch:
+        cfg["batch"] = args.batch
+    device = torch.device("cuda" if args.config == "gpu" and torch.cuda.is_available() else "cpu")
+    amp = cfg["amp"] and device.type == "cuda"
+    timer, started = cm.Timer(device), time.perf_counter()
+    deadline, load0 = (started + args.budget if args.budget > 0 else None), cm.loadavg()
+    print(f"step_cost: config={args.config}{' (quick)' if args.quick else ''} device={cm.device_name(device)} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()} batch={cfg['batch']} "
+          f"repeats={cfg['repeats']} (+{cfg['warmup']} warm-up) amp={amp}", flush=True)
+    if load0 and load0[0] > 0.5 and device.type == "cpu":
+        print(f"warning: load average {load0} before the run: other processes compete for the CPU", flush=True)
+
+    bench = Bench(cfg["preset"], cfg["batch"], device, amp)
+    times, peaks = cm.interleaved(bench.tasks(MAIN_TASKS), cfg["repeats"], cfg["warmup"], timer,
+                                  before=bench.set_mode, after=bench.clear, min_rounds=5,
+                                  deadline=None if deadline is None else started + 0.45 * args.budget)
+    stats = {k: cm.summarize(v) for k, v in times.items()}
+    mask_s = stats.pop("masking_x10")["median"] / 10
+    insitu = bench.masking_insitu(max(3, cfg["repeats"] // 3), timer)
+    tokens_main = bench.context.image_embedded.tokens.shape[1]
+    del bench
+    cm.free_memory()
+
+    med = {k: v["median"] for k, v in stats.items()}
+    parts = {k: med[f"floor_{k}"] for k in ("image", "text", "decoder")}
+    result = {
+        "config": args.config, "quick": args.quick, "device": cm.device_name(device), "loadavg_start": load0,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": cfg["batch"],
+        "amp_bf16": amp, "repeats": len(times["baseline"]), "warmup": cfg["warmup"],
+        "budget_s": args.budget, "image_tokens": tokens_main,
+        "preset": asdict(cfg["preset"]),
+        **ratios(stats),
+        "eval_ratio": med["eval_wrapped"] / med["eval_bare"],
+        "masking_share": mask_s / med["both"],
+        "masking_share_method": "isolated: wrapper select() + replace_tokens fwd/bwd, both branches, "
+                                "step shapes, 10 calls/sample interleaved with the steps",
+        "masking_share_insitu": insitu / med["both"],
+        "masking_share_insitu_method": "median over both-steps of the time inside correlation_scores, "
+                                       "select_top_k, sample_mask, replace_tokens (forward only)",
+        "masking_s": mask_s,
+        "medians_s": med,
+        "spread_s": {k: {q: v[q] for q in ("q1", "q3", "min", "max", "n")} for k, v in stats.items()},
+        "ratio_spread": paired_spread(times),
+        "peak_mem_mib": peaks if device.type == "cuda" else None,
+        "part_share": {k: v / sum(parts.values()) for k, v in parts.items()},
+        "part_over_baseline": {k: v / med["baseline"] for k, v in parts.items()},
+    }
+    print(table(result), flush=True)
+
+    sweep, weights = [], [n**1.2 for n in cfg["tokens"]]  # rough relative cost of a sweep point
+    for i, n in enumerate(cfg["tokens"]):
+        preset = preset_for_tokens(cfg["preset"], n)
+        bench = Bench(preset, cfg["batch"], device, amp)
+        point_deadline = None  # this point's share of the time left (3 rounds are always measured)
+        if deadline is not None:
+            now = time.perf_counter()
+            point_deadline = now + max(0.0, deadline - now) * weights[i] / sum(weights[i:])
+        t_sweep, p_sweep = cm.interleaved(bench.tasks(SWEEP_TASKS), cfg["sweep_repeats"], 1, timer,
+                                          before=bench.set_mode, after=bench.clear,
+                                          deadline=point_deadline)
+        del bench
+        cm.free_memory()
+        s = {k: cm.summarize(v) for k, v in t_sweep.items()}
+        row = {"tokens": n, "image_size": preset.image_size, "rounds": len(t_sweep["baseline"]), **ratios(s),
+               "medians_s": {k: v["median"] for k, v in s.items()},
+               "peak_mem_mib": p_sweep if device.type == "cuda" else None}
+        sweep.append(row)
+        print(f"  sweep {n:5d} tokens ({preset.image_size}px): both {row['ratio_both']:.3f}  "
+              f"floor {row['ratio_floor']:.3f}  naive {row['ratio_naive']:.3f}  "
+              f"baseline {1e3 * row['medians_s']['baseline']:.0f} ms", flush=True)
+    result["sweep"] = sweep
+    result["goals"] = {
+        "ratio_both <= 1.05 * ratio_floor": result["ratio_both"] <= 1.05 * result["ratio_floor"],
+        "ratio_both < ratio_naive": result["ratio_both"] < result["ratio_naive"],
+        "eval_ratio <= 1.05": result["eval_ratio"] <= 1.05,
+        "masking_share <= 0.01": result["masking_share"] <= 0.01,
+    }
+    result["wall_s"], result["loadavg_end"] = time.perf_counter() - started, cm.loadavg()
+    return result
+
+
+def table(r: dict) -> str:
+    peaks = r["peak_mem_mib"] or {}
+    lines = [f"Step cost, config `{r['config']}`, {r['device']}, torch {r['torch']}, batch {r['batch']}, "
+             f"{r['image_tokens']} image tokens, {r['repeats']} interleaved rounds",
+             "", "| variant | median ms | IQR ms | min-max ms | / baseline | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    base = r["medians_s"]["baseline"]
+    for k, med in r["medians_s"].items():
+        s = r["spread_s"][k]
+        peak = f"{peaks[k]:.0f}" if peaks.get(k) is not None else "-"
+        lines.append(f"| {k} | {1e3 * med:.1f} | {1e3 * s['q1']:.1f}-{1e3 * s['q3']:.1f} | "
+                     f"{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f} | {med / base:.3f} | {peak} |")
+    lines += ["", "| quantity | value |", "|---|---:|"]
+    for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
+              "ratio_floor_textual", "ratio_naive", "eval_ratio", "masking_share", "masking_share_insitu"):
+        lines.append(f"| {k} | {r[k]:.4f} |")
+    shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["part_share"].items())
+    lines += ["", f"Share of the parts (fwd+bwd, timed alone): {shares}"]
+    return "\n".join(lines)
+
+
+def markdown(r: dict) -> str:
+    text = table(r)
+    text += "\n\n| image tokens | image px | ratio_both | ratio_floor | ratio_naive | baseline ms |\n"
+    text += "|---:|---:|---:|---:|---:|---:|\n"
+    for row in r["sweep"]:
+        text += (f"| {row['tokens']} | {row['image_size']} | {row['ratio_both']:.3f} | {row['ratio_floor']:.3f}"
+                 f" | {row['ratio_naive']:.3f} | {1e3 * row['medians_s']['baseline']:.0f} |\n")
+    text += "\n" + "\n".join(f"- {k}: {'yes' if ok else 'NO'}" for k, ok in r["goals"].items())
+    return text + (f"\n\nWall time {r['wall_s']:.0f} s; load average (1/5/15 min) at start "
+                   f"{r['loadavg_start']}, at end {r['loadavg_end']} (other processes share the machine).\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    parser.add_argument("--repeats", type=int, default=0, help="measured rounds (default: per config)")
+    parser.add_argument("--tokens", default=None, help="sweep image token counts, e.g. 64,144,256")
+    parser.add_argument("--batch", type=int, default=0, help="override the config's batch size")
+    parser.add_argument("--budget", type=float, default=540.0,
+                        help="seconds; past it (45%% of it for the main table) rounds stop once a "
+                             "minimum is measured (main 5, sweep 3); 0 = no limit")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    result = run(args)
+    print("\n".join(f"goal {k}: {'yes' if ok else 'NO'}" for k, ok in result["goals"].items()))
+    print(f"wall time {result['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
+    if args.plot and result["sweep"]:
+        cm.plot_sweep(result["sweep"], ("naive", "both", "floor"), args.plot,
+                   f"CM-MaskSD step cost ({result['config']}: {result['device'][:48]})")
+
+
+if __name__ == "__main__":
+    main()
