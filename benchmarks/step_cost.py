@@ -59,7 +59,7 @@ CONFIGS = {
     "gpu": dict(preset=PRESETS["vitb16"], batch=16, amp=True, repeats=30, warmup=5,
                 tokens=(196, 400, 576, 900, 1296), sweep_repeats=10),
 }
-QUICK = dict(repeats=3, warmup=1, tokens=(64, 144), sweep_repeats=3)
+QUICK = dict(repeats=5, warmup=1, tokens=(64, 144), sweep_repeats=3)
 MAIN_TASKS = ("baseline", "visual", "textual", "both", "naive", "floor_image", "floor_text",
               "floor_decoder", "eval_bare", "eval_wrapped", "masking_x10")
 SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")
@@ -404,7 +404,7 @@ def main() -> None:
             f.write(markdown(result))
     if args.plot and result["sweep"]:
         cm.plot_sweep(result["sweep"], ("naive", "both", "floor"), args.plot,
-                   f"CM-MaskSD step cost ({result['config']}: {result['device'][:48]})")
+                      f"CM-MaskSD step cost ({result['config']}: {result['device'][:48]})")
 
 
 if __name__ == "__main__":
