@@ -150,11 +150,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "benchmark continues where it stopped")
     parser.add_argument("--out-dir", default=None,
                         help="write accuracy.json, accuracy.md and accuracy.png here (default: --work-dir)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds (default: 3, or 2 with --quick); runs already finished "
+                             "in --work-dir are reused, so a smaller number aggregates a partial benchmark")
     parser.add_argument("--train-arg", action="append", default=[],
                         help="extra flag passed to train.py (repeatable, e.g. --train-arg=--amp=bf16)")
     args = parser.parse_args(argv)
 
     settings = dict(QUICK if args.quick else FULL)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error("--seeds must be >= 1")
+        settings["seeds"] = tuple(range(args.seeds))
     names = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
     work_dir = Path(args.work_dir) / ("quick" if args.quick else "full")
     out_dir = Path(args.out_dir) if args.out_dir else work_dir
