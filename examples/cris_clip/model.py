@@ -22,9 +22,9 @@ from typing import Any
 
 import open_clip
 import torch
+from cris_head import CRISHead
 from torch import Tensor, nn
 
-from cris_head import CRISHead
 from masksd import Encoded, MaskedSelfDistill, RISModel
 from masksd.adapters.open_clip import towers_from_open_clip
 

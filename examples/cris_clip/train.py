@@ -39,16 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_model_args(p)
     engine.add_data_args(p, training=True)
     g = p.add_argument_group("optimisation (unset values take the preset's defaults)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (demo 10, paper 100)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (demo 4, paper 100)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="batch size PER PROCESS (demo 32; paper: 32 in total, e.g. 4 × 8 GPUs)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (demo 2e-3, paper 1e-5)")
+                   help="batch size PER PROCESS (demo 16; paper: 32 in total, e.g. 4 × 8 GPUs)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (demo 4e-3, paper 1e-5)")
     g.add_argument("--backbone-lr-mult", type=float, default=None,
                    help="lr multiplier of the CLIP towers (default: 0.1 with --pretrained as CRIS, "
                         "1.0 for random init)")
     g.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (demo 0, paper 5e-4)")
     g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs before the cosine decay (demo 1, paper 10)")
+                   help="linear warm-up epochs before the cosine decay (demo 0.25, paper 10)")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     for key, value in engine.PRESET_DEFAULTS[args.preset].items():
+        if key == "num_train" and args.dataset != "synthetic":
+            continue
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.backbone_lr_mult is None:

@@ -173,10 +173,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         ax.set_title("input (LMVSD disabled)", fontsize=10)
     ax.set_axis_off()
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)  # maps at any resolution cover the input
+    gt_map = target[0].numpy() if gt is not None else None
     for k, (title, data) in enumerate(panels, start=1):
         a = fig.add_subplot(grid[0, k])
-        a.imshow(shown)
-        a.imshow(data, cmap="magma", vmin=0, vmax=1, alpha=0.7)
+        if title == "ground truth":
+            a.imshow(shown * (0.3 + 0.7 * data[..., None]), extent=extent)
+        else:
+            a.imshow(data, cmap="magma", vmin=0, vmax=1, extent=extent, interpolation="bilinear")
+            if gt_map is not None:
+                a.contour(gt_map, levels=[0.5], colors="cyan", linewidths=1.0)
+            title += "\n(probability; cyan: ground truth)" if gt_map is not None else "\n(probability)"
+        a.set_xlim(extent[0], extent[1])
+        a.set_ylim(extent[2], extent[3])
         a.set_title(title, fontsize=10)
         a.set_axis_off()
     tax = fig.add_subplot(grid[1, :])
