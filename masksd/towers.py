@@ -43,11 +43,15 @@ class Embedded:
         maskable: ``[B, N]`` bool; True where a token may be selected and masked.
         extras: anything ``encode`` needs besides the tokens; passed through unchanged to the
             masked branches.
+        grid: ``(h, w)`` with ``h * w == N`` when the tokens lie on a 2-D grid (patches, CNN
+            stem positions); needed when the encoded grid differs from this one (see
+            ``Encoded.grid``) and by the prediction-guided scorer.
     """
 
     tokens: Tensor
     maskable: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
@@ -64,6 +68,7 @@ class Embedded:
                 f"Embedded.maskable must have shape [B, N] = {tuple(self.tokens.shape[:2])}, "
                 f"got {tuple(self.maskable.shape)}"
             )
+        _check_grid(self.grid, self.tokens.shape[1], "Embedded")
 
     def with_tokens(self, tokens: Tensor) -> Embedded:
         """A copy carrying new ``tokens [B, N, C]`` and the same mask and extras."""
@@ -80,11 +85,17 @@ class Encoded:
             score).
         global_feature: ``[B, D]`` sentence / image feature in that shared space.
         features: whatever the decoder consumes; masksd never looks inside.
+        grid: ``(h_u, w_u)`` with ``h_u * w_u == N_enc`` when the encoded tokens lie on a
+            coarser 2-D grid than the embedded ones (a CNN's last stage over its stem, a
+            hierarchical ViT's last stage over its patch embedding). Selection then happens on
+            this grid ("units") and the boolean mask is expanded (nearest) onto
+            ``Embedded.grid``, so a masked unit is a solid block of embedded positions.
     """
 
     tokens: Tensor
     global_feature: Tensor
     features: Any = None
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
@@ -96,6 +107,7 @@ class Encoded:
                 "Encoded.global_feature must be a [B, D] tensor, got "
                 f"{_describe(self.global_feature)}"
             )
+        _check_grid(self.grid, self.tokens.shape[1], "Encoded")
 
 
 @runtime_checkable
@@ -119,6 +131,21 @@ def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return type(value).__name__
+
+
+def _check_grid(grid: Any, count: int, owner: str) -> None:
+    if grid is None:
+        return
+    if (
+        not isinstance(grid, tuple)
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise TypeError(f"{owner}.grid must be a tuple of two positive ints (h, w), got {grid!r}")
+    if grid[0] * grid[1] != count:
+        raise ValueError(
+            f"{owner}.grid {grid} holds {grid[0] * grid[1]} positions but there are {count} tokens"
+        )
 
 
 def _check_tower(tower: Any, argument: str) -> None:
