@@ -1,9 +1,12 @@
 """masksd: cross-modality masked self-distillation (CM-MaskSD) for referring image segmentation.
 
-Wrap any image tower, text tower and decoder with ``MaskedSelfDistill`` to train with the
-LMVSD and VMLSD objectives; at inference the wrapper runs the bare model only.
+Wrap the RIS model you already have with ``masksd.wrap(model, spec)`` (forward hooks, the model
+unchanged), or a model built from towers with ``MaskedSelfDistill(image_tower, text_tower,
+decoder)``, to train with the LMVSD and VMLSD objectives; at inference the bare model runs alone.
 """
 
+from masksd.check import WrapReport
+from masksd.config import DistillConfig
 from masksd.losses import consistency_loss, segmentation_loss
 from masksd.objectives import (
     BranchConfig,
@@ -14,27 +17,36 @@ from masksd.objectives import (
     ObjectiveOutput,
     VMLSDConfig,
 )
+from masksd.spec import HookSpec, Maskable, ModalitySpec, Output, Tap
 from masksd.towers import Decoder, Embedded, Encoded, RISModel, Tower
-from masksd.wrapper import DistillOutput, MaskedSelfDistill
+from masksd.wrapper import DistillOutput, MaskedSelfDistill, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BranchConfig",
     "Decoder",
+    "DistillConfig",
     "DistillContext",
     "DistillOutput",
     "Embedded",
     "Encoded",
     "GuidedMaskedDistillation",
+    "HookSpec",
     "LMVSDConfig",
+    "Maskable",
     "MaskedSelfDistill",
+    "ModalitySpec",
     "Objective",
     "ObjectiveOutput",
+    "Output",
     "RISModel",
+    "Tap",
     "Tower",
     "VMLSDConfig",
+    "WrapReport",
     "__version__",
     "consistency_loss",
     "segmentation_loss",
+    "wrap",
 ]

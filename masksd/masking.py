@@ -33,6 +33,8 @@ __all__ = [
     "select_top_k",
     "sample_mask",
     "replace_tokens",
+    "expand_mask",
+    "shrink_mask",
 ]
 
 Metric = Literal["dot", "cosine"]
@@ -230,3 +232,36 @@ def replace_tokens(tokens: Tensor, masked: Tensor, mask_token: Tensor) -> Tensor
             f"{tuple(mask_token.shape) if isinstance(mask_token, Tensor) else mask_token!r}"
         )
     return torch.where(masked[..., None], mask_token.to(tokens.dtype), tokens)
+
+
+def expand_mask(unit_mask: Tensor, unit_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Expand a mask over coarse units onto a finer grid (nearest; any ratio).
+
+    A masked unit becomes a solid block of fine positions (ConvNeXt V2 / SparK), so a CNN stem
+    cannot fill it back in from its neighbours.
+
+    Args:
+        unit_mask: ``[B, h_u * w_u]`` bool.
+        unit_grid: ``(h_u, w_u)``.
+        grid: ``(h, w)`` of the fine grid.
+
+    Returns:
+        ``[B, h * w]`` bool.
+    """
+    _check_bool_mask(unit_mask, "unit_mask")
+    if unit_mask.shape[1] != unit_grid[0] * unit_grid[1]:
+        raise ValueError(f"unit_mask has {unit_mask.shape[1]} units; unit_grid {unit_grid} holds {unit_grid[0] * unit_grid[1]}")
+    if tuple(unit_grid) == tuple(grid):
+        return unit_mask
+    coarse = unit_mask.view(unit_mask.shape[0], 1, *unit_grid).float()
+    fine = torch.nn.functional.interpolate(coarse, size=tuple(grid), mode="nearest")
+    return fine.flatten(1) > 0.5
+
+
+def shrink_mask(mask: Tensor, grid: tuple[int, int], unit_grid: tuple[int, int]) -> Tensor:
+    """A unit is valid when any fine position inside it is valid: ``[B, h*w]`` → ``[B, h_u*w_u]``."""
+    _check_bool_mask(mask, "mask")
+    if tuple(unit_grid) == tuple(grid):
+        return mask
+    fine = mask.view(mask.shape[0], 1, *grid).float()
+    return torch.nn.functional.adaptive_max_pool2d(fine, tuple(unit_grid)).flatten(1) > 0.5

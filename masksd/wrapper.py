@@ -1,47 +1,55 @@
-"""``MaskedSelfDistill``: the plug-and-play CM-MaskSD training wrapper.
+"""``MaskedSelfDistill``: the CM-MaskSD training engine, and ``masksd.wrap`` for unchanged models.
 
 Training forward (``wrapper.train()``)::
 
-    main branch:  E_I = image_tower.embed(x);  V = image_tower.encode(E_I)
-                  E_T = text_tower.embed(t);   W = text_tower.encode(E_T)
-                  M_seg = decoder(V, W)
-    objectives:   LMVSD re-encodes a masked E_I, VMLSD a masked E_T (shared weights)
+    main branch:  the bare model runs once (M_seg), recording embedded tokens and features
+    objectives:   LMVSD re-runs the model with masked image embeddings, VMLSD with masked word
+                  embeddings (shared weights; the other modality reused where fusion allows)
     loss        = BCE(M_seg, GT) + λ1 · BCE(M_LMVSD, σ(M_seg)) + λ2 · BCE(M_VMLSD, σ(M_seg))
 
-Eval forward (``wrapper.eval()``) runs the bare model only: ``unwrap()(x, t)``, bit for bit.
+Eval forward (``wrapper.eval()``) runs the bare model only: ``unwrap()(...)``, bit for bit.
 
-BatchNorm layers of the shared model normalise the masked branches with those branches' own
-batch statistics, but only the main branch updates their running statistics: inference sees
-unmasked inputs, so its statistics must describe unmasked inputs.
+Two ways in, one engine (selection, losses, BatchNorm handling and reporting are shared):
 
-State dict: the bare model's keys are prefixed ``model.`` (``model.image_tower.*``,
-``model.text_tower.*``, ``model.decoder.*``); the added parameters are the mask tokens
-``objectives.lmvsd.mask_token`` and ``objectives.vmlsd.mask_token`` (and private decoder copies
-``objectives.<name>.decoder.*`` under ``share_decoder=False``). ``unwrap()`` returns the bare
-``RISModel`` whose ``state_dict()`` has the same keys without the ``model.`` prefix.
+* ``masksd.wrap(model, spec)``: the user's unchanged ``nn.Module``, driven through forward hooks
+  described by a ``HookSpec`` (``masksd.backends.hooks``). Its ``state_dict()`` keys never
+  change, so trained weights load into the user's own class with ``strict=True``.
+* ``MaskedSelfDistill(image_tower, text_tower, decoder)``: a model built from towers
+  (``masksd.towers``); the bare model is a ``RISModel``.
+
+State dict of the wrapper: the bare model under ``model.`` and the training-only parameters
+(mask tokens, objective heads, private decoders) under ``objectives.``; ``added_state_dict()``
+and ``load_added_state_dict()`` save and load the latter alone.
+
+BatchNorm (and SyncBatchNorm) layers of the bare model normalise the masked branches with those
+branches' own batch statistics, but only the main branch updates their running statistics:
+inference sees unmasked inputs. The layers are looked up at every step, so converting the
+wrapper with ``nn.SyncBatchNorm.convert_sync_batchnorm`` after wrapping is fine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from masksd.backends.base import Backend
+from masksd.backends.hooks import HookBackend
+from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
+from masksd.config import DistillConfig
 from masksd.losses import segmentation_loss
 from masksd.objectives.base import DistillContext, Objective
-from masksd.objectives.guided_masking import (
-    BranchConfig,
-    GuidedMaskedDistillation,
-    LMVSDConfig,
-    VMLSDConfig,
-)
+from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillation, LMVSDConfig, VMLSDConfig
+from masksd.spec import HookSpec
 from masksd.towers import Decoder, RISModel
 
-__all__ = ["MaskedSelfDistill", "DistillOutput"]
+__all__ = ["DistillOutput", "MaskedSelfDistill", "wrap"]
+
+ADDED_PREFIX = "objectives."
 
 
 @dataclass
@@ -49,30 +57,31 @@ class DistillOutput:
     """Result of a training forward.
 
     Attributes:
-        logits: ``[B, 1, h, w]`` main-branch logits ``M_seg``.
+        logits: ``[B, 1, h, w]`` main-branch logits ``M_seg`` (two-class logits converted).
         loss: scalar float32 total loss (what to call ``backward()`` on).
         losses: unweighted terms by name: ``"seg"`` and one per objective (``"lmvsd"``,
             ``"vmlsd"``), each a detached scalar.
-        selections: per objective, ``{"kept": [B, N] bool, "masked": [B, N] bool,
-            "logits": [B, 1, h, w]}`` (detached) for visualisation and debugging.
+        selections: per objective, ``{"kept": [B, N_u] bool, "masked": [B, N_u] bool,
+            "logits": [B, 1, h, w], "grid": (h_u, w_u) or None}`` (detached) over the units the
+            branch selected on (patches; a CNN's coarse grid; words).
+        output: the bare model's own return value of the main branch (hooked models), so
+            trainers that read the model's loss dict or tuple can still do so.
     """
 
     logits: Tensor
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
-    selections: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: Any = None
 
 
 @contextmanager
-def _running_stats_frozen(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """Let BatchNorm layers normalise with batch statistics but leave running stats untouched.
-
-    The masked branches run the shared decoder on masked inputs; their statistics must not leak
-    into the running averages that inference uses (those describe unmasked inputs only).
-    """
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Let ``module``'s BatchNorm layers normalise with batch statistics, but keep their running
+    statistics (found now, so SyncBatchNorm conversions after wrapping are covered)."""
     saved = []
-    for norm in norms:
-        if norm.training and norm.track_running_stats:
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats:
             saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
             norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
     try:
@@ -83,39 +92,35 @@ def _running_stats_frozen(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> I
             norm.num_batches_tracked.copy_(tracked)
 
 
-def _branch_config(value: Any, default: BranchConfig, argument: str) -> BranchConfig | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return default
-    if not isinstance(value, BranchConfig):
-        raise TypeError(
-            f"{argument} must be a BranchConfig (e.g. {type(default).__name__}(...)), True, "
-            f"False or None, got {type(value).__name__}"
-        )
-    return value if value.enabled else None
+def _config_from_kwargs(config: DistillConfig | None, options: dict[str, Any]) -> DistillConfig:
+    defaults = {f.name: f.default for f in fields(DistillConfig) if f.name not in ("lmvsd", "vmlsd")}
+    defaults.update(lmvsd=True, vmlsd=True)
+    if config is None:
+        return DistillConfig(**options)
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a masksd.DistillConfig, got {type(config).__name__}")
+    changed = sorted(k for k, v in options.items() if v is not defaults[k] and v != defaults[k])
+    if changed:
+        raise TypeError(f"give either config= or the options {changed}, not both")
+    return config
 
 
 class MaskedSelfDistill(nn.Module):
-    """Wrap an image tower, a text tower and a decoder with CM-MaskSD training objectives.
+    """Wrap a model with CM-MaskSD training objectives (see the module docstring).
 
     Args:
-        image_tower: ``Tower`` for images (``nn.Module`` with ``embed``/``encode``/``embed_dim``).
-        text_tower: ``Tower`` for text.
-        decoder: ``decoder(image: Encoded, text: Encoded) -> logits [B, 1, h, w]``.
-        lmvsd: ``LMVSDConfig`` (default: paper's best), or None/False to disable the branch.
-        vmlsd: ``VMLSDConfig`` (default: paper's best), or None/False to disable the branch.
-        supervision: ``"distill"`` (paper) or ``"ground_truth"`` (Table VI ablation).
-        share_decoder: False gives each branch its own copy of the decoder (Table VII ablation).
-        hard_targets: binarise the teacher prediction at ``threshold`` (default: soft targets).
-        threshold: probability threshold for hard targets.
-        seg_weight: weight of the main segmentation loss.
+        image_tower / text_tower / decoder: the tower backend's model parts
+            (``decoder(image: Encoded, text: Encoded) -> logits [B, 1, h, w]``). For an
+            unchanged ``nn.Module`` use ``masksd.wrap(model, spec)`` instead.
+        lmvsd / vmlsd / supervision / share_decoder / hard_targets / threshold / seg_weight:
+            the fields of ``DistillConfig`` (paper defaults); or pass ``config=``.
+        config: a ``DistillConfig`` holding all of the above.
         extra_objectives: further ``Objective`` plug-ins run after the two branches.
 
     Forward:
-        ``forward(images, texts, target=None, *, generator=None)``. In training mode returns a
-        ``DistillOutput`` (``target [B, H, W]`` required); in eval mode returns the bare
-        model's logits.
+        Towers: ``forward(images, texts, target=None, *, generator=None)``. Hooked model:
+        ``forward(*model_args, target=None, generator=None, **model_kwargs)``. Training mode
+        returns a ``DistillOutput``; eval mode returns the bare model's output.
     """
 
     def __init__(
@@ -131,93 +136,214 @@ class MaskedSelfDistill(nn.Module):
         hard_targets: bool = False,
         threshold: float = 0.5,
         seg_weight: float = 1.0,
+        config: DistillConfig | None = None,
         extra_objectives: Sequence[Objective] = (),
     ) -> None:
         super().__init__()
-        self.model = RISModel(image_tower, text_tower, decoder)
-        if isinstance(seg_weight, bool) or not isinstance(seg_weight, (int, float)) or seg_weight < 0:
-            raise ValueError(f"seg_weight must be a float >= 0, got {seg_weight!r}")
-        self.seg_weight = float(seg_weight)
-        branches = [
-            ("lmvsd", "image", _branch_config(lmvsd, LMVSDConfig(), "lmvsd"), image_tower),
-            ("vmlsd", "text", _branch_config(vmlsd, VMLSDConfig(), "vmlsd"), text_tower),
-        ]
-        objectives: dict[str, Objective] = {}
-        for name, modality, config, tower in branches:
-            if config is None:
-                continue
-            kwargs: dict[str, Any] = dict(
-                name=name,
-                masked_modality=modality,
-                embed_dim=tower.embed_dim,
-                config=config,
-                supervision=supervision,
-                hard_targets=hard_targets,
-                threshold=threshold,
+        hidden = decoder_parameters_hidden(decoder)
+        if hidden:
+            raise TypeError(
+                f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
+                "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
+                "that holds them as submodules"
             )
-            if share_decoder:
-                objectives[name] = GuidedMaskedDistillation(**kwargs)
+        options = dict(lmvsd=lmvsd, vmlsd=vmlsd, supervision=supervision, share_decoder=share_decoder,
+                       hard_targets=hard_targets, threshold=threshold, seg_weight=seg_weight)
+        self._setup(TowerBackend(RISModel(image_tower, text_tower, decoder)),
+                    _config_from_kwargs(config, options), extra_objectives)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        spec: HookSpec,
+        *,
+        config: DistillConfig | None = None,
+        extra_objectives: Sequence[Objective] = (),
+        **options: Any,
+    ) -> MaskedSelfDistill:
+        """Wrap an unchanged ``model`` described by ``spec`` (what ``masksd.wrap`` does)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        defaults = {"lmvsd": True, "vmlsd": True}
+        if spec.image is None:
+            defaults["lmvsd"] = None
+        if spec.text is None:
+            defaults["vmlsd"] = None
+        unknown = set(options) - {f.name for f in fields(DistillConfig)}
+        if unknown:
+            raise TypeError(f"unexpected options {sorted(unknown)}; see masksd.DistillConfig")
+        if config is None:
+            config = DistillConfig(**{**defaults, **options})
+        elif options:
+            raise TypeError(f"give either config= or the options {sorted(options)}, not both")
+        self._setup(HookBackend(model, spec), config, extra_objectives)
+        return self
+
+    def _setup(self, backend: Backend, config: DistillConfig, extra_objectives: Sequence[Objective]) -> None:
+        self.model = backend.model
+        self.backend = backend
+        self.config = config
+        self.seg_weight = float(config.seg_weight)
+        hooked = isinstance(backend, HookBackend)
+        if hooked and not config.share_decoder:
+            raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
+        objectives: dict[str, Objective] = {}
+        for name, modality, branch in (("lmvsd", "image", config.lmvsd), ("vmlsd", "text", config.vmlsd)):
+            if branch is None:
+                continue
+            if hooked:
+                self._check_branch(name, modality, branch)
+            kwargs: dict[str, Any] = dict(
+                name=name, masked_modality=modality, embed_dim=backend.embed_width(modality), config=branch,
+                supervision=config.supervision, hard_targets=config.hard_targets, threshold=config.threshold,
+            )
+            if config.share_decoder:
+                objective = GuidedMaskedDistillation(**kwargs)
             else:
-                objectives[name] = GuidedMaskedDistillation.with_private_decoder(decoder, **kwargs)
+                objective = GuidedMaskedDistillation.with_private_decoder(self.model.decoder, **kwargs)
+            if objective.mask_token is not None:
+                backend.init_mask_token(modality, objective.mask_token)
+            objectives[name] = objective
         for objective in extra_objectives:
             if not isinstance(objective, Objective):
-                raise TypeError(
-                    f"extra_objectives must hold Objective instances, got {type(objective).__name__}"
-                )
+                raise TypeError(f"extra_objectives must hold Objective instances, got {type(objective).__name__}")
             if objective.name in objectives or objective.name == "seg":
                 raise ValueError(f"objective name {objective.name!r} is used twice")
             objectives[objective.name] = objective
         self.objectives = nn.ModuleDict(objectives)
-        self._shared_norms = [
-            module for module in self.model.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        ]
 
-    def unwrap(self) -> RISModel:
-        """The bare model (same modules, shared parameters): what inference runs."""
+    def _check_branch(self, name: str, modality: str, branch: BranchConfig) -> None:
+        spec: HookSpec = self.backend.spec  # type: ignore[attr-defined]
+        if getattr(spec, modality) is None:
+            raise ValueError(f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None")
+        other = "text" if modality == "image" else "image"
+        if branch.scorer == "correlation":
+            mine, theirs = getattr(spec, modality), getattr(spec, other)
+            if mine.tokens is None or theirs is None or (theirs.tokens is None and theirs.global_ is None):
+                raise ValueError(
+                    f"{name} uses scorer='correlation', which needs HookSpec.{modality}.tokens and "
+                    f"HookSpec.{other}.global_ (or .tokens) in one shared space; declare them, or choose "
+                    f"{type(branch).__name__}(scorer='prediction') or 'random'"
+                )
+
+    # ------------------------------------------------------------------------------ access
+    @property
+    def spec(self) -> HookSpec | None:
+        """The ``HookSpec`` of a hooked model (None for the tower backend)."""
+        return getattr(self.backend, "spec", None)
+
+    def unwrap(self) -> nn.Module:
+        """The bare model (the user's object for hooked models; a ``RISModel`` for towers)."""
         return self.model
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
-        """Parameters that exist only for training (mask tokens, private decoders), by name."""
-        return {f"objectives.{name}": p for name, p in self.objectives.named_parameters()}
+        """Parameters that exist only for training (mask tokens, heads, private decoders)."""
+        return {ADDED_PREFIX + name: p for name, p in self.objectives.named_parameters()}
 
+    def added_state_dict(self) -> dict[str, Tensor]:
+        """The training-only state (keys start with ``objectives.``), to save apart."""
+        return {ADDED_PREFIX + k: v for k, v in self.objectives.state_dict().items()}
+
+    def load_added_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> Any:
+        """Load what ``added_state_dict()`` saved (keys with or without the prefix)."""
+        stripped = {k[len(ADDED_PREFIX):] if k.startswith(ADDED_PREFIX) else k: v for k, v in state.items()}
+        return self.objectives.load_state_dict(stripped, strict=strict)
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, fusion type and what each branch runs (see also ``check``)."""
+        return self.backend.describe()
+
+    def check(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one instrumented training step on a sample batch and return a ``WrapReport``;
+        the model's parameters, gradients, buffers and RNG state are left as they were."""
+        from masksd.check import run_check
+
+        return run_check(self, args, kwargs)
+
+    # ----------------------------------------------------------------------------- forward
     def forward(
-        self,
-        images: Any,
-        texts: Any,
-        target: Tensor | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> DistillOutput | Tensor:
-        """Training: ``DistillOutput``; eval: the bare model's logits (see class docstring)."""
+        self, *args: Any, target: Tensor | None = None, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> DistillOutput | Any:
+        """Training: ``DistillOutput``; eval: the bare model's output (see the class docstring)."""
+        if getattr(self, "_is_replica", False):
+            raise TypeError(
+                "masksd does not run under nn.DataParallel (its replicas cannot gather a DistillOutput "
+                "and would draw masks per device); use DistributedDataParallel: torchrun --nproc_per_node N"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        backend = self.backend
+        args, kwargs, target = backend.split_inputs(args, kwargs, target)
         if not self.training:
-            return self.model(images, texts)
-        if target is None:
-            raise ValueError("target (the ground-truth mask [B, H, W]) is required in training mode")
-        model = self.model
-        image_embedded = model.image_tower.embed(images)
-        text_embedded = model.text_tower.embed(texts)
-        image_encoded = model.image_tower.encode(image_embedded)
-        text_encoded = model.text_tower.encode(text_embedded)
-        logits = model.decoder(image_encoded, text_encoded)
+            named_in_model = self.spec is not None and self.spec.target is not None
+            if target is not None and not named_in_model:
+                raise ValueError(
+                    "a target was passed in eval mode, where the wrapper returns the bare model's output "
+                    "and ignores it; call wrapper.train() for a training step, or drop the target"
+                )
+            return backend.eval_forward(args, kwargs)
+        main = backend.run_main(args, kwargs, target)
+        try:
+            return self._objectives(main, generator)
+        finally:
+            backend.release()
+
+    def _objectives(self, main: Any, generator: torch.Generator | None) -> DistillOutput:
+        if main.model_loss is not None:
+            seg = main.model_loss
+        elif main.target is None:
+            raise ValueError(
+                "target (the ground-truth mask [B, H, W]) is required in training mode: "
+                "wrapper(images, texts, target) or wrapper(..., target=mask)"
+            )
+        else:
+            seg = segmentation_loss(main.logits, main.target)
         context = DistillContext(
-            model=model,
-            image_embedded=image_embedded,
-            text_embedded=text_embedded,
-            image_encoded=image_encoded,
-            text_encoded=text_encoded,
-            main_logits=logits,
-            target=target,
+            model=self.model,
+            image_embedded=main.embedded.get("image"),
+            text_embedded=main.embedded.get("text"),
+            image_encoded=main.encoded.get("image"),
+            text_encoded=main.encoded.get("text"),
+            main_logits=main.logits,
+            target=main.target,
             generator=generator,
+            backend=self.backend,
+            output=main.output,
         )
-        seg = segmentation_loss(logits, target)
         total = self.seg_weight * seg
         losses = {"seg": seg.detach()}
-        selections: dict[str, dict[str, Tensor]] = {}
-        with _running_stats_frozen(self._shared_norms):
+        selections: dict[str, dict[str, Any]] = {}
+        with running_stats_frozen(self.model):
             for name, objective in self.objectives.items():
                 result = objective(context)
                 total = total + objective.weight * result.loss.float()
                 losses[name] = result.loss.detach()
                 selections[name] = result.info
-        return DistillOutput(logits=logits, loss=total, losses=losses, selections=selections)
+        output = main.output if isinstance(self.backend, HookBackend) else None
+        return DistillOutput(logits=main.logits, loss=total, losses=losses, selections=selections, output=output)
+
+
+def wrap(
+    model: nn.Module,
+    spec: HookSpec,
+    *,
+    config: DistillConfig | None = None,
+    extra_objectives: Sequence[Objective] = (),
+    **options: Any,
+) -> MaskedSelfDistill:
+    """Wrap the RIS model you already have, unchanged, for CM-MaskSD training.
+
+    Args:
+        model: your bare ``nn.Module`` (not DDP/DataParallel/compiled: wrap first, then DDP).
+        spec: a ``HookSpec`` naming, on ``model``, the embedding modules, the logits and the
+            scoring features (see ``masksd.spec`` and docs/wrapping.md).
+        config: a ``DistillConfig``; or pass its fields as keyword ``options``
+            (``lmvsd=LMVSDConfig(...)``, ``vmlsd=None``, ``hard_targets=True``, ...).
+        extra_objectives: further ``Objective`` plug-ins.
+
+    Returns:
+        A ``MaskedSelfDistill`` whose ``unwrap()`` is ``model`` itself: its ``state_dict()``
+        keys are untouched.
+    """
+    return MaskedSelfDistill.from_model(model, spec, config=config, extra_objectives=extra_objectives, **options)

@@ -68,8 +68,9 @@ def test_eval_output_equals_bare_model_and_unwrap():
         assert isinstance(logits, torch.Tensor) and logits.shape == (4, 1, 8, 8)
         assert torch.equal(logits, bare(images, ids))
         assert torch.equal(logits, wrapper.unwrap()(images, ids))
-        # the target is ignored at inference
-        assert torch.equal(logits, wrapper(images, ids, torch.zeros(4, 16, 16)))
+        # a target in eval mode is a mistake (it would be ignored): say so
+        with pytest.raises(ValueError, match="eval mode.*wrapper.train"):
+            wrapper(images, ids, torch.zeros(4, 16, 16))
     assert wrapper.unwrap() is wrapper.model
     assert wrapper.unwrap().decoder is decoder
 

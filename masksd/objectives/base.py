@@ -1,18 +1,18 @@
 """The plug-in contract for training objectives.
 
 An objective is an ``nn.Module`` with a ``name`` and a ``weight`` whose ``forward`` receives the
-``DistillContext`` of one training step (everything the main branch computed) and returns an
-``ObjectiveOutput``: an unweighted scalar loss and a dict of tensors for inspection. The wrapper
-adds ``weight * loss`` to the total. LMVSD and VMLSD are the first two; other auxiliary
-objectives (mask grounding, language reconstruction, ...) plug in the same way through
-``MaskedSelfDistill(extra_objectives=[...])``.
+``DistillContext`` of one training step (everything the main branch computed, and the backend
+that can run masked branches) and returns an ``ObjectiveOutput``: an unweighted scalar loss and
+a dict of inspection values. The wrapper adds ``weight * loss`` to the total. LMVSD and VMLSD
+are the first two; further objectives plug in through
+``MaskedSelfDistill(extra_objectives=[...])`` / ``masksd.wrap(..., extra_objectives=[...])``.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from masksd.towers import Embedded, Encoded
 
 if TYPE_CHECKING:
-    from masksd.towers import RISModel
+    from masksd.backends.base import Backend
 
 __all__ = ["DistillContext", "ObjectiveOutput", "Objective"]
 
@@ -30,30 +30,47 @@ class DistillContext:
     """What the main branch of one training step produced.
 
     Attributes:
-        model: the bare ``RISModel`` (shared weights).
-        image_embedded / text_embedded: ``Embedded`` outputs of the two towers.
-        image_encoded / text_encoded: ``Encoded`` outputs of the main branch.
+        model: the bare model (a ``RISModel`` for towers, the user's module for hooks).
+        image_embedded / text_embedded: ``Embedded`` tokens of each modality (``[B, N, C]``
+            view, maskable, grid); None for a modality a hooked model does not declare.
+        image_encoded / text_encoded: ``Encoded`` scoring features of the main branch (towers:
+            the towers' outputs; hooks: the declared taps, detached), or None.
         main_logits: ``[B, 1, h, w]`` main-branch logits ``M_seg`` (not detached).
         target: ground-truth mask ``[B, H, W]`` or None.
         generator: optional ``torch.Generator`` for reproducible masking.
+        backend: runs masked branches (``backend.run_masked(modality, masked, mask_token)``).
+        output: the model's own return value of the main branch (hooks), else the logits.
     """
 
-    model: RISModel
-    image_embedded: Embedded
-    text_embedded: Embedded
-    image_encoded: Encoded
-    text_encoded: Encoded
+    model: nn.Module
+    image_embedded: Embedded | None
+    text_embedded: Embedded | None
+    image_encoded: Encoded | None
+    text_encoded: Encoded | None
     main_logits: Tensor
     target: Tensor | None = None
     generator: torch.Generator | None = None
+    backend: Backend | None = None
+    output: Any = None
+
+    def embedded(self, modality: str) -> Embedded:
+        """The ``Embedded`` of ``"image"`` or ``"text"`` (ValueError if the model has none)."""
+        value = getattr(self, f"{modality}_embedded")
+        if value is None:
+            raise ValueError(f"the model declares no {modality} embedding (HookSpec.{modality} is None)")
+        return value
+
+    def encoded(self, modality: str) -> Encoded | None:
+        """The scoring features of ``"image"`` or ``"text"``, or None when none were declared."""
+        return getattr(self, f"{modality}_encoded")
 
 
 @dataclass
 class ObjectiveOutput:
-    """Result of one objective: an unweighted scalar ``loss`` and inspection tensors."""
+    """Result of one objective: an unweighted scalar ``loss`` and inspection values."""
 
     loss: Tensor
-    info: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Objective(nn.Module, abc.ABC):

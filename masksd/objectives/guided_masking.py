@@ -16,16 +16,18 @@ The branch's logits are trained to reproduce the main branch's detached predicti
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from masksd.losses import consistency_loss, segmentation_loss
-from masksd.masking import correlation_scores, replace_tokens, sample_mask, select_top_k
+from masksd.masking import sample_mask, select_top_k
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
-from masksd.towers import Decoder, align_scores
+from masksd.scorers import SCORERS, score, units_of
+from masksd.towers import Decoder
 
 __all__ = ["BranchConfig", "LMVSDConfig", "VMLSDConfig", "GuidedMaskedDistillation"]
 
@@ -45,6 +47,10 @@ class BranchConfig:
         masking: False is the "no masking" ablation (paper Table V): the branch re-encodes the
             unmasked tokens and no mask token is created.
         metric: correlation ``"dot"`` (paper) or ``"cosine"``.
+        scorer: how tokens are ranked before top-K: ``"correlation"`` (paper),
+            ``"prediction"`` (main prediction pooled onto the image grid; images only),
+            ``"random"`` (ablation), or a callable ``scorer(context, modality) -> [B, N_u]``
+            (see ``masksd.scorers``).
     """
 
     enabled: bool = True
@@ -53,6 +59,7 @@ class BranchConfig:
     weight: float = 0.75
     masking: bool = True
     metric: Literal["dot", "cosine"] = "dot"
+    scorer: str | Callable[..., Any] = "correlation"
 
     def __post_init__(self) -> None:
         for name in ("top_k", "ratio", "weight"):
@@ -67,6 +74,8 @@ class BranchConfig:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.metric not in ("dot", "cosine"):
             raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
+        if not callable(self.scorer) and self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS} or a callable, got {self.scorer!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,17 +162,15 @@ class GuidedMaskedDistillation(Objective):
         )
 
     def select(self, context: DistillContext) -> tuple[Tensor, Tensor]:
-        """Correlation filtering and guided masking: ``(kept, masked)``, each ``[B, N]`` bool."""
-        if self.masked_modality == "image":
-            tower, embedded = context.model.image_tower, context.image_embedded
-            tokens, guide = context.image_encoded.tokens, context.text_encoded.global_feature
-        else:
-            tower, embedded = context.model.text_tower, context.text_embedded
-            tokens, guide = context.text_encoded.tokens, context.image_encoded.global_feature
+        """Filtering and guided masking on the modality's units: ``(kept, masked)``, ``[B, N_u]`` bool.
+
+        Units are the embedded tokens, or the coarser scoring grid of a CNN-like tower (see
+        ``masksd.scorers``).
+        """
+        modality = self.masked_modality
         with torch.no_grad():
-            scores = correlation_scores(guide.detach(), tokens.detach(), metric=self.config.metric)
-            scores = align_scores(tower, scores, embedded)
-            kept = select_top_k(scores, embedded.maskable, top_k=self.config.top_k)
+            scores = score(context, modality, self.config.scorer, metric=self.config.metric)
+            kept = select_top_k(scores, units_of(context, modality).maskable, top_k=self.config.top_k)
             if self.config.masking:
                 masked = sample_mask(kept, ratio=self.config.ratio, generator=context.generator)
             else:
@@ -171,22 +178,15 @@ class GuidedMaskedDistillation(Objective):
         return kept, masked
 
     def forward(self, context: DistillContext) -> ObjectiveOutput:
-        """Run the masked branch and return its loss and the ``kept``/``masked`` masks."""
+        """Run the masked branch and return its loss, the ``kept``/``masked`` units and logits."""
+        if context.backend is None:
+            raise ValueError(f"{self.name}: the context carries no backend to run the masked branch")
         kept, masked = self.select(context)
-        model = context.model
-        decoder = self.decoder if self.decoder is not None else model.decoder
-        if self.masked_modality == "image":
-            embedded, tower = context.image_embedded, model.image_tower
-        else:
-            embedded, tower = context.text_embedded, model.text_tower
-        tokens = embedded.tokens
-        if self.mask_token is not None:
-            tokens = replace_tokens(tokens, masked, self.mask_token)
-        encoded = tower.encode(embedded.with_tokens(tokens))
-        if self.masked_modality == "image":
-            logits = decoder(encoded, context.text_encoded)
-        else:
-            logits = decoder(context.image_encoded, encoded)
+        units = units_of(context, self.masked_modality)
+        embedded_mask = units.expand(masked, context.embedded(self.masked_modality).maskable)
+        logits = context.backend.run_masked(
+            self.masked_modality, embedded_mask, self.mask_token, decoder=self.decoder
+        )
         if self.supervision == "distill":
             loss = consistency_loss(
                 logits, context.main_logits, hard=self.hard_targets, threshold=self.threshold
@@ -195,4 +195,5 @@ class GuidedMaskedDistillation(Objective):
             if context.target is None:
                 raise ValueError(f"{self.name}: supervision='ground_truth' needs a target mask")
             loss = segmentation_loss(logits, context.target)
-        return ObjectiveOutput(loss=loss, info={"kept": kept, "masked": masked, "logits": logits.detach()})
+        info = {"kept": kept, "masked": masked, "logits": logits.detach(), "grid": units.grid}
+        return ObjectiveOutput(loss=loss, info=info)

@@ -1,0 +1,137 @@
+"""The backend contract: how the engine runs a model's main branch and its masked branches.
+
+The engine (``masksd.MaskedSelfDistill``) owns selection, losses, BatchNorm handling and
+reporting; a backend only knows how to run *one* model:
+
+* ``TowerBackend`` (``masksd.backends.towers``): a model built from towers and a decoder
+  (``embed`` / ``encode`` / ``decoder`` are called directly);
+* ``HookBackend`` (``masksd.backends.hooks``): an unchanged ``nn.Module``, driven through
+  forward hooks described by a ``HookSpec``.
+
+Both return the main branch as a ``MainBranch`` and run a masked branch with
+``run_masked(modality, masked, mask_token)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from masksd.towers import Embedded, Encoded
+
+__all__ = ["Backend", "MainBranch", "Modality"]
+
+Modality = Literal["image", "text"]
+
+
+@dataclass
+class MainBranch:
+    """What one training forward of the bare model produced.
+
+    Attributes:
+        logits: ``[B, 1, h, w]`` main-branch logits (two-class logits already converted).
+        target: the ground-truth mask ``[B, H, W]`` (or None when the model's own loss is used
+            and no target reached masksd).
+        model_loss: the model's own training loss when the spec names one, else None.
+        output: the model's own return value (the hook backend), or the logits.
+        embedded / encoded: per modality, the embedded tokens (``[B, N, C]`` view, maskable,
+            grid) and the scoring features (``Encoded``; None when none were declared).
+    """
+
+    logits: Tensor
+    target: Tensor | None
+    model_loss: Tensor | None = None
+    output: Any = None
+    embedded: dict[str, Embedded] = field(default_factory=dict)
+    encoded: dict[str, Encoded | None] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Runs one kind of model for the engine (see the module docstring)."""
+
+    model: nn.Module
+
+    @abc.abstractmethod
+    def embed_width(self, modality: Modality) -> int:
+        """Width C of the embedded tokens of ``modality`` (the size of its mask token)."""
+
+    def init_mask_token(self, modality: Modality, token: Tensor) -> None:  # noqa: B027 - optional hook
+        """Initialise ``token [C]`` in place (default: keep the engine's ``N(0, 0.02²)`` draw)."""
+
+    @abc.abstractmethod
+    def split_inputs(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
+        """Separate the model's inputs from the target: ``(args, kwargs, target)``."""
+
+    @abc.abstractmethod
+    def eval_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The bare model's inference forward, untouched."""
+
+    @abc.abstractmethod
+    def run_main(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> MainBranch:
+        """One training forward of the bare model, recording what the objectives need."""
+
+    @abc.abstractmethod
+    def run_masked(
+        self,
+        modality: Modality,
+        masked: Tensor,
+        mask_token: Tensor | None,
+        *,
+        decoder: nn.Module | None = None,
+    ) -> Tensor:
+        """Re-run the model with ``masked [B, N]`` embedded tokens of ``modality`` replaced by
+        ``mask_token [C]`` (None: unmasked); returns the branch's logits ``[B, 1, h, w]``."""
+
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Drop references to this step's tensors (called after every training forward)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the wrap-time report (fusion, passes per branch, ...)."""
+        return {}
+
+
+def rng_devices(model: nn.Module) -> list[int]:
+    """CUDA device indices holding ``model``'s parameters (for ``torch.random.fork_rng``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def check_logits(logits: Any, *, two_class: bool, where: str) -> Tensor:
+    """Turn ``logits`` into ``[B, 1, h, w]``; two-class ``[B, 2, h, w]`` become ``x1 - x0``."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(
+            f"{where} must give floating-point segmentation logits, got {type(logits).__name__}"
+            + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else "")
+            + "; point HookSpec.logits at the tensor (e.g. Output(select='[0]') or Tap('<module>'))"
+        )
+    if two_class:
+        if logits.dim() != 4 or logits.shape[1] != 2:
+            raise ValueError(f"{where}: two_class=True needs logits [B, 2, h, w], got {tuple(logits.shape)}")
+        return (logits[:, 1] - logits[:, 0])[:, None]
+    if logits.dim() == 3:
+        return logits[:, None]
+    if logits.dim() == 4 and logits.shape[1] == 1:
+        return logits
+    if logits.dim() == 4 and logits.shape[1] == 2:
+        raise ValueError(
+            f"{where} gives two-class logits {tuple(logits.shape)}; set HookSpec(two_class=True) so "
+            "that masksd uses x[:, 1] - x[:, 0]"
+        )
+    raise ValueError(f"{where} must give logits [B, 1, h, w] or [B, h, w], got {tuple(logits.shape)}")
+
+
+def as_tensor_loss(value: Any, where: str) -> Tensor:
+    """A scalar loss from a tensor or a dict of tensors (summed)."""
+    if isinstance(value, dict):
+        terms = [v for v in value.values() if isinstance(v, Tensor)]
+        if not terms:
+            raise ValueError(f"{where} is a dict without tensors: {list(value)}")
+        value = torch.stack([t.float().reshape(()) for t in terms]).sum()
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(f"{where} must be a scalar loss tensor (or a dict of them), got {type(value).__name__}")
+    return value.reshape(()).float()

@@ -1,0 +1,480 @@
+"""``HookBackend``: drives an unchanged ``nn.Module`` through forward hooks (see ``HookSpec``).
+
+Hooks are registered once, at wrap time, and are inert unless the backend is running a
+training branch (a Python mode flag), so inference is the bare model bit for bit.
+
+* Main branch: the model runs unchanged; the hooks record the embedding outputs, the outputs of
+  the ``reuse`` modules and the taps (logits, scoring features).
+* Masked branch: the embedding hook of the masked modality returns
+  ``where(masked, mask_token, E_main)``; where fusion allows it, the other modality's ``reuse``
+  modules are skipped and return their main-branch outputs (their forward is replaced for the
+  duration of the branch, then restored), so a late-fusion model does not re-encode it.
+* Fusion probe (once, before the first main branch, unless ``HookSpec.fusion`` says it): the
+  embedding outputs become leaves that require grad, and autograd tells whether each
+  modality's ``reuse`` outputs (or its scoring tokens) depend on the other modality's tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from masksd.backends.base import Backend, MainBranch, Modality, as_tensor_loss, check_logits, rng_devices
+from masksd.backends.taps import (
+    expand_patterns,
+    flatten_tensors,
+    infer_width,
+    layout_grid,
+    replace_in_layout,
+    resolve_module,
+    to_bnc,
+)
+from masksd.spec import HookSpec, Output, Tap, apply_selector
+from masksd.towers import Embedded, Encoded
+
+__all__ = ["HookBackend", "refuse_wrapped"]
+
+MODALITIES: tuple[Modality, Modality] = ("image", "text")
+OTHER: dict[str, Modality] = {"image": "text", "text": "image"}
+DEPENDS = {  # declared fusion -> (image depends on text, text depends on image)
+    "late": (False, False),
+    "text->image": (True, False),
+    "image->text": (False, True),
+    "bidirectional": (True, True),
+}
+
+
+def refuse_wrapped(model: Any) -> None:
+    """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""
+    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
+        model, "_orig_mod"
+    )
+    if wrapped:
+        raise TypeError(
+            f"model is a {type(model).__name__}: wrap the bare model first, then put the wrapper in "
+            "DistributedDataParallel (DDP(masksd.wrap(model, spec))); compile submodules, not the "
+            "model passed to masksd"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+class _Replay:
+    """Stands in for a skipped module's ``forward``: returns its main-branch outputs in order."""
+
+    def __init__(self, path: str, outputs: list[Any]) -> None:
+        self.path, self.outputs, self.calls = path, outputs, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls >= len(self.outputs):
+            raise RuntimeError(
+                f"reuse module {self.path!r} ran {self.calls + 1} times in a masked branch but "
+                f"{len(self.outputs)} times in the main branch; remove it from reuse"
+            )
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+
+def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
+    return {v: k for k, v in DEPENDS.items()}[(image_on_text, text_on_image)]
+
+
+class HookBackend(Backend):
+    """Backend of ``masksd.wrap(model, spec)`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, spec: HookSpec) -> None:
+        refuse_wrapped(model)
+        if not isinstance(spec, HookSpec):
+            raise TypeError(f"spec must be a masksd.HookSpec, got {type(spec).__name__}")
+        self.model, self.spec = model, spec
+        self._signature = inspect.signature(model.forward)
+        self._mode = "off"
+        self._masked: Modality | None = None
+        self._mask: Tensor | None = None
+        self._token: Tensor | None = None
+        self._calls: Counter[tuple[str, str]] = Counter()
+        self.call_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> real calls
+        self.replay_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> skipped calls
+        self._watch: list[tuple[str, Tensor, int]] = []  # captured tensors and their versions
+        self._main_inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+        self._run = "main"
+        self._values: dict[tuple[str, str], list[Any]] = {}
+        self._embedded: dict[str, Tensor] = {}
+        self._leaves: dict[str, Tensor] = {}
+        self._cache: dict[str, list[Any]] = {}
+        self._main: MainBranch | None = None
+        self._modalities = [m for m in MODALITIES if getattr(spec, m) is not None]
+        self._reuse = {
+            m: expand_patterns(model, spec.modality(m).reuse, f"HookSpec.{m}.reuse") for m in self._modalities
+        }
+        # modality -> its features depend on the other modality's tokens (None: unknown)
+        self.depends: dict[str, bool | None] | None = None
+        if spec.fusion != "auto":
+            image_on_text, text_on_image = DEPENDS[spec.fusion]
+            self.depends = {"image": image_on_text, "text": text_on_image}
+        self._handles = self._register()
+
+    # ------------------------------------------------------------------------ registration
+    def _register(self) -> list[Any]:
+        handles = []
+        for m in self._modalities:
+            spec = self.spec.modality(m)
+            if spec.call is not None and spec.call < 0:
+                raise ValueError(f"HookSpec.{m}.call must be >= 0 (which call of {spec.embed!r}), got {spec.call}")
+            module = resolve_module(self.model, spec.embed, f"HookSpec.{m}.embed")
+            handles.append(module.register_forward_hook(partial(self._on_embed, m)))
+            for path, module in self._reuse[m]:
+                handles.append(module.register_forward_hook(partial(self._on_reuse, path)))
+        for tap in self._taps():
+            module = resolve_module(self.model, tap.module, f"Tap({tap.module!r})") if tap.module else self.model
+            key = (tap.module, tap.kind)
+            if key in self._values:
+                continue
+            self._values[key] = []
+            if tap.kind == "input":
+                handles.append(module.register_forward_pre_hook(partial(self._on_tap_input, key)))
+            else:
+                handles.append(module.register_forward_hook(partial(self._on_tap_output, key)))
+        return handles
+
+    def _taps(self) -> list[Tap]:
+        taps = [self.spec.logits] if isinstance(self.spec.logits, Tap) else []
+        for m in self._modalities:
+            spec = self.spec.modality(m)
+            taps += [t for t in (spec.tokens, spec.global_) if t is not None]
+        return taps
+
+    def remove_hooks(self) -> None:
+        """Remove every hook masksd registered on the model (the wrapper no longer trains it)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------------------- hooks
+    def _count(self, role: str, path: str) -> int:
+        index = self._calls[(role, path)]
+        self._calls[(role, path)] += 1
+        self.call_log[(self._run, path)] += 1
+        return index
+
+    def _on_embed(self, modality: Modality, module: nn.Module, args: Any, output: Any) -> Any:
+        if self._mode == "off":
+            return None
+        spec = self.spec.modality(modality)
+        if self._count("embed", spec.embed) != (spec.call or 0):
+            return None
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            raise TypeError(
+                f"HookSpec.{modality}.embed {spec.embed!r} must output a floating tensor, got "
+                f"{type(output).__name__}; choose the module whose output is the embedded tokens"
+            )
+        if self._mode == "probe":
+            self._leaves[modality] = output.detach().requires_grad_(True)
+            return self._leaves[modality]
+        if self._mode == "main":
+            self._embedded[modality] = output
+            self._watch.append((f"HookSpec.{modality}.embed {spec.embed!r}", output, output._version))
+            return None
+        if self._masked != modality:
+            return None
+        main = self._embedded[modality]
+        if self._token is None:
+            return main
+        grid = self._main.embedded[modality].grid if self._main else None  # type: ignore[union-attr]
+        return replace_in_layout(main, self._mask, self._token, spec.layout, grid)  # type: ignore[arg-type]
+
+    def _on_reuse(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._mode == "off":
+            return
+        replayed = isinstance(module.__dict__.get("forward"), _Replay)
+        (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
+        if self._mode in ("main", "probe"):
+            self._cache.setdefault(path, []).append(output)
+        if self._mode == "main":
+            self._watch += [(f"reuse module {path!r}", t, t._version) for t in flatten_tensors(output)]
+
+    def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
+        if self._mode != "off":
+            self._values[key].append(args)
+
+    def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
+        if self._mode != "off":
+            self._values[key].append(output)
+        if self._mode == "main":
+            self._watch += [(f"tapped module {key[0]!r}", t, t._version) for t in flatten_tensors(output)]
+
+    # -------------------------------------------------------------------------- contract
+    def embed_width(self, modality: Modality) -> int:
+        spec = self.spec.modality(modality)
+        if spec.width is not None:
+            return int(spec.width)
+        width = infer_width(resolve_module(self.model, spec.embed, f"HookSpec.{modality}.embed"))
+        if width is None:
+            module = self.model.get_submodule(spec.embed)
+            raise ValueError(
+                f"cannot tell the output width of HookSpec.{modality}.embed {spec.embed!r} "
+                f"({type(module).__name__}); set ModalitySpec(width=...) to its channel count"
+            )
+        return width
+
+    def init_mask_token(self, modality: Modality, token: Tensor) -> None:
+        init = self.spec.modality(modality).mask_token
+        with torch.no_grad():
+            if init == "zero":
+                token.zero_()
+            elif init.startswith("embedding:"):
+                _, path, row = init.split(":")
+                weight = resolve_module(self.model, path, f"HookSpec.{modality}.mask_token").weight
+                if weight.shape[-1] != token.shape[0]:
+                    raise ValueError(
+                        f"HookSpec.{modality}.mask_token: row width {weight.shape[-1]} of {path!r} differs "
+                        f"from the embedded width {token.shape[0]}"
+                    )
+                token.copy_(weight[int(row)])
+
+    def split_inputs(self, args, kwargs, target):  # type: ignore[override]
+        name = self.spec.target
+        if name is None:
+            return args, kwargs, target
+        if target is not None:
+            if name in kwargs:
+                raise TypeError(f"target given twice (target= and {name}=)")
+            kwargs = {**kwargs, name: target}
+        arguments = self._bind(args, kwargs)
+        return args, kwargs, arguments.get(name)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(self._signature.bind(*args, **kwargs).arguments)
+        except TypeError as error:
+            raise TypeError(
+                f"the wrapper's arguments do not fit {type(self.model).__name__}.forward{self._signature}: {error}"
+            ) from None
+
+    def eval_forward(self, args, kwargs):  # type: ignore[override]
+        return self.model(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------- running
+    def _forward(self, mode: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._mode, self._run = mode, mode if mode != "masked" else f"masked {self._masked}"
+        self._calls.clear()
+        for values in self._values.values():
+            values.clear()
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._mode = "off"
+
+    def _tap(self, tap: Tap | Output, output: Any, where: str) -> Any:
+        if isinstance(tap, Output):
+            return apply_selector(output, tap.select, where=f"{where} (the model's output)")
+        values = self._values[(tap.module, tap.kind)]
+        if not values:
+            raise ValueError(f"{where}: module {tap.module!r} did not run in this forward")
+        if tap.call is None and len(values) > 1:
+            raise ValueError(
+                f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one"
+            )
+        value = apply_selector(values[tap.call or 0], tap.select, where=f"{where} ({tap.module!r} {tap.kind})")
+        if tap.project:
+            projection = self.model.get_submodule(tap.project) if _is_module(self.model, tap.project) else None
+            value = projection(value) if projection is not None else value @ _get_tensor(self.model, tap.project)
+        return value
+
+    def _logits(self, output: Any, where: str) -> Tensor:
+        return check_logits(self._tap(self.spec.logits, output, "HookSpec.logits"), two_class=self.spec.two_class, where=where)
+
+    def probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, bool | None]:
+        """Find which modality depends on which (see the module docstring); cached."""
+        if self.depends is not None:
+            return self.depends
+        with torch.random.fork_rng(devices=rng_devices(self.model)):
+            self._leaves.clear()
+            self._cache.clear()
+            self._forward("probe", args, kwargs)
+            captured = {key: list(values) for key, values in self._values.items()}
+            depends: dict[str, bool | None] = {}
+            for m in self._modalities:
+                other = OTHER[m]
+                if other not in self._leaves:
+                    depends[m] = None
+                    continue
+                if self._reuse[m]:
+                    values = [v for path, _ in self._reuse[m] for v in self._cache.get(path, [])]
+                else:
+                    tap = self.spec.modality(m).tokens
+                    values = captured.get((tap.module, tap.kind), []) if tap is not None else []
+                tensors = [t for t in flatten_tensors(values) if t.requires_grad]
+                if not tensors:  # features that need no gradient at all depend on nothing
+                    depends[m] = None if not values else False
+                    continue
+                total = torch.stack([t.float().sum() for t in tensors]).sum()
+                grad = torch.autograd.grad(total, self._leaves[other], allow_unused=True, retain_graph=True)[0]
+                depends[m] = grad is not None
+        self._leaves.clear()
+        self._cache.clear()
+        self.depends = depends
+        return depends
+
+    def fusion(self) -> str:
+        """``"late"``, ``"text->image"``, ``"image->text"`` or ``"bidirectional"`` (after the probe)."""
+        depends = self.depends or {}
+        if any(depends.get(m) is None for m in MODALITIES):
+            return "unknown (declare reuse modules or scoring taps for both modalities to probe it)"
+        return _fusion_name(bool(depends["image"]), bool(depends["text"]))
+
+    def run_main(self, args, kwargs, target):  # type: ignore[override]
+        self.probe(args, kwargs)
+        self._cache.clear()
+        self._embedded.clear()
+        self._watch.clear()
+        self._main_inputs = (args, kwargs)
+        output = self._forward("main", args, kwargs)
+        self._check_in_place()
+        arguments = self._bind(args, kwargs)
+        logits = self._logits(output, "the main branch")
+        model_loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss") if self.spec.loss else None
+        main = MainBranch(logits=logits, target=target, model_loss=model_loss, output=output)
+        for m in self._modalities:
+            main.embedded[m] = self._embedded_view(m, arguments)
+        for m in self._modalities:
+            main.encoded[m] = self._encoded(m, main.embedded[m])
+        self._main = main
+        return main
+
+    def _embedded_view(self, modality: Modality, arguments: dict[str, Any]) -> Embedded:
+        spec = self.spec.modality(modality)
+        fired = self._calls[("embed", spec.embed)]
+        if modality not in self._embedded or (spec.call is None and fired != 1):
+            raise ValueError(
+                f"HookSpec.{modality}.embed {spec.embed!r} ran {fired} times in the forward; "
+                + ("it must run" if fired == 0 else "set ModalitySpec(call=...) to say which call holds the tokens, or hook a module that runs once")
+                + ("" if fired else " (is the module called through .forward() or a method? hooks fire on module calls only)")
+            )
+        raw = self._embedded[modality]
+        tokens = to_bnc(raw, spec.layout)
+        grid = layout_grid(raw, spec.layout, spec.grid, square=modality == "image")
+        maskable = self._maskable(modality, arguments, tokens)
+        return Embedded(tokens=tokens, maskable=maskable, grid=grid, extras={"layout": spec.layout})
+
+    def _maskable(self, modality: Modality, arguments: dict[str, Any], tokens: Tensor) -> Tensor:
+        rule = self.spec.modality(modality).maskable
+        maskable = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        where = f"HookSpec.{modality}.maskable"
+
+        def argument(name: str) -> Tensor:
+            if name not in arguments:
+                raise ValueError(f"{where}: the forward call has no argument {name!r} (got {sorted(arguments)})")
+            return torch.as_tensor(arguments[name], device=tokens.device)
+
+        if rule.ids is not None:
+            ids = argument(rule.ids)
+            for special in rule.never:
+                maskable = maskable & (ids != special)
+        if rule.attention_mask is not None:
+            maskable = maskable & argument(rule.attention_mask).bool()
+        if rule.fn is not None:
+            maskable = maskable & rule.fn(arguments).to(device=tokens.device, dtype=torch.bool)
+        if maskable.shape != tokens.shape[:2]:
+            raise ValueError(f"{where} gives shape {tuple(maskable.shape)}; the embedded tokens are {tuple(tokens.shape[:2])}")
+        return maskable
+
+    def _check_in_place(self) -> None:
+        for name, tensor, version in self._watch:
+            if tensor._version != version:
+                raise ValueError(
+                    f"the output of {name} was modified in place by a later op (an inplace ReLU or +=?); "
+                    "masksd would read or reuse changed values: hook the module after that op"
+                )
+        self._watch.clear()
+
+    def _encoded(self, modality: Modality, embedded: Embedded) -> Encoded | None:
+        spec = self.spec.modality(modality)
+        if spec.tokens is None and spec.global_ is None:
+            return None
+        where = f"HookSpec.{modality}"
+        with torch.no_grad():
+            tokens, grid = None, None
+            if spec.tokens is not None:
+                raw = self._tap(spec.tokens, None, f"{where}.tokens")
+                tokens = to_bnc(raw, spec.tokens.layout).detach()
+                aligned = tokens.shape[1] == embedded.tokens.shape[1]
+                grid = embedded.grid if aligned else layout_grid(raw, spec.tokens.layout, None, square=modality == "image")
+            if spec.global_ is not None:
+                pooled = self._tap(spec.global_, None, f"{where}.global_").detach()
+            elif tokens.shape[1] == embedded.maskable.shape[1]:  # type: ignore[union-attr]
+                weights = embedded.maskable.to(tokens.dtype)[..., None]  # type: ignore[union-attr]
+                pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # type: ignore[operator]
+            else:
+                pooled = tokens.mean(1)  # type: ignore[union-attr]
+            if tokens is None:
+                tokens = pooled[:, None]
+        return Encoded(tokens=tokens, global_feature=pooled, grid=grid, features={"declared_tokens": spec.tokens is not None})
+
+    def reuse_allowed(self, masked: Modality) -> bool:
+        """Whether the other modality's reuse modules may be skipped when ``masked`` is masked."""
+        other = OTHER[masked]
+        return other in self._modalities and bool(self._reuse[other]) and (self.depends or {}).get(other) is False
+
+    def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[override]
+        if decoder is not None:
+            raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
+        if self._main is None:
+            raise RuntimeError("run_masked() called before run_main()")
+        args, kwargs = self._main_inputs
+        replays: list[tuple[nn.Module, Any]] = []
+        if self.reuse_allowed(modality):
+            for path, module in self._reuse[OTHER[modality]]:
+                replays.append((module, module.__dict__.get("forward")))
+                module.forward = _Replay(path, self._cache.get(path, []))  # type: ignore[method-assign]
+        self._masked, self._mask, self._token = modality, masked, mask_token
+        try:
+            output = self._forward("masked", args, kwargs)
+        finally:
+            for module, saved in replays:
+                del module.forward
+                if saved is not None:
+                    module.forward = saved  # type: ignore[method-assign]
+            self._masked, self._mask, self._token = None, None, None
+        return self._logits(output, f"the masked-{modality} branch")
+
+    def release(self) -> None:
+        self._main = None
+        self._main_inputs = ((), {})
+        self._watch.clear()
+        self._embedded.clear()
+        self._cache.clear()
+        for values in self._values.values():
+            values.clear()
+
+    def describe(self) -> dict[str, Any]:
+        passes = {}
+        for name, m in (("lmvsd", "image"), ("vmlsd", "text")):
+            if m not in self._modalities:
+                continue
+            other = OTHER[m]
+            skipped = [p for p, _ in self._reuse.get(other, [])] if self.reuse_allowed(m) else []
+            passes[name] = f"skips {skipped} (reused from the main branch)" if skipped else "full forward"
+        return {"backend": "hooks", "fusion": self.fusion() if self.depends is not None else "not probed yet",
+                "depends": dict(self.depends or {}), "passes": passes}
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get_tensor(model: nn.Module, path: str) -> Tensor:
+    owner, _, name = path.rpartition(".")
+    value = getattr(model.get_submodule(owner) if owner else model, name, None)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
+    return value

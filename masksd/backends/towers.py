@@ -1,0 +1,180 @@
+"""``TowerBackend``: runs a model built from two towers and a decoder (``masksd.towers``).
+
+The main branch calls ``embed`` and ``encode`` of each tower and the decoder once; a masked
+branch re-encodes only the masked modality and decodes it with the other modality's main-branch
+features (late fusion by construction, as in the paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from masksd.backends.base import Backend, MainBranch, Modality, check_logits
+from masksd.masking import replace_tokens
+from masksd.towers import Embedded, Encoded, RISModel
+
+__all__ = ["TowerBackend"]
+
+
+def _tower_name(modality: Modality) -> str:
+    return f"{modality}_tower"
+
+
+class TowerBackend(Backend):
+    """Backend of ``MaskedSelfDistill(image_tower, text_tower, decoder)``.
+
+    Args:
+        model: the bare ``RISModel`` built from the towers and the decoder.
+    """
+
+    def __init__(self, model: RISModel) -> None:
+        self.model = model
+        self._main: MainBranch | None = None
+        self._checked_widths = False
+
+    def embed_width(self, modality: Modality) -> int:
+        return int(getattr(self.model, _tower_name(modality)).embed_dim)
+
+    def split_inputs(self, args, kwargs, target):  # type: ignore[override]
+        if kwargs:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(kwargs)}: call wrapper(images, texts, target, "
+                "generator=...)"
+            )
+        if len(args) == 3:
+            if target is not None:
+                raise TypeError("target given twice (positionally and as target=)")
+            images, texts, target = args
+        elif len(args) == 2:
+            images, texts = args
+        else:
+            raise TypeError(f"expected wrapper(images, texts[, target]), got {len(args)} positional arguments")
+        return (images, texts), {}, target
+
+    def eval_forward(self, args, kwargs):  # type: ignore[override]
+        return self.model(*args, **kwargs)
+
+    def _embed(self, modality: Modality, inputs: Any) -> Embedded:
+        tower = getattr(self.model, _tower_name(modality))
+        embedded = tower.embed(inputs)
+        if not isinstance(embedded, Embedded):
+            raise TypeError(
+                f"{_tower_name(modality)} ({type(tower).__name__}).embed must return masksd.Embedded"
+                f"(tokens=..., maskable=...), got {type(embedded).__name__}"
+            )
+        return embedded
+
+    def _encode(self, modality: Modality, embedded: Embedded) -> Encoded:
+        tower = getattr(self.model, _tower_name(modality))
+        encoded = tower.encode(embedded)
+        if not isinstance(encoded, Encoded):
+            raise TypeError(
+                f"{_tower_name(modality)} ({type(tower).__name__}).encode must return masksd.Encoded"
+                f"(tokens=..., global_feature=..., features=...), got {type(encoded).__name__}"
+            )
+        return encoded
+
+    def _decode(self, decoder: Any, image: Encoded, text: Encoded) -> Tensor:
+        logits = decoder(image, text)
+        name = f"decoder ({type(decoder).__name__})"
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"{name} must return a logits tensor [B, 1, h, w], got {type(logits).__name__}; "
+                "return the segmentation logits only"
+            )
+        return check_logits(logits, two_class=False, where=name)
+
+    def _check_widths(self, embedded: dict[str, Embedded]) -> None:
+        for modality, value in embedded.items():
+            width = self.embed_width(modality)  # type: ignore[arg-type]
+            if value.tokens.shape[-1] != width:
+                raise ValueError(
+                    f"{_tower_name(modality)}.embed_dim is {width} but its embed() returns tokens of "
+                    f"width {value.tokens.shape[-1]} (shape {tuple(value.tokens.shape)}); set embed_dim "
+                    "to the width of the embedded tokens (the mask token has that size)"
+                )
+        self._checked_widths = True
+
+    def run_main(self, args, kwargs, target):  # type: ignore[override]
+        images, texts = args
+        embedded = {"image": self._embed("image", images), "text": self._embed("text", texts)}
+        sizes = {m: int(e.tokens.shape[0]) for m, e in embedded.items()}
+        if sizes["image"] != sizes["text"]:
+            raise ValueError(
+                f"images and texts have different batch sizes ({sizes['image']} vs {sizes['text']}); "
+                "give one sentence per image (repeat an image for each of its sentences)"
+            )
+        if not self._checked_widths:
+            self._check_widths(embedded)
+        encoded = {m: self._encode(m, e) for m, e in embedded.items()}  # type: ignore[arg-type]
+        logits = self._decode(self.model.decoder, encoded["image"], encoded["text"])
+        self._main = MainBranch(logits=logits, target=target, output=logits, embedded=embedded, encoded=encoded)
+        return self._main
+
+    def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[override]
+        main = self._main
+        if main is None:
+            raise RuntimeError("run_masked() called before run_main()")
+        embedded = main.embedded[modality]
+        tokens = embedded.tokens
+        if mask_token is not None:
+            tokens = replace_tokens(tokens, masked, mask_token)
+        encoded = self._encode(modality, embedded.with_tokens(tokens))
+        other = main.encoded["text" if modality == "image" else "image"]
+        image, text = (encoded, other) if modality == "image" else (other, encoded)
+        return self._decode(decoder if decoder is not None else self.model.decoder, image, text)
+
+    def release(self) -> None:
+        self._main = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "towers",
+            "fusion": "late (towers are encoded independently)",
+            "passes": {
+                "lmvsd": "image encoder + decoder (text features reused)",
+                "vmlsd": "text encoder + decoder (image features reused)",
+            },
+        }
+
+
+def decoder_parameters_hidden(decoder: Any) -> list[str]:
+    """Names of ``nn.Module``/``nn.Parameter`` objects a plain-function decoder reaches.
+
+    A function or lambda that calls the user's neck and head keeps their parameters out of the
+    wrapper's ``parameters()`` and ``state_dict()``: no gradient step, no checkpoint.
+    """
+    if isinstance(decoder, nn.Module):
+        return []
+    found: list[str] = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and any(True for _ in value.parameters()):
+            found.append(f"{name} ({type(value).__name__})")
+        elif isinstance(value, nn.Parameter):
+            found.append(f"{name} (Parameter)")
+
+    target = getattr(decoder, "__func__", decoder)
+    owner = getattr(decoder, "__self__", None)
+    if owner is not None:
+        visit("self", owner)
+    for arg in getattr(decoder, "args", ()) or ():  # functools.partial
+        visit("partial argument", arg)
+    for key, arg in (getattr(decoder, "keywords", None) or {}).items():
+        visit(f"partial keyword {key}", arg)
+    code = getattr(target, "__code__", None)
+    if code is not None:
+        for cell_name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
+            try:
+                visit(cell_name, cell.cell_contents)
+            except ValueError:  # empty cell
+                continue
+        module_globals = getattr(target, "__globals__", {})
+        for global_name in code.co_names:
+            if global_name in module_globals:
+                visit(global_name, module_globals[global_name])
+        for default in getattr(target, "__defaults__", None) or ():
+            visit("default argument", default)
+    return found

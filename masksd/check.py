@@ -1,0 +1,118 @@
+"""``wrapper.check(batch)``: one instrumented training step that says how masksd runs a model.
+
+It reports the backend, the fusion type (probed or declared), what each masked branch runs,
+how often every hooked module ran per branch, and the trainable parameters that got no
+gradient (if any, ``DistributedDataParallel`` needs ``find_unused_parameters=True`` — or freeze
+them). Parameters, gradients, buffers (BatchNorm statistics) and the RNG state are restored.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from masksd.backends.base import rng_devices
+from masksd.backends.hooks import HookBackend
+
+if TYPE_CHECKING:
+    from masksd.wrapper import MaskedSelfDistill
+
+__all__ = ["WrapReport", "run_check"]
+
+
+@dataclass
+class WrapReport:
+    """What ``MaskedSelfDistill.check`` found (``str(report)`` prints it).
+
+    Attributes:
+        backend: ``"hooks"`` or ``"towers"``.
+        fusion: ``"late"``, ``"text->image"``, ``"image->text"``, ``"bidirectional"`` (or why
+            it is unknown).
+        passes: per branch, what it re-runs (``"full forward"``, or which modules it skips).
+        calls: per run (``"main"``, ``"masked image"``, ``"masked text"``), how often each
+            hooked module really ran; ``replayed``: how often a skipped module was served from
+            the main branch instead.
+        losses: the step's unweighted loss terms.
+        no_grad: trainable parameters that received no gradient in the step.
+    """
+
+    backend: str
+    fusion: str
+    passes: dict[str, str]
+    calls: dict[str, dict[str, int]] = field(default_factory=dict)
+    replayed: dict[str, dict[str, int]] = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+    no_grad: list[str] = field(default_factory=list)
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether DDP needs ``find_unused_parameters=True`` for this model (some parameter
+        got no gradient)."""
+        return bool(self.no_grad)
+
+    def __str__(self) -> str:
+        lines = [f"masksd wrap check: backend {self.backend}, fusion {self.fusion}"]
+        lines += [f"  {name}: {what}" for name, what in self.passes.items()]
+        for run, modules in self.calls.items():
+            ran = ", ".join(f"{m} ×{n}" for m, n in modules.items())
+            lines.append(f"  {run} ran: {ran}")
+        for run, modules in self.replayed.items():
+            lines.append(f"  {run} reused: " + ", ".join(f"{m} ×{n}" for m, n in modules.items()))
+        lines.append("  losses: " + ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()))
+        if self.no_grad:
+            shown = ", ".join(self.no_grad[:12]) + (" ..." if len(self.no_grad) > 12 else "")
+            lines.append(
+                f"  {len(self.no_grad)} trainable parameter(s) got no gradient: {shown}; DDP needs "
+                "find_unused_parameters=True unless you freeze them (requires_grad_(False))"
+            )
+        else:
+            lines.append("  every trainable parameter got a gradient: DDP works with find_unused_parameters=False")
+        return "\n".join(lines)
+
+
+def _nested(counter: Any) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for (run, path), count in sorted(counter.items()):
+        out[run][path] = count
+    return dict(out)
+
+
+def run_check(wrapper: MaskedSelfDistill, args: tuple[Any, ...], kwargs: dict[str, Any]) -> WrapReport:
+    """See the module docstring."""
+    backend = wrapper.backend
+    was_training = wrapper.training
+    grads = {name: p.grad for name, p in wrapper.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in wrapper.named_buffers()}
+    hooked = isinstance(backend, HookBackend)
+    if hooked:
+        backend.call_log.clear()
+        backend.replay_log.clear()
+    try:
+        for p in wrapper.parameters():
+            p.grad = None
+        with torch.random.fork_rng(devices=rng_devices(wrapper)):
+            wrapper.train()
+            out = wrapper(*args, **kwargs)
+            out.loss.backward()
+        no_grad = [n for n, p in wrapper.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        for name, p in wrapper.named_parameters():
+            p.grad = grads[name]
+        with torch.no_grad():
+            for name, b in wrapper.named_buffers():
+                if not torch.equal(b, buffers[name]):  # untouched buffers keep their version
+                    b.copy_(buffers[name])
+        wrapper.train(was_training)
+    facts = backend.describe()
+    return WrapReport(
+        backend=facts.get("backend", type(backend).__name__),
+        fusion=str(facts.get("fusion", "")),
+        passes=dict(facts.get("passes", {})),
+        calls=_nested(backend.call_log) if hooked else {},
+        replayed=_nested(backend.replay_log) if hooked else {},
+        losses={k: float(v) for k, v in out.losses.items()},
+        no_grad=no_grad,
+    )

@@ -1,0 +1,100 @@
+"""``DistillConfig``: everything ``MaskedSelfDistill`` / ``masksd.wrap`` take, in one object.
+
+It serialises to a plain dict (``to_dict`` / ``from_dict``), so a training script can store it
+in its checkpoints and compare it on resume instead of keeping a list of keys by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from masksd.objectives.guided_masking import BranchConfig, LMVSDConfig, VMLSDConfig
+from masksd.spec import _callable_from_str, _callable_to_str
+
+__all__ = ["DistillConfig"]
+
+_BRANCH_TYPES = {t.__name__: t for t in (BranchConfig, LMVSDConfig, VMLSDConfig)}
+
+
+def _branch(value: Any, default: BranchConfig, argument: str) -> BranchConfig | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return default
+    if not isinstance(value, BranchConfig):
+        raise TypeError(
+            f"{argument} must be a BranchConfig (e.g. {type(default).__name__}(...)), True, "
+            f"False or None, got {type(value).__name__}"
+        )
+    return value if value.enabled else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """The wrapper's configuration (defaults: the paper's best settings, Tables III and IV).
+
+    Attributes:
+        lmvsd: the masked-image branch (``LMVSDConfig``), or None to disable it. ``True`` and
+            ``False`` are accepted and normalised.
+        vmlsd: the masked-words branch (``VMLSDConfig``), or None.
+        supervision: ``"distill"`` (paper) or ``"ground_truth"`` (Table VI ablation).
+        share_decoder: False gives each branch its own decoder copy (Table VII; towers only).
+        hard_targets: binarise the teacher at ``threshold`` instead of soft probabilities.
+        threshold: probability threshold for hard targets.
+        seg_weight: weight of the main segmentation loss.
+    """
+
+    lmvsd: BranchConfig | None = field(default_factory=LMVSDConfig)
+    vmlsd: BranchConfig | None = field(default_factory=VMLSDConfig)
+    supervision: Literal["distill", "ground_truth"] = "distill"
+    share_decoder: bool = True
+    hard_targets: bool = False
+    threshold: float = 0.5
+    seg_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lmvsd", _branch(self.lmvsd, LMVSDConfig(), "lmvsd"))
+        object.__setattr__(self, "vmlsd", _branch(self.vmlsd, VMLSDConfig(), "vmlsd"))
+        if self.supervision not in ("distill", "ground_truth"):
+            raise ValueError(f"supervision must be 'distill' or 'ground_truth', got {self.supervision!r}")
+        weight = self.seg_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"seg_weight must be a float >= 0, got {weight!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-compatible) that ``from_dict`` restores."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BranchConfig):
+                branch = {"__type__": type(value).__name__, **dataclasses.asdict(value)}
+                if callable(value.scorer):
+                    branch["scorer"] = {"__callable__": _callable_to_str(value.scorer, f"{f.name}.scorer")}
+                value = branch
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown DistillConfig keys {sorted(unknown)}; known: {sorted(names)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, Mapping):
+                value = dict(value)
+                kind = _BRANCH_TYPES.get(value.pop("__type__", "BranchConfig"))
+                if kind is None:
+                    raise ValueError(f"{key}: unknown branch config type")
+                if isinstance(value.get("scorer"), Mapping):
+                    value["scorer"] = _callable_from_str(value["scorer"]["__callable__"])
+                value = kind(**value)
+            kwargs[key] = value
+        return cls(**kwargs)

@@ -1,0 +1,133 @@
+"""Scorers: which tokens a masked branch keeps before masking a random share of them.
+
+A scorer maps one step's ``DistillContext`` and the masked modality to scores over that
+modality's *units* (``[B, N_u]``, higher = keep first):
+
+* ``"correlation"`` (the paper, Eqs. 3 and 6): each token's scoring feature against the other
+  modality's global feature (dot product, or cosine); needs one shared space (CLIP's joint
+  embedding, or any pair of taps that live in one space).
+* ``"prediction"``: the main branch's own foreground probability ``sigmoid(M_seg)``, average
+  pooled onto the image unit grid: a model-agnostic stand-in for models without a shared
+  space (images only).
+* ``"random"``: uniform scores (an ablation: top-K becomes a random subset).
+* any callable ``scorer(context, modality) -> [B, N_u]``.
+
+Units are the grid the scores live on. When a tower's (or a tap's) scoring tokens lie on a
+coarser grid than the embedded tokens (a CNN's last stage over its stem), selection happens on
+that grid and the boolean mask is expanded onto the embedded grid (``masksd.masking.expand_mask``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from masksd.masking import correlation_scores, expand_mask, shrink_mask
+from masksd.towers import Encoded, align_scores
+
+if TYPE_CHECKING:
+    from masksd.objectives.base import DistillContext
+
+__all__ = ["SCORERS", "Units", "score", "units_of"]
+
+SCORERS = ("correlation", "prediction", "random")
+Scorer = Callable[["DistillContext", str], Tensor]
+
+
+@dataclass
+class Units:
+    """Where selection happens for one modality.
+
+    Attributes:
+        maskable: ``[B, N_u]`` bool, units that may be kept and masked.
+        grid: ``(h_u, w_u)`` of the units, or None for sequences.
+        embedded_grid: ``(h, w)`` of the embedded tokens (None for sequences).
+        coarse: True when units are coarser than the embedded tokens (masks get expanded).
+    """
+
+    maskable: Tensor
+    grid: tuple[int, int] | None
+    embedded_grid: tuple[int, int] | None
+    coarse: bool
+
+    def expand(self, unit_mask: Tensor, embedded_maskable: Tensor) -> Tensor:
+        """``[B, N_u]`` unit mask → ``[B, N]`` mask over the embedded tokens."""
+        if not self.coarse:
+            return unit_mask
+        assert self.grid is not None and self.embedded_grid is not None
+        return expand_mask(unit_mask, self.grid, self.embedded_grid) & embedded_maskable
+
+
+def units_of(context: DistillContext, modality: str) -> Units:
+    """The units of ``modality`` this step (see the module docstring)."""
+    embedded = context.embedded(modality)
+    encoded = context.encoded(modality)
+    count = embedded.tokens.shape[1]
+    if encoded is not None and encoded.grid is not None and embedded.grid is not None:
+        if encoded.grid != embedded.grid and encoded.tokens.shape[1] != count:
+            maskable = shrink_mask(embedded.maskable, embedded.grid, encoded.grid)
+            return Units(maskable, encoded.grid, embedded.grid, coarse=True)
+    return Units(embedded.maskable, embedded.grid, embedded.grid, coarse=False)
+
+
+def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
+    encoded, other = context.encoded(modality), context.encoded("text" if modality == "image" else "image")
+    declared = not (isinstance(encoded, Encoded) and isinstance(encoded.features, dict)
+                    and encoded.features.get("declared_tokens") is False)
+    if encoded is None or other is None or not declared:
+        raise ValueError(
+            f"scorer 'correlation' needs scoring features: {modality} tokens and the other modality's "
+            "global feature in one space (towers provide them; for a hooked model declare "
+            f"HookSpec.{modality}.tokens and the other modality's global_/tokens), or choose "
+            "scorer='prediction' or 'random'"
+        )
+    scores = correlation_scores(other.global_feature.detach(), encoded.tokens.detach(), metric=metric)
+    embedded = context.embedded(modality)
+    if scores.shape[1] != embedded.tokens.shape[1] and units_of(context, modality).coarse is False:
+        tower = getattr(context.model, f"{modality}_tower", None)
+        scores = align_scores(tower, scores, embedded)  # legacy towers: scores onto embedded tokens
+    return scores
+
+
+def _prediction(context: DistillContext, modality: str) -> Tensor:
+    units = units_of(context, modality)
+    if modality != "image" or units.grid is None:
+        raise ValueError(
+            "scorer 'prediction' pools the main prediction onto the image grid: it works for images "
+            "only (use 'random' or 'correlation' for words)"
+        )
+    probability = torch.sigmoid(context.main_logits.detach().float())
+    pooled = F.adaptive_avg_pool2d(probability, units.grid)
+    return rearrange(pooled, "b 1 h w -> b (h w)")
+
+
+def _random(context: DistillContext, modality: str) -> Tensor:
+    maskable = units_of(context, modality).maskable
+    return torch.rand(maskable.shape, generator=context.generator, device=maskable.device)
+
+
+def score(context: DistillContext, modality: str, scorer: str | Scorer, *, metric: str = "dot") -> Tensor:
+    """Scores ``[B, N_u]`` of ``modality``'s units under ``scorer`` (see the module docstring)."""
+    if callable(scorer):
+        scores: Any = scorer(context, modality)
+    elif scorer == "correlation":
+        scores = _correlation(context, modality, metric)
+    elif scorer == "prediction":
+        scores = _prediction(context, modality)
+    elif scorer == "random":
+        scores = _random(context, modality)
+    else:
+        raise ValueError(f"scorer must be one of {SCORERS} or a callable, got {scorer!r}")
+    expected = tuple(units_of(context, modality).maskable.shape)
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
+        raise ValueError(
+            f"scorer {getattr(scorer, '__name__', scorer)!r} for {modality} must return scores of shape "
+            f"{expected}, got {tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+        )
+    return scores
