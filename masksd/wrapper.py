@@ -29,15 +29,14 @@ wrapper with ``nn.SyncBatchNorm.convert_sync_batchnorm`` after wrapping is fine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.base import Backend
+from masksd.backends.base import Backend, running_stats_frozen
 from masksd.backends.hooks import HookBackend
 from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
 from masksd.config import DistillConfig
@@ -73,23 +72,6 @@ class DistillOutput:
     losses: dict[str, Tensor] = field(default_factory=dict)
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     output: Any = None
-
-
-@contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Let ``module``'s BatchNorm layers normalise with batch statistics, but keep their running
-    statistics (found now, so SyncBatchNorm conversions after wrapping are covered)."""
-    saved = []
-    for norm in module.modules():
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats:
-            saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
-            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for norm, momentum, tracked in saved:
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(tracked)
 
 
 def _config_from_kwargs(config: DistillConfig | None, options: dict[str, Any]) -> DistillConfig:

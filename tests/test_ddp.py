@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+import hook_models
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 from tiny_models import make_batch, make_model
 from torch.nn.parallel import DistributedDataParallel
 
+import masksd
 from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig
 
 pytestmark = pytest.mark.slow
@@ -33,7 +35,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int, ratio: float, result_dir: str) -> None:
+def _build(backend: str, rank: int, ratio: float) -> MaskedSelfDistill:
+    branches = dict(lmvsd=LMVSDConfig(ratio=ratio), vmlsd=VMLSDConfig(ratio=ratio))
+    if backend == "hooks":  # an unchanged late-fusion model, reusing the other modality per branch
+        return masksd.wrap(hook_models.TinyRIS(), hook_models.tiny_spec(), **branches)
+    image_tower, text_tower, decoder = make_model(seed=rank)
+    return MaskedSelfDistill(image_tower, text_tower, decoder, **branches)
+
+
+def _batch(backend: str, generator: torch.Generator):
+    if backend == "hooks":
+        images, ids, masks = hook_models.make_batch(4, int(torch.randint(0, 10**6, (1,), generator=generator)))
+        return images, ids, masks
+    return make_batch(4, generator)
+
+
+def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -41,14 +58,7 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str) -> None:
     try:
         # Different initialisation per rank on purpose: DDP must broadcast rank 0's state.
         torch.manual_seed(100 + rank)
-        image_tower, text_tower, decoder = make_model(seed=rank)
-        wrapper = MaskedSelfDistill(
-            image_tower,
-            text_tower,
-            decoder,
-            lmvsd=LMVSDConfig(ratio=ratio),
-            vmlsd=VMLSDConfig(ratio=ratio),
-        ).train()
+        wrapper = _build(backend, rank, ratio).train()
         model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
         start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -57,8 +67,8 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str) -> None:
         losses = []
         masked = 0
         for _ in range(STEPS):
-            images, ids, target = make_batch(4, data_gen)
-            out = model(images, ids, target, generator=mask_gen)
+            images, ids, target = _batch(backend, data_gen)
+            out = model(images, ids, target=target, generator=mask_gen)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -84,9 +94,13 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.0], ids=["masking", "nothing_masked"])
-def test_ddp_parameters_stay_identical(tmp_path, ratio):
-    mp.spawn(_worker, args=(_free_port(), ratio, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+@pytest.mark.parametrize(
+    "ratio, backend",
+    [(0.5, "towers"), (0.0, "towers"), (0.5, "hooks")],
+    ids=["masking", "nothing_masked", "hooks_late_fusion"],
+)
+def test_ddp_parameters_stay_identical(tmp_path, ratio, backend):
+    mp.spawn(_worker, args=(_free_port(), ratio, str(tmp_path), backend), nprocs=WORLD_SIZE, join=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], f"parameters differ across ranks (max diff {result['max_diff']})"
     assert result["num_params"] > 0 and result["finite"] and result["moved"]

@@ -15,6 +15,8 @@ Both return the main branch as a ``MainBranch`` and run a masked branch with
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from masksd.towers import Embedded, Encoded
 
-__all__ = ["Backend", "MainBranch", "Modality"]
+__all__ = ["Backend", "MainBranch", "Modality", "running_stats_frozen"]
 
 Modality = Literal["image", "text"]
 
@@ -135,3 +137,20 @@ def as_tensor_loss(value: Any, where: str) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(f"{where} must be a scalar loss tensor (or a dict of them), got {type(value).__name__}")
     return value.reshape(()).float()
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Let ``module``'s BatchNorm layers normalise with batch statistics, but keep their running
+    statistics (found now, so SyncBatchNorm conversions after wrapping are covered)."""
+    saved = []
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats:
+            saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
+            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.base import Backend, MainBranch, Modality, as_tensor_loss, check_logits, rng_devices
+from masksd.backends.base import (
+    Backend,
+    MainBranch,
+    Modality,
+    as_tensor_loss,
+    check_logits,
+    rng_devices,
+    running_stats_frozen,
+)
 from masksd.backends.taps import (
     expand_patterns,
     flatten_tensors,
@@ -175,7 +183,7 @@ class HookBackend(Backend):
             )
         if self._mode == "probe":
             self._leaves[modality] = output.detach().requires_grad_(True)
-            return self._leaves[modality]
+            return self._leaves[modality].clone()  # not a leaf: later in-place ops stay legal
         if self._mode == "main":
             self._embedded[modality] = output
             self._watch.append((f"HookSpec.{modality}.embed {spec.embed!r}", output, output._version))
@@ -293,7 +301,7 @@ class HookBackend(Backend):
         """Find which modality depends on which (see the module docstring); cached."""
         if self.depends is not None:
             return self.depends
-        with torch.random.fork_rng(devices=rng_devices(self.model)):
+        with torch.random.fork_rng(devices=rng_devices(self.model)), running_stats_frozen(self.model):
             self._leaves.clear()
             self._cache.clear()
             self._forward("probe", args, kwargs)
@@ -441,7 +449,14 @@ class HookBackend(Backend):
                 if saved is not None:
                     module.forward = saved  # type: ignore[method-assign]
             self._masked, self._mask, self._token = None, None, None
-        return self._logits(output, f"the masked-{modality} branch")
+        logits = self._logits(output, f"the masked-{modality} branch")
+        if torch.is_grad_enabled() and not logits.requires_grad:
+            raise ValueError(
+                f"HookSpec.logits gives a tensor with no gradient in the masked-{modality} branch (does the "
+                "model return a detached prediction in training?); tap the module that produces the "
+                "logits instead: HookSpec(logits=Tap('<module path>'))"
+            )
+        return logits
 
     def release(self) -> None:
         self._main = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import math
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ def resolve_module(model: nn.Module, path: str, argument: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         names = [name for name, _ in model.named_modules() if name]
-        close = [n for n in names if n.endswith(path.split(".")[-1])][:5]
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
         hint = f"; modules with a similar name: {close}" if close else ""
         raise ValueError(
             f"{argument}: the model ({type(model).__name__}) has no module {path!r}{hint}. Paths are "
