@@ -34,10 +34,15 @@ from masksd.backends.base import (
     running_stats_frozen,
 )
 from masksd.backends.taps import (
+    Replay,
     expand_patterns,
     flatten_tensors,
     infer_width,
+    init_token,
     layout_grid,
+    maskable_from_rule,
+    project,
+    refuse_wrapped,
     replace_in_layout,
     resolve_module,
     to_bnc,
@@ -55,37 +60,6 @@ DEPENDS = {  # declared fusion -> (image depends on text, text depends on image)
     "image->text": (False, True),
     "bidirectional": (True, True),
 }
-
-
-def refuse_wrapped(model: Any) -> None:
-    """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""
-    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
-        model, "_orig_mod"
-    )
-    if wrapped:
-        raise TypeError(
-            f"model is a {type(model).__name__}: wrap the bare model first, then put the wrapper in "
-            "DistributedDataParallel (DDP(masksd.wrap(model, spec))); compile submodules, not the "
-            "model passed to masksd"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-class _Replay:
-    """Stands in for a skipped module's ``forward``: returns its main-branch outputs in order."""
-
-    def __init__(self, path: str, outputs: list[Any]) -> None:
-        self.path, self.outputs, self.calls = path, outputs, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.calls >= len(self.outputs):
-            raise RuntimeError(
-                f"reuse module {self.path!r} ran {self.calls + 1} times in a masked branch but "
-                f"{len(self.outputs)} times in the main branch; remove it from reuse"
-            )
-        self.calls += 1
-        return self.outputs[self.calls - 1]
 
 
 def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
@@ -199,7 +173,7 @@ class HookBackend(Backend):
     def _on_reuse(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._mode == "off":
             return
-        replayed = isinstance(module.__dict__.get("forward"), _Replay)
+        replayed = isinstance(module.__dict__.get("forward"), Replay)
         (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
         if self._mode in ("main", "probe"):
             self._cache.setdefault(path, []).append(output)
@@ -231,19 +205,7 @@ class HookBackend(Backend):
         return width
 
     def init_mask_token(self, modality: Modality, token: Tensor) -> None:
-        init = self.spec.modality(modality).mask_token
-        with torch.no_grad():
-            if init == "zero":
-                token.zero_()
-            elif init.startswith("embedding:"):
-                _, path, row = init.split(":")
-                weight = resolve_module(self.model, path, f"HookSpec.{modality}.mask_token").weight
-                if weight.shape[-1] != token.shape[0]:
-                    raise ValueError(
-                        f"HookSpec.{modality}.mask_token: row width {weight.shape[-1]} of {path!r} differs "
-                        f"from the embedded width {token.shape[0]}"
-                    )
-                token.copy_(weight[int(row)])
+        init_token(self.model, self.spec.modality(modality).mask_token, token, f"HookSpec.{modality}.mask_token")
 
     def split_inputs(self, args, kwargs, target):  # type: ignore[override]
         name = self.spec.target
@@ -289,10 +251,7 @@ class HookBackend(Backend):
                 f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one"
             )
         value = apply_selector(values[tap.call or 0], tap.select, where=f"{where} ({tap.module!r} {tap.kind})")
-        if tap.project:
-            projection = self.model.get_submodule(tap.project) if _is_module(self.model, tap.project) else None
-            value = projection(value) if projection is not None else value @ _get_tensor(self.model, tap.project)
-        return value
+        return project(self.model, tap.project, value) if tap.project else value
 
     def _logits(self, output: Any, where: str) -> Tensor:
         return check_logits(self._tap(self.spec.logits, output, "HookSpec.logits"), two_class=self.spec.two_class, where=where)
@@ -367,30 +326,8 @@ class HookBackend(Backend):
         raw = self._embedded[modality]
         tokens = to_bnc(raw, spec.layout)
         grid = layout_grid(raw, spec.layout, spec.grid, square=modality == "image")
-        maskable = self._maskable(modality, arguments, tokens)
+        maskable = maskable_from_rule(spec.maskable, arguments, tokens, f"HookSpec.{modality}.maskable")
         return Embedded(tokens=tokens, maskable=maskable, grid=grid, extras={"layout": spec.layout})
-
-    def _maskable(self, modality: Modality, arguments: dict[str, Any], tokens: Tensor) -> Tensor:
-        rule = self.spec.modality(modality).maskable
-        maskable = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        where = f"HookSpec.{modality}.maskable"
-
-        def argument(name: str) -> Tensor:
-            if name not in arguments:
-                raise ValueError(f"{where}: the forward call has no argument {name!r} (got {sorted(arguments)})")
-            return torch.as_tensor(arguments[name], device=tokens.device)
-
-        if rule.ids is not None:
-            ids = argument(rule.ids)
-            for special in rule.never:
-                maskable = maskable & (ids != special)
-        if rule.attention_mask is not None:
-            maskable = maskable & argument(rule.attention_mask).bool()
-        if rule.fn is not None:
-            maskable = maskable & rule.fn(arguments).to(device=tokens.device, dtype=torch.bool)
-        if maskable.shape != tokens.shape[:2]:
-            raise ValueError(f"{where} gives shape {tuple(maskable.shape)}; the embedded tokens are {tuple(tokens.shape[:2])}")
-        return maskable
 
     def _check_in_place(self) -> None:
         for name, tensor, version in self._watch:
@@ -439,7 +376,7 @@ class HookBackend(Backend):
         if self.reuse_allowed(modality):
             for path, module in self._reuse[OTHER[modality]]:
                 replays.append((module, module.__dict__.get("forward")))
-                module.forward = _Replay(path, self._cache.get(path, []))  # type: ignore[method-assign]
+                module.forward = Replay(path, self._cache.get(path, []))  # type: ignore[method-assign]
         self._masked, self._mask, self._token = modality, masked, mask_token
         try:
             output = self._forward("masked", args, kwargs)
@@ -477,19 +414,3 @@ class HookBackend(Backend):
             passes[name] = f"skips {skipped} (reused from the main branch)" if skipped else "full forward"
         return {"backend": "hooks", "fusion": self.fusion() if self.depends is not None else "not probed yet",
                 "depends": dict(self.depends or {}), "passes": passes}
-
-
-def _is_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _get_tensor(model: nn.Module, path: str) -> Tensor:
-    owner, _, name = path.rpartition(".")
-    value = getattr(model.get_submodule(owner) if owner else model, name, None)
-    if not isinstance(value, Tensor):
-        raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
-    return value

@@ -13,12 +13,19 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from masksd.spec import Maskable
+
 __all__ = [
+    "Replay",
     "expand_patterns",
     "flatten_tensors",
     "infer_width",
+    "init_token",
     "layout_grid",
     "mask_in_layout",
+    "maskable_from_rule",
+    "project",
+    "refuse_wrapped",
     "resolve_module",
     "to_bnc",
 ]
@@ -129,3 +136,85 @@ def replace_in_layout(
     where = mask_in_layout(masked, layout, grid)
     shape = (1, -1, 1, 1) if layout == "bchw" else (1, 1, -1)
     return torch.where(where, token.to(embedded.dtype).view(shape), embedded)
+
+
+def refuse_wrapped(model: Any) -> None:
+    """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""
+    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(
+        model, "_orig_mod"
+    )
+    if wrapped:
+        raise TypeError(
+            f"model is a {type(model).__name__}: wrap the bare model first, then put the wrapper in "
+            "DistributedDataParallel (DDP(masksd.wrap(model, spec))); compile submodules, not the "
+            "model passed to masksd"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+class Replay:
+    """Stands in for a skipped module's ``forward``: returns its main-branch outputs in order."""
+
+    def __init__(self, path: str, outputs: list[Any]) -> None:
+        self.path, self.outputs, self.calls = path, outputs, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls >= len(self.outputs):
+            raise RuntimeError(
+                f"reuse module {self.path!r} ran {self.calls + 1} times in a masked branch but "
+                f"{len(self.outputs)} times in the main branch; remove it from reuse"
+            )
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+
+def maskable_from_rule(rule: Maskable, arguments: dict[str, Any], tokens: Tensor, where: str) -> Tensor:
+    """``[B, N]`` bool from a ``Maskable`` rule and the forward's bound ``arguments``."""
+    maskable = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+    def argument(name: str) -> Tensor:
+        if name not in arguments:
+            raise ValueError(f"{where}: the forward call has no argument {name!r} (got {sorted(arguments)})")
+        return torch.as_tensor(arguments[name], device=tokens.device)
+
+    if rule.ids is not None:
+        ids = argument(rule.ids)
+        for special in rule.never:
+            maskable = maskable & (ids != special)
+    if rule.attention_mask is not None:
+        maskable = maskable & argument(rule.attention_mask).bool()
+    if rule.fn is not None:
+        maskable = maskable & rule.fn(arguments).to(device=tokens.device, dtype=torch.bool)
+    if maskable.shape != tokens.shape[:2]:
+        raise ValueError(f"{where} gives shape {tuple(maskable.shape)}; the embedded tokens are {tuple(tokens.shape[:2])}")
+    return maskable
+
+
+def init_token(model: nn.Module, init: str, token: Tensor, where: str) -> None:
+    """Initialise a mask token in place: ``"learned"`` (keep), ``"zero"``, ``"embedding:<path>:<row>"``."""
+    with torch.no_grad():
+        if init == "zero":
+            token.zero_()
+        elif init.startswith("embedding:"):
+            _, path, row = init.split(":")
+            weight = resolve_module(model, path, where).weight
+            if weight.shape[-1] != token.shape[0]:
+                raise ValueError(f"{where}: row width {weight.shape[-1]} of {path!r} differs from the embedded width {token.shape[0]}")
+            token.copy_(weight[int(row)])
+
+
+def project(model: nn.Module, path: str, value: Tensor) -> Tensor:
+    """Apply ``Tap.project``: a module path (``module(value)``) or a parameter path (``value @ P``)."""
+    try:
+        return model.get_submodule(path)(value)
+    except AttributeError:
+        pass
+    owner, _, name = path.rpartition(".")
+    try:
+        matrix = getattr(model.get_submodule(owner) if owner else model, name)
+    except AttributeError:
+        matrix = None
+    if not isinstance(matrix, Tensor):
+        raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
+    return value @ matrix
