@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 __all__ = ["HookSpec", "Maskable", "ModalitySpec", "Output", "Tap", "apply_selector"]
 
-Layout = Literal["bnc", "bchw", "nbc"]
+Layout = Literal["bnc", "bchw", "nbc", "bcn"]
 Fusion = Literal["auto", "late", "text->image", "image->text", "bidirectional"]
-LAYOUTS = ("bnc", "bchw", "nbc")
+LAYOUTS = ("bnc", "bchw", "nbc", "bcn")
 FUSIONS = ("auto", "late", "text->image", "image->text", "bidirectional")
 
 
@@ -145,11 +145,14 @@ class Tap:
         select: selector applied to the captured value.
         call: which call when the module runs more than once per forward (0-based; negative
             counts from the end). None requires exactly one call.
-        layout: for token features: ``"bnc"`` ``[B, N, D]``, ``"bchw"`` ``[B, D, h, w]`` or
-            ``"nbc"`` ``[N, B, D]``. Ignored for global features and logits.
+        layout: for token features: ``"bnc"`` ``[B, N, D]``, ``"bchw"`` ``[B, D, h, w]``,
+            ``"nbc"`` ``[N, B, D]`` or ``"bcn"`` ``[B, D, N]`` (Conv1d outputs such as LAVT's
+            PWAM ``f_query``). Ignored for global features and logits.
         project: optional path of a parameter ``P [D_in, D]`` (applied as ``x @ P``) or of a
             module (applied as ``module(x)``) that maps the value into the shared scoring space,
-            e.g. CLIP's ``text_projection``.
+            e.g. CLIP's ``text_projection``; a tuple applies several in order (after the layout
+            is turned into ``[B, N, D]``), e.g. MaskCLIP's dense tokens of a CLIP ResNet:
+            ``("visual.attnpool.v_proj", "visual.attnpool.c_proj")``.
     """
 
     module: str
@@ -157,9 +160,11 @@ class Tap:
     select: str = ""
     call: int | None = None
     layout: Layout = "bnc"
-    project: str | None = None
+    project: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.project, list):
+            object.__setattr__(self, "project", tuple(self.project))
         if not isinstance(self.module, str):
             raise TypeError(f"Tap.module must be a module path string, got {type(self.module).__name__}")
         _check_choice(self.kind, ("output", "input"), "Tap.kind")
@@ -206,7 +211,7 @@ class ModalitySpec:
     Attributes:
         embed: path of the module whose *output* is the embedded tokens (patch/stem
             embedding, word embeddings); masking replaces positions of that output.
-        layout: that output's layout: ``"bchw"`` (a conv stem), ``"bnc"`` or ``"nbc"``.
+        layout: that output's layout: ``"bchw"`` (a conv stem), ``"bnc"``, ``"nbc"`` or ``"bcn"``.
         call: which call of ``embed`` when it runs more than once per forward; None requires
             exactly one call.
         grid: ``(h, w)`` of ``bnc``/``nbc`` image embeddings when it cannot be inferred (a

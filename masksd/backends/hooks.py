@@ -250,8 +250,7 @@ class HookBackend(Backend):
             raise ValueError(
                 f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one"
             )
-        value = apply_selector(values[tap.call or 0], tap.select, where=f"{where} ({tap.module!r} {tap.kind})")
-        return project(self.model, tap.project, value) if tap.project else value
+        return apply_selector(values[tap.call or 0], tap.select, where=f"{where} ({tap.module!r} {tap.kind})")
 
     def _logits(self, output: Any, where: str) -> Tensor:
         return check_logits(self._tap(self.spec.logits, output, "HookSpec.logits"), two_class=self.spec.two_class, where=where)
@@ -347,11 +346,12 @@ class HookBackend(Backend):
             tokens, grid = None, None
             if spec.tokens is not None:
                 raw = self._tap(spec.tokens, None, f"{where}.tokens")
-                tokens = to_bnc(raw, spec.tokens.layout).detach()
+                tokens = project(self.model, spec.tokens.project, to_bnc(raw, spec.tokens.layout)).detach()
                 aligned = tokens.shape[1] == embedded.tokens.shape[1]
                 grid = embedded.grid if aligned else layout_grid(raw, spec.tokens.layout, None, square=modality == "image")
             if spec.global_ is not None:
-                pooled = self._tap(spec.global_, None, f"{where}.global_").detach()
+                pooled = self._tap(spec.global_, None, f"{where}.global_")
+                pooled = project(self.model, spec.global_.project, pooled).detach()
             elif tokens.shape[1] == embedded.maskable.shape[1]:  # type: ignore[union-attr]
                 weights = embedded.maskable.to(tokens.dtype)[..., None]  # type: ignore[union-attr]
                 pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # type: ignore[operator]

@@ -105,6 +105,8 @@ def to_bnc(value: Tensor, layout: str) -> Tensor:
         return rearrange(value, "b c h w -> b (h w) c")
     if layout == "nbc":
         return rearrange(value, "n b c -> b n c")
+    if layout == "bcn":
+        return rearrange(value, "b c n -> b n c")
     return value
 
 
@@ -114,7 +116,7 @@ def layout_grid(value: Tensor, layout: str, declared: tuple[int, int] | None, *,
         return (int(value.shape[-2]), int(value.shape[-1]))
     if declared is not None:
         return declared
-    count = int(value.shape[0] if layout == "nbc" else value.shape[1])
+    count = int(value.shape[{"nbc": 0, "bcn": 2}.get(layout, 1)])
     side = math.isqrt(count)
     return (side, side) if square and side * side == count else None
 
@@ -126,6 +128,8 @@ def mask_in_layout(masked: Tensor, layout: str, grid: tuple[int, int] | None) ->
         return rearrange(masked, "b (h w) -> b 1 h w", h=grid[0], w=grid[1])
     if layout == "nbc":
         return rearrange(masked, "b n -> n b 1")
+    if layout == "bcn":
+        return masked[:, None, :]
     return masked[..., None]
 
 
@@ -134,7 +138,7 @@ def replace_in_layout(
 ) -> Tensor:
     """``embedded`` with ``masked`` positions replaced by ``token [C]`` (kept in the graph)."""
     where = mask_in_layout(masked, layout, grid)
-    shape = (1, -1, 1, 1) if layout == "bchw" else (1, 1, -1)
+    shape = {"bchw": (1, -1, 1, 1), "bcn": (1, -1, 1)}.get(layout, (1, 1, -1))
     return torch.where(where, token.to(embedded.dtype).view(shape), embedded)
 
 
@@ -204,17 +208,23 @@ def init_token(model: nn.Module, init: str, token: Tensor, where: str) -> None:
             token.copy_(weight[int(row)])
 
 
-def project(model: nn.Module, path: str, value: Tensor) -> Tensor:
-    """Apply ``Tap.project``: a module path (``module(value)``) or a parameter path (``value @ P``)."""
-    try:
-        return model.get_submodule(path)(value)
-    except AttributeError:
-        pass
-    owner, _, name = path.rpartition(".")
-    try:
-        matrix = getattr(model.get_submodule(owner) if owner else model, name)
-    except AttributeError:
-        matrix = None
-    if not isinstance(matrix, Tensor):
-        raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
-    return value @ matrix
+def project(model: nn.Module, paths: str | tuple[str, ...] | None, value: Tensor) -> Tensor:
+    """Apply ``Tap.project``: module paths (``module(value)``) or parameter paths (``value @ P``),
+    in order; None leaves ``value`` as it is."""
+    for path in (paths,) if isinstance(paths, str) else tuple(paths or ()):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is not None:
+            value = module(value)
+            continue
+        owner, _, name = path.rpartition(".")
+        try:
+            matrix = getattr(model.get_submodule(owner) if owner else model, name)
+        except AttributeError:
+            matrix = None
+        if not isinstance(matrix, Tensor):
+            raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
+        value = value @ matrix.to(value.dtype)
+    return value

@@ -1,0 +1,156 @@
+"""``masksd.wrap`` on models written the way RIS codebases write theirs (``tests/ris_models``).
+
+The models are not restructured for masksd; each test wraps one with a spec (the recipes of
+docs/wrapping.md), checks what the wrap-time check reports, trains a step, and checks that the
+weights still load into the model's own class and that eval is the bare model bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import masksd
+from masksd import HookSpec, Maskable, ModalitySpec, Tap
+
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cris_spec() -> HookSpec:
+    """CRIS (CLIP ResNet + FPN + transformer decoder; forward(img, word, mask) -> (pred.detach(), mask, loss))."""
+    return HookSpec(
+        image=ModalitySpec(
+            embed="backbone.visual.avgpool", layout="bchw", width=16,  # CLIP RN stem output [B, 16, H/4, W/4]
+            tokens=Tap("neck", kind="input", select="[0][2]", layout="bchw"),  # C5 in CLIP space [B, 32, H/32, W/32]
+            reuse=("backbone.visual.layer*", "backbone.visual.attnpool.connect"),
+        ),
+        text=ModalitySpec(
+            embed="backbone.token_embedding",
+            maskable=Maskable(ids="word", never=(0, 98, 99)),  # pad, SOT, EOT
+            tokens=Tap("backbone.ln_final", project="backbone.text_projection"),
+            global_=Tap("neck", kind="input", select="[1]"),  # CRIS's sentence state
+            reuse=("backbone.transformer", "backbone.ln_final"),
+        ),
+        logits=Tap("proj"),  # the training forward returns pred.detach()
+        target="mask",
+        loss="[2]",  # CRIS's own BCE is the segmentation term
+    )
+
+
+def lavt_spec() -> HookSpec:
+    """LAVT-One (Swin with PWAM fusion in every stage + BERT; two-class logits)."""
+    pwam = "backbone.layers.2.fusion.image_lang_att"
+    return HookSpec(
+        image=ModalitySpec(embed="backbone.patch_embed", layout="bchw",
+                           tokens=Tap(f"{pwam}.f_query", layout="bcn"),  # PWAM's pixel-word space
+                           reuse=("backbone.layers.*",)),
+        text=ModalitySpec(embed="text_encoder.embeddings.word_embeddings",
+                          maskable=Maskable(ids="input_ids", never=(2, 3), attention_mask="attention_mask"),
+                          tokens=Tap(f"{pwam}.f_key", layout="bcn"), reuse=("text_encoder",),
+                          mask_token="embedding:text_encoder.embeddings.word_embeddings:4"),  # BERT [MASK]
+        two_class=True,
+    )
+
+
+def timm_spec() -> HookSpec:
+    """A timm ViT (driven through forward_features) + a small text transformer."""
+    return HookSpec(
+        image=ModalitySpec(embed="image_encoder.patch_embed", layout="bnc",  # [B, 64, 32], 8x8 grid
+                           tokens=Tap("image_encoder.norm", select="[:, 1:]"),  # drop the class token
+                           reuse=("image_encoder.blocks", "image_encoder.norm")),
+        text=ModalitySpec(embed="text_encoder.token_embedding", maskable=Maskable(ids="ids", never=(0,)),
+                          tokens=Tap("text_encoder.norm"), reuse=("text_encoder",)),
+    )
+
+
+def _check_unchanged_weights_and_eval(wrapper, model_cls, eval_args, **kwargs) -> None:
+    bare = wrapper.unwrap()
+    assert isinstance(bare, model_cls)
+    fresh = model_cls(**kwargs)
+    assert bare.state_dict().keys() == fresh.state_dict().keys()
+    fresh.load_state_dict(bare.state_dict(), strict=True)
+    wrapper.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapper(*eval_args), fresh(*eval_args))
+
+
+def test_cris_style_late_fusion_clip_resnet():
+    from ris_models import cris_style
+
+    torch.manual_seed(0)
+    model = cris_style.CRIS()
+    wrapper = masksd.wrap(model, cris_spec())
+    batch = cris_style.make_batch()
+    report = wrapper.check(batch.img, batch.word, batch.mask)
+    assert report.fusion == "late"
+    assert report.no_grad == ["model.backbone.logit_scale"]  # unused CLIP temperature: DDP advice
+    assert report.ddp_find_unused_parameters
+    assert report.calls["masked image"].get("backbone.transformer", 0) == 0  # text reused in LMVSD
+    assert report.calls["masked text"].get("backbone.visual.layer4", 0) == 0  # image reused in VMLSD
+    wrapper.train()
+    out = wrapper(batch.img, batch.word, batch.mask, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.losses["seg"], out.output[2].detach())
+    selection = out.selections["lmvsd"]
+    assert selection["grid"] == (2, 2) and selection["kept"].sum(1).tolist() == [2] * 4  # units: C5 grid
+    masked_words = out.selections["vmlsd"]["masked"]
+    assert not (masked_words & ((batch.word == 0) | (batch.word >= 98))).any()
+    out.loss.backward()
+    assert wrapper.objectives["lmvsd"].mask_token.grad is not None
+    _check_unchanged_weights_and_eval(wrapper, cris_style.CRIS, (batch.img, batch.word))
+
+
+def test_lavt_style_early_fusion_bert():
+    pytest.importorskip("transformers")
+    from ris_models import lavt_style
+
+    torch.manual_seed(0)
+    model = lavt_style.LAVTOne()
+    wrapper = masksd.wrap(model, lavt_spec())
+    mask_row = model.text_encoder.embeddings.word_embeddings.weight[4]
+    assert torch.equal(wrapper.objectives["vmlsd"].mask_token, mask_row)
+    batch = lavt_style.make_batch()
+    report = wrapper.check(batch.image, batch.input_ids, batch.attention_mask, target=batch.target)
+    assert report.fusion == "text->image"
+    assert report.passes["vmlsd"] == "full forward"  # masking words changes the image features
+    assert "text_encoder" in report.passes["lmvsd"]
+    assert report.calls["masked text"]["backbone.layers.2"] == 1
+    assert report.no_grad == []
+    wrapper.train()
+    out = wrapper(batch.image, batch.input_ids, batch.attention_mask, target=batch.target,
+                  generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (4, 1, 64, 64)
+    # masksd's BCE on x1 - x0 is the two-class cross-entropy
+    ce = torch.nn.functional.cross_entropy(out.output, batch.target)
+    torch.testing.assert_close(out.losses["seg"], ce.detach())
+    words = out.selections["vmlsd"]["masked"]
+    special = (batch.input_ids == 2) | (batch.input_ids == 3) | (batch.attention_mask == 0)
+    assert not (words & special).any()
+    assert out.selections["lmvsd"]["grid"] == (4, 4)  # stage-3 units over the 16x16 patch grid
+    out.loss.backward()
+    _check_unchanged_weights_and_eval(wrapper, lavt_style.LAVTOne,
+                                      (batch.image, batch.input_ids, batch.attention_mask))
+
+
+def test_timm_vit_with_text_transformer():
+    from ris_models import timm_style
+
+    torch.manual_seed(0)
+    wrapper = masksd.wrap(timm_style.TimmRIS(), timm_spec())
+    batch = timm_style.make_batch()
+    report = wrapper.check(batch.images, batch.ids, target=batch.mask)
+    assert report.fusion == "late" and report.no_grad == []
+    assert report.calls["masked text"].get("image_encoder.blocks", 0) == 0
+    wrapper.train()
+    out = wrapper(batch.images, batch.ids, target=batch.mask, generator=torch.Generator().manual_seed(0))
+    assert out.selections["lmvsd"]["kept"].shape == (4, 64) and out.selections["lmvsd"]["grid"] == (8, 8)
+    out.loss.backward()
+    _check_unchanged_weights_and_eval(wrapper, timm_style.TimmRIS, (batch.images, batch.ids))
