@@ -8,12 +8,13 @@ from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
 
-from masksd import MaskedSelfDistill, VMLSDConfig  # noqa: E402
+from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig  # noqa: E402
 from masksd.adapters.open_clip import (  # noqa: E402
     CLIP_EOT_TOKEN_ID,
     CLIP_PAD_TOKEN_ID,
     CLIP_SOT_TOKEN_ID,
     OpenCLIPImageTower,
+    OpenCLIPResNetImageTower,
     OpenCLIPTextTower,
     towers_from_open_clip,
 )
@@ -206,3 +207,120 @@ def test_vit_b16_towers_match_clip(vit_b16, tokenizer):
     assert text.tokens.shape == (1, 77, 512)
     with pytest.raises(ValueError, match="force_image_size"):
         image_tower.embed(images(1, size=224))
+
+
+# ------------------------------------------------------------------ ResNet CLIP (ModifiedResNet)
+
+
+def tiny_resnet_clip(seed: int = 0) -> nn.Module:
+    """RN-style CLIP at 64 px: stem width 8 at 16x16, layer4 256 channels at 2x2, 4 pool heads."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=dict(image_size=64, layers=(1, 1, 1, 1), width=8, head_width=64),
+            text_cfg=dict(context_length=17, vocab_size=49408, width=32, heads=2, layers=2),
+        )
+
+
+class ResNetDecoder(nn.Module):
+    """Dense CLIP tokens on the 2x2 unit grid + layer2/3/4 levels, gated by the sentence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens_in = nn.Linear(32, 16)
+        self.levels_in = nn.ModuleList(nn.Conv2d(c, 16, 1) for c in (64, 128, 256))
+        self.sentence_in = nn.Linear(32, 16)
+        self.out = nn.Conv2d(16, 1, 1)
+
+    def forward(self, image, text):
+        gh, gw = image.features["grid"]
+        f = self.tokens_in(image.tokens).transpose(1, 2).reshape(-1, 16, gh, gw)
+        f = nn.functional.interpolate(f, scale_factor=4)
+        for level, conv in zip(image.features["levels"], self.levels_in, strict=True):
+            f = f + nn.functional.interpolate(conv(level), size=f.shape[-2:])
+        return self.out(f * self.sentence_in(text.global_feature)[:, :, None, None])
+
+
+def test_resnet_image_tower_matches_encode_image(tokenizer):
+    clip = tiny_resnet_clip().eval()
+    image_tower, text_tower = towers_from_open_clip(clip)  # ResNet CLIPs are no longer refused
+    assert isinstance(image_tower, OpenCLIPResNetImageTower) and image_tower.embed_dim == 8
+    x = images(3, size=64)
+    with torch.no_grad():
+        embedded = image_tower.embed(x)
+        encoded = image_tower.encode(embedded)
+        own = clip.visual.forward_intermediates(x, indices=[0, 2, 3, 4])["image_intermediates"]
+        pool = clip.visual.attnpool
+        dense = pool.c_proj(pool.v_proj(own[3].flatten(2).transpose(1, 2)))  # MaskCLIP
+        assert torch.equal(encoded.global_feature, clip.encode_image(x))  # bit for bit
+    # embedded = stem output (3 convs + avgpool) at H/4; encoded = the H/32 unit grid
+    assert torch.equal(embedded.tokens, own[0].flatten(2).transpose(1, 2))
+    assert embedded.grid == (16, 16) and embedded.maskable.all()
+    assert encoded.grid == (2, 2) and encoded.features["grid"] == (2, 2)
+    assert torch.equal(encoded.tokens, dense) and encoded.tokens.shape == (3, 4, 32)
+    assert all(torch.equal(a, b) for a, b in zip(encoded.features["levels"], own[1:], strict=True))
+    # the text tower of a ResNet CLIP is the standard one
+    ids = tokenizer(SENTENCES, context_length=17)
+    with torch.no_grad():
+        assert torch.equal(text_tower.encode(text_tower.embed(ids)).global_feature, clip.encode_text(ids))
+    # stages are selectable; encode uses only the embedded tokens (raw pixels play no part)
+    only4 = towers_from_open_clip(clip, image_layers=(4,))[0]
+    other = images(3, size=64, seed=9)
+    with torch.no_grad():
+        assert [tuple(t.shape) for t in only4.encode(only4.embed(x)).features["levels"]] == [(3, 256, 2, 2)]
+        swapped = only4.encode(embedded.with_tokens(only4.embed(other).tokens))
+        assert torch.equal(swapped.global_feature, clip.encode_image(other))
+
+
+def test_resnet_masked_units_are_solid_stem_blocks(tokenizer):
+    """Selection on the 2x2 unit grid; each masked unit replaces an 8x8 block of stem tokens."""
+    clip = tiny_resnet_clip()
+    image_tower, text_tower = towers_from_open_clip(clip)
+    wrapper = MaskedSelfDistill(
+        image_tower, text_tower, ResNetDecoder(), lmvsd=LMVSDConfig(top_k=1.0, ratio=0.5)
+    ).train()
+    seen = []
+    original = image_tower.encode
+
+    def spy(embedded):
+        seen.append(embedded.tokens.detach().clone())
+        return original(embedded)
+
+    image_tower.encode = spy
+    target = torch.zeros(3, 64, 64)
+    target[:, 16:48, 8:40] = 1
+    ids = tokenizer(SENTENCES, context_length=17)
+    out = wrapper(images(3, size=64), ids, target, generator=torch.Generator().manual_seed(0))
+    del image_tower.encode
+    assert torch.isfinite(out.loss)
+    masked_units = out.selections["lmvsd"]["masked"]
+    assert masked_units.shape == (3, 4) and masked_units.sum(dim=1).tolist() == [2, 2, 2]
+    main, branch = seen[0], seen[-1]  # main branch first, the LMVSD re-encode last
+    token = wrapper.objectives["lmvsd"].mask_token.detach()
+    replaced = (branch == token).all(dim=-1) & ~torch.isclose(main, branch).all(dim=-1)
+    expected = masked_units.view(3, 1, 2, 2).float()
+    expected = nn.functional.interpolate(expected, scale_factor=8).flatten(1).bool()
+    assert torch.equal(replaced, expected)
+    out.loss.backward()
+    for name, parameter in wrapper.added_parameters().items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    wrapper.eval()
+    with torch.no_grad():
+        x = images(3, size=64, seed=3)
+        assert torch.equal(wrapper(x, ids), wrapper.unwrap()(x, ids))
+
+
+def test_resnet_errors():
+    clip = tiny_resnet_clip()
+    image_tower, _ = towers_from_open_clip(clip)
+    with pytest.raises(ValueError, match=r"image_size"):
+        image_tower.embed(images(1, size=96))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        image_tower.embed(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="stage numbers 1-4"):
+        towers_from_open_clip(clip, image_layers=(5,))
+    with pytest.raises(TypeError, match="ModifiedResNet"):
+        OpenCLIPResNetImageTower(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="ModifiedResNet"):
+        OpenCLIPImageTower(clip.visual)  # the ViT tower points to the ResNet one

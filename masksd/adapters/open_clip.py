@@ -1,4 +1,4 @@
-"""Adapter: an ``open_clip`` CLIP (ViT image tower + standard text tower) as two masksd towers.
+"""Adapter: an ``open_clip`` CLIP (ViT or ResNet image tower + standard text tower) as two towers.
 
 Nothing here imports ``open_clip``: the towers use the modules of a model the user built with
 ``open_clip.create_model(...)``, so ``import masksd`` works without the optional dependency.
@@ -14,7 +14,14 @@ Image tower (``OpenCLIPImageTower``)
     ``clip.encode_image`` returns, bit for bit); ``features`` = ``{"levels": [B, width, gh, gw]
     per requested layer, "grid": (gh, gw), "tokens": ..., "cls": ...}``.
 
-Text tower (``OpenCLIPTextTower``)
+ResNet image tower (``OpenCLIPResNetImageTower``, for RN50-style ``ModifiedResNet`` CLIPs)
+    ``embed``: stem output (3 convs + average pool) ``[B, (H/4)·(W/4), width]``, all maskable.
+    ``encode``: ``layer1``-``layer4`` and the attention pool; ``global_feature`` = what
+    ``clip.encode_image`` returns (bit for bit); ``tokens`` = MaskCLIP-style dense features
+    ``c_proj(v_proj(layer4))`` on the ``(H/32, W/32)`` grid, given as ``Encoded.grid`` so that
+    masksd selects on that coarse grid; ``features["levels"]`` = stage outputs (default 2, 3, 4).
+
+Text tower (``OpenCLIPTextTower``, the same for ViT and ResNet CLIPs)
     ``embed``: word embeddings ``token_embedding(ids)`` ``[B, L, width]``; maskable =
     not padding, not SOT, not EOT. Pooling still uses the original token ids (the EOT position,
     which carries CLIP's sentence feature and is never masked).
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 
 from masksd.towers import Embedded, Encoded
 
-__all__ = ["OpenCLIPImageTower", "OpenCLIPTextTower", "towers_from_open_clip"]
+__all__ = ["OpenCLIPImageTower", "OpenCLIPResNetImageTower", "OpenCLIPTextTower", "towers_from_open_clip"]
 
 CLIP_SOT_TOKEN_ID = 49406
 CLIP_EOT_TOKEN_ID = 49407
@@ -64,6 +71,11 @@ def _run_blocks(transformer: nn.Module, x: Tensor, attn_mask: Tensor | None, tak
     return transformer.forward_intermediates(x, attn_mask=attn_mask, indices=list(take))
 
 
+def _vit_pool(x: Tensor, pool_type: str) -> Tensor:
+    """``[B, 1 + N, W]`` → ``[B, W]``: the class token (``"tok"``) or the mean patch (``"avg"``)."""
+    return x[:, 1:].mean(dim=1) if pool_type == "avg" else x[:, 0]
+
+
 class OpenCLIPImageTower(nn.Module):
     """The ViT of an open_clip CLIP as a masksd ``Tower`` (see module docstring).
 
@@ -80,13 +92,14 @@ class OpenCLIPImageTower(nn.Module):
         if missing:
             raise TypeError(
                 "visual must be an open_clip VisionTransformer (clip.visual of a ViT model); "
-                f"{type(visual).__name__} lacks {', '.join(missing)}. ResNet and timm towers "
-                "need their own adapter"
+                f"{type(visual).__name__} lacks {', '.join(missing)}. ResNet CLIPs use "
+                "OpenCLIPResNetImageTower; open_clip's timm-based towers (TimmModel) are not supported"
             )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("open_clip ViTs with attentional pooling (CoCa) are not supported")
-        if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
-            raise TypeError(f"unsupported ViT pool_type {visual.pool_type!r}")
+        self.pool_type: str = getattr(visual, "pool_type", "tok")
+        if self.pool_type not in ("tok", "avg"):
+            raise TypeError(f"unsupported ViT pool_type {self.pool_type!r}")
         if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
             raise TypeError(
                 "patch dropout drops tokens, so encoded tokens no longer line up with embedded "
@@ -116,7 +129,7 @@ class OpenCLIPImageTower(nn.Module):
             )
         tokens = rearrange(patches, "b c h w -> b (h w) c")
         maskable = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return Embedded(tokens=tokens, maskable=maskable, extras={"grid": grid})
+        return Embedded(tokens=tokens, maskable=maskable, extras={"grid": grid}, grid=grid)
 
     def encode(self, embedded: Embedded) -> Encoded:
         """Patch embeddings ``[B, N, width]`` → ``Encoded`` (see module docstring)."""
@@ -127,10 +140,12 @@ class OpenCLIPImageTower(nn.Module):
         x = visual.ln_pre(x)
         x, intermediates = _run_blocks(visual.transformer, x, None, self.feature_layers)
         normed = visual.ln_post(x)
+        # open_clip's pooling for pool_type "tok" / "avg" (checked in __init__), written out here
+        # because open_clip exposes it only as a private method
         if getattr(visual, "final_ln_after_pool", False):
-            pooled = visual.ln_post(visual._global_pool(x)[0])
+            pooled = visual.ln_post(_vit_pool(x, self.pool_type))
         else:
-            pooled = visual._global_pool(normed)[0]
+            pooled = _vit_pool(normed, self.pool_type)
         tokens = normed[:, 1:]  # per-token features for scoring, normalised like the pool
         if visual.proj is not None:
             pooled = pooled @ visual.proj
@@ -139,6 +154,81 @@ class OpenCLIPImageTower(nn.Module):
         levels = [rearrange(t[:, 1:], "b (h w) c -> b c h w", h=gh, w=gw) for t in intermediates]
         features = {"levels": levels, "grid": (gh, gw), "tokens": tokens, "cls": pooled}
         return Encoded(tokens=tokens, global_feature=pooled, features=features)
+
+
+class OpenCLIPResNetImageTower(nn.Module):
+    """The ``ModifiedResNet`` of an open_clip ResNet CLIP (RN50, ...) as a masksd ``Tower``.
+
+    ``embed``: the 3-conv stem and its average pool, ``[B, width, H/4, W/4]`` flattened to
+    ``[B, (H/4)·(W/4), width]``, all maskable, ``Embedded.grid = (H/4, W/4)``.
+    ``encode``: ``layer1`` … ``layer4`` and the attention pool; ``global_feature`` =
+    ``clip.encode_image(x)`` bit for bit. ``tokens`` ``[B, (H/32)·(W/32), D]`` are dense
+    CLIP-space features computed the MaskCLIP way (Zhou et al., 2022): the attention pool's
+    value and output projections applied to every ``layer4`` position,
+    ``c_proj(v_proj(f))``, *without* the pool's positional embedding (it would add the same
+    position-dependent offset to every image's scores and so bias selection towards fixed
+    positions), ``Encoded.grid = (H/32, W/32)``: masksd selects on that grid and expands the
+    mask (nearest) onto the stem grid, so a masked unit is an 8×8 block of stem positions.
+    ``features`` = ``{"levels": [B, C_s, H/2^(s+1), W/2^(s+1)] per requested stage s (default
+    2, 3, 4), "grid": (H/32, W/32), "tokens", "cls"}``.
+
+    Args:
+        visual: ``clip.visual``, an open_clip ``ModifiedResNet``.
+        feature_stages: residual stages (1–4) returned in ``features["levels"]``.
+    """
+
+    def __init__(self, visual: nn.Module, *, feature_stages: Sequence[int] = (2, 3, 4)) -> None:
+        super().__init__()
+        required = ("stem", "layer1", "layer2", "layer3", "layer4", "attnpool")
+        missing = [name for name in required if not hasattr(visual, name)]
+        if missing:
+            raise TypeError(
+                f"visual must be an open_clip ModifiedResNet; {type(visual).__name__} lacks {', '.join(missing)}"
+            )
+        for stage in feature_stages:
+            if isinstance(stage, bool) or stage not in (1, 2, 3, 4):
+                raise ValueError(f"feature_stages must hold stage numbers 1-4, got {stage!r}")
+        self.visual = visual
+        self.feature_stages = tuple(int(stage) for stage in feature_stages)
+        self.embed_dim: int = int(visual.conv3.out_channels)
+        side = round((visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
+        self.pool_grid = (side, side)
+
+    def embed(self, inputs: Tensor) -> Embedded:
+        """Images ``[B, 3, H, W]`` (H = W = 32 × the pool's side) → stem tokens, all maskable."""
+        if not isinstance(inputs, Tensor) or inputs.dim() != 4 or inputs.shape[1] != 3:
+            found = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise ValueError(f"images must be a [B, 3, H, W] tensor, got {found}")
+        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        expected = (32 * self.pool_grid[0], 32 * self.pool_grid[1])
+        if size != expected:
+            raise ValueError(
+                f"images of size {size} do not fit this ResNet CLIP: its attention pool's positional "
+                f"embedding covers a {self.pool_grid[0]}x{self.pool_grid[1]} grid after layer4, i.e. "
+                f"{expected} images; resize them or build the CLIP with that image_size"
+            )
+        stem = self.visual.stem(inputs.to(self.visual.conv1.weight.dtype))  # [B, C, H/4, W/4]
+        grid = (int(stem.shape[-2]), int(stem.shape[-1]))
+        tokens = rearrange(stem, "b c h w -> b (h w) c")
+        maskable = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Embedded(tokens=tokens, maskable=maskable, extras={"grid": grid}, grid=grid)
+
+    def encode(self, embedded: Embedded) -> Encoded:
+        """Stem tokens ``[B, N, width]`` → ``Encoded`` (see class docstring)."""
+        visual = self.visual
+        gh, gw = embedded.extras["grid"]
+        x = rearrange(embedded.tokens, "b (h w) c -> b c h w", h=gh, w=gw).contiguous()
+        stages = []
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+            stages.append(x)
+        pooled = visual.attnpool(x)  # = clip.encode_image
+        pool = visual.attnpool
+        unit_grid = (int(x.shape[-2]), int(x.shape[-1]))
+        tokens = pool.c_proj(pool.v_proj(rearrange(x, "b c h w -> b (h w) c")))  # [B, N_u, D]
+        levels = [stages[stage - 1] for stage in self.feature_stages]
+        features = {"levels": levels, "grid": unit_grid, "tokens": tokens, "cls": pooled}
+        return Encoded(tokens=tokens, global_feature=pooled, features=features, grid=unit_grid)
 
 
 class OpenCLIPTextTower(nn.Module):
@@ -244,21 +334,25 @@ class OpenCLIPTextTower(nn.Module):
 def towers_from_open_clip(
     clip: nn.Module,
     *,
-    image_layers: Sequence[int] = (),
+    image_layers: Sequence[int] | None = None,
     text_layers: Sequence[int] = (),
-) -> tuple[OpenCLIPImageTower, OpenCLIPTextTower]:
-    """Split an open_clip ``CLIP`` with a ViT image tower into ``(image_tower, text_tower)``.
+) -> tuple[OpenCLIPImageTower | OpenCLIPResNetImageTower, OpenCLIPTextTower]:
+    """Split an open_clip ``CLIP`` (ViT or ResNet image tower) into ``(image_tower, text_tower)``.
 
     The towers share the model's parameters (nothing is copied).
 
     Args:
-        clip: e.g. ``open_clip.create_model("ViT-B-16", pretrained=..., force_image_size=480)``.
-        image_layers: ViT layers returned as ``features["levels"]`` (e.g. ``(3, 7, 11)``).
+        clip: e.g. ``open_clip.create_model("ViT-B-16", pretrained=..., force_image_size=480)``
+            or ``open_clip.create_model("RN50", pretrained=...)``.
+        image_layers: ViT: transformer layers returned as ``features["levels"]`` (e.g.
+            ``(3, 7, 11)``; default none). ResNet: residual stages 1-4 (default ``(2, 3, 4)``).
         text_layers: text layers returned as ``features["levels"]``.
     """
     if not hasattr(clip, "visual"):
         raise TypeError(f"clip must be an open_clip CLIP model, got {type(clip).__name__}")
-    return (
-        OpenCLIPImageTower(clip.visual, feature_layers=image_layers),
-        OpenCLIPTextTower(clip, feature_layers=text_layers),
-    )
+    text_tower = OpenCLIPTextTower(clip, feature_layers=text_layers)
+    if hasattr(clip.visual, "attnpool") and hasattr(clip.visual, "layer4"):  # ModifiedResNet
+        stages = (2, 3, 4) if image_layers is None else image_layers
+        return OpenCLIPResNetImageTower(clip.visual, feature_stages=stages), text_tower
+    layers = () if image_layers is None else image_layers
+    return OpenCLIPImageTower(clip.visual, feature_layers=layers), text_tower
