@@ -21,7 +21,7 @@ from masksd.spec import HookSpec, Maskable, ModalitySpec, Output, Tap
 from masksd.towers import Decoder, Embedded, Encoded, RISModel, Tower
 from masksd.wrapper import DistillOutput, MaskedSelfDistill, wrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BranchConfig",
