@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -119,6 +121,10 @@ def test_image_encode_uses_only_the_embedded_tokens():
 
 def test_interpolate_pos_encoding():
     model = tiny_clip().eval()
+    if "interpolate_pos_encoding" not in inspect.signature(model.vision_model.forward).parameters:
+        with pytest.raises(TypeError, match="4.46 or newer"):  # transformers < 4.46
+            towers_from_hf_clip(model, interpolate_pos_encoding=True)
+        return
     tower, _ = towers_from_hf_clip(model, interpolate_pos_encoding=True)
     x = images(2, size=48)
     with torch.no_grad():

@@ -170,6 +170,17 @@ def test_wrapped_training_step_gradients(tokenizer):
     assert wrapper.model.image_tower.visual is clip.visual
 
 
+def test_layers_before_open_clip_2_32_are_refused_clearly(monkeypatch):
+    """open_clip < 2.32 has no Transformer.forward_intermediates: say so instead of AttributeError."""
+    clip = tiny_clip()
+    monkeypatch.setattr(type(clip.transformer), "forward_intermediates", None)
+    with pytest.raises(TypeError, match="open_clip_torch 2.32"):
+        towers_from_open_clip(clip, image_layers=(0,))
+    with pytest.raises(TypeError, match="open_clip_torch 2.32"):
+        towers_from_open_clip(clip, text_layers=(0,))
+    towers_from_open_clip(clip)  # no layers: works on older open_clip too
+
+
 def test_adapter_errors(tokenizer):
     clip = tiny_clip()
     image_tower, text_tower = towers_from_open_clip(clip)

@@ -62,6 +62,14 @@ def _layer_indices(layers: Sequence[int], depth: int, argument: str) -> tuple[in
     return tuple(indices)
 
 
+def _require_intermediates(transformer: nn.Module, layers: tuple[int, ...]) -> None:
+    if layers and not callable(getattr(transformer, "forward_intermediates", None)):
+        raise TypeError(
+            "feature layers need open_clip's Transformer.forward_intermediates (open_clip_torch 2.32 "
+            'or newer); upgrade open_clip (pip install "masksd[clip]") or request no layers'
+        )
+
+
 def _run_blocks(transformer: nn.Module, x: Tensor, attn_mask: Tensor | None, take: tuple[int, ...]):
     """Run open_clip ``Transformer`` blocks on ``x [B, N, W]``; also return layers ``take``."""
     if not getattr(transformer, "batch_first", True):
@@ -110,6 +118,7 @@ class OpenCLIPImageTower(nn.Module):
         self.feature_layers = _layer_indices(
             feature_layers, len(visual.transformer.resblocks), "feature_layers"
         )
+        _require_intermediates(visual.transformer, self.feature_layers)
 
     def embed(self, inputs: Tensor) -> Embedded:
         """Images ``[B, 3, H, W]`` → patch embeddings ``[B, gh·gw, width]``, all maskable."""
@@ -272,6 +281,7 @@ class OpenCLIPTextTower(nn.Module):
         self.feature_layers = _layer_indices(
             feature_layers, len(clip.transformer.resblocks), "feature_layers"
         )
+        _require_intermediates(clip.transformer, self.feature_layers)
 
     def embed(self, inputs: Tensor) -> Embedded:
         """Token ids ``[B, L]`` (L ≤ the model's context length) → word embeddings ``[B, L, width]``."""
