@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masksd.losses import as_logit_map, consistency_loss, segmentation_loss
+from masksd import losses
+from masksd.losses import (
+    as_logit_map,
+    check_binary_target,
+    check_pending_targets,
+    consistency_loss,
+    segmentation_loss,
+)
 
 
 def _manual_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -125,3 +132,121 @@ def test_losses_float32_and_finite_under_bf16_autocast_with_large_logits():
     assert 39.0 < soft.detach().item() < 41.0
     (seg + soft + hard).backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+# ----------------------------------------------------------------------------- binary targets
+
+
+def _logits_and_mask(seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    mask = torch.rand(2, 16, 16, generator=g) > 0.5
+    return logits, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64])
+def test_segmentation_loss_refuses_0_255_png_masks(dtype):
+    logits, mask = _logits_and_mask()
+    png = mask.to(dtype) * 255
+    with pytest.raises(ValueError, match=r"target .*0/255 PNG mask.*mask > 0.*mask / 255"):
+        segmentation_loss(logits, png)
+
+
+@pytest.mark.parametrize(
+    ("bad", "hint"),
+    [
+        (lambda m: m.long() * 3, "index map"),
+        (lambda m: m.float() * 2 - 1, r"\[-1, 1\]"),
+        (lambda m: m.float() * 1.5, r"\[0, 1.5\]"),
+        (lambda m: torch.where(m, float("nan"), 0.0), "NaN"),
+    ],
+)
+def test_segmentation_loss_refuses_non_binary_targets(bad, hint):
+    logits, mask = _logits_and_mask()
+    with pytest.raises(ValueError, match=hint) as info:
+        segmentation_loss(logits, bad(mask))
+    assert str(info.value).startswith("target (dtype")
+
+
+def test_segmentation_loss_valid_targets_unchanged():
+    """bool, {0, 1} integers/floats and soft floats pass; values equal plain BCE."""
+    logits, mask = _logits_and_mask()
+    resized = mask[:, None, ::2, ::2].float()
+    reference = F.binary_cross_entropy_with_logits(logits, resized)
+    for target in (mask, mask.float(), mask.double(), mask.to(torch.uint8), mask.long(), mask.half()):
+        assert torch.equal(segmentation_loss(logits, target), reference)
+    soft = mask.float() * 0.8 + 0.1  # label smoothing
+    torch.testing.assert_close(
+        segmentation_loss(logits, soft), F.binary_cross_entropy_with_logits(logits, soft[:, None, ::2, ::2])
+    )
+    # all-background and all-foreground masks are binary too
+    segmentation_loss(logits, torch.zeros(2, 16, 16, dtype=torch.uint8))
+    segmentation_loss(logits, torch.ones(2, 16, 16))
+
+
+def test_check_binary_target_public_helper():
+    check_binary_target(torch.tensor([0, 1], dtype=torch.uint8))
+    check_binary_target(torch.tensor([0.25, 1.0]))
+    with pytest.raises(ValueError, match="mask_png .*0/255"):
+        check_binary_target(torch.tensor([0, 255], dtype=torch.uint8), name="mask_png")
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        check_binary_target([0, 1])
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+@pytest.fixture
+def deferred_cpu(monkeypatch):
+    """Run the CUDA (deferred) code path on CPU: host copy is a clone, events are controllable."""
+    events: list[_FakeEvent] = []
+
+    def copy(stats):
+        events.append(_FakeEvent())
+        return stats.clone(), events[-1]
+
+    monkeypatch.setattr(losses, "_DEFERRED_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(losses, "_copy_to_host_async", copy)
+    monkeypatch.setattr(losses, "_pending", {})
+    monkeypatch.setattr(losses, "_checked_devices", set())
+    return events
+
+
+def test_deferred_check_first_call_is_synchronous(deferred_cpu):
+    logits, mask = _logits_and_mask()
+    with pytest.raises(ValueError, match="0/255"):
+        segmentation_loss(logits, mask.float() * 255)
+    assert deferred_cpu == []  # checked at once, nothing deferred
+
+
+def test_deferred_check_poisons_loss_and_raises_at_next_call(deferred_cpu):
+    logits, mask = _logits_and_mask()
+    good = segmentation_loss(logits, mask.float())  # first call: synchronous, fine
+    assert torch.equal(segmentation_loss(logits, mask.float()), good)  # deferred, valid: unchanged
+    deferred_cpu[-1].done = True
+    bad = segmentation_loss(logits, mask.float() * 255)  # deferred: no exception yet ...
+    assert torch.isnan(bad)  # ... but the loss is never a plausible number
+    # the copy is still in flight: the next call does not wait for it
+    segmentation_loss(logits, mask.float())
+    deferred_cpu[1].done = True
+    with pytest.raises(ValueError, match=r"0/255 PNG mask.*earlier step"):
+        segmentation_loss(logits, mask.float())
+
+
+def test_check_pending_targets_waits_for_checks_in_flight(deferred_cpu):
+    logits, mask = _logits_and_mask()
+    segmentation_loss(logits, mask)  # bool: never checked, never deferred
+    segmentation_loss(logits, mask.float())  # first checked call: synchronous
+    segmentation_loss(logits, mask.long() * 2)  # deferred, not complete
+    check_pending_targets("cuda:3")  # another device: nothing to do
+    with pytest.raises(ValueError, match="index map"):
+        check_pending_targets()
+    check_pending_targets()  # queue drained
