@@ -286,6 +286,10 @@ class HookSpec:
         fusion: ``"auto"`` probes once whether each modality's ``reuse`` outputs depend on the
             other modality; or say it: ``"late"``, ``"text->image"`` (the image backbone
             consumes the sentence, LAVT), ``"image->text"``, ``"bidirectional"``.
+        fused: optional ``Tap`` on the decoder's fused (vision-language) features, read from the
+            main branch's one forward (``bchw`` ``[B, D, h, w]``, ``bnc`` or ``nbc``), for the
+            objectives that need them (``LanguageReconstruction``,
+            ``CrossModalAlignment(features="fused")``); None when no objective needs them.
     """
 
     image: ModalitySpec | None = None
@@ -295,12 +299,15 @@ class HookSpec:
     target: str | None = None
     loss: str | None = None
     fusion: Fusion = "auto"
+    fused: Tap | None = None
 
     def __post_init__(self) -> None:
         for name in ("image", "text"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, ModalitySpec):
                 raise TypeError(f"HookSpec.{name} must be a ModalitySpec or None, got {type(value).__name__}")
+        if self.fused is not None and not isinstance(self.fused, Tap):
+            raise TypeError(f"HookSpec.fused must be a Tap or None, got {type(self.fused).__name__}")
         if not isinstance(self.logits, (Output, Tap)):
             raise TypeError(f"HookSpec.logits must be Output(...) or Tap(...), got {type(self.logits).__name__}")
         _check_choice(self.fusion, FUSIONS, "HookSpec.fusion")

@@ -20,18 +20,38 @@ Usually ``N_enc == N`` (a ViT's patch tokens line up with its patch embeddings).
 encoded grid differs from its embedded grid (a CNN stem, a hierarchical backbone) implements
 ``align_scores(scores [B, N_enc], embedded) -> [B, N]`` to carry correlation scores back onto the
 embedded tokens; the default requires the two counts to be equal.
+
+Optional capabilities (used only by the objectives that need them, ``masksd.objectives``; a
+model without them still trains with LMVSD/VMLSD, and an objective that needs a missing one
+raises a ``TypeError`` naming it on its first training step):
+
+``text_tower.token_ids(embedded) -> [B, L]`` int
+    The token ids of the embedded words (labels of ``MaskGrounding``). Default:
+    ``embedded.extras["ids"]``.
+``text_tower.word_embedding``
+    The input-embedding matrix ``[V, C]`` that ``MaskGrounding`` ties its output layer to: an
+    ``nn.Embedding``, a ``[V, C]`` tensor, or a method returning either. Default: the tower's
+    ``token_embedding`` attribute (the open_clip adapter's). It is fetched at every step, never
+    copied or registered a second time.
+``decoder.forward_with_fused(image, text) -> (logits, fused)``
+    The decoder's forward that also returns its fused (vision-language) features, ``[B, D, h, w]``
+    or ``[B, N, D]`` or a ``Fused``, from the *same* pass (``LanguageReconstruction``,
+    ``CrossModalAlignment(features="fused")``). masksd calls it for the main branch only, in
+    training; ``decoder(image, text)`` must equal ``forward_with_fused(image, text)[0]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["Embedded", "Encoded", "Tower", "Decoder", "RISModel", "align_scores"]
+__all__ = ["Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores"]
 
 
 @dataclass
@@ -108,6 +128,41 @@ class Encoded:
                 f"{_describe(self.global_feature)}"
             )
         _check_grid(self.grid, self.tokens.shape[1], "Encoded")
+
+
+@dataclass
+class Fused:
+    """The decoder's fused (vision-language) features of the main branch.
+
+    Attributes:
+        tokens: ``[B, N, D]`` one feature per position of the decoder's fused map.
+        grid: ``(h, w)`` with ``h * w == N`` when the positions lie on a 2-D grid, else None.
+    """
+
+    tokens: Tensor
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3 or not self.tokens.is_floating_point():
+            raise ValueError(f"Fused.tokens must be a floating [B, N, D] tensor, got {_describe(self.tokens)}")
+        _check_grid(self.grid, self.tokens.shape[1], "Fused")
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> Fused:
+        """A ``Fused`` from ``[B, D, h, w]`` (grid from the shape), ``[B, N, D]`` (grid when N is a
+        perfect square) or a ``Fused``."""
+        if isinstance(value, Fused):
+            return value
+        if isinstance(value, Tensor) and value.dim() == 4:
+            grid = (int(value.shape[-2]), int(value.shape[-1]))
+            return cls(tokens=rearrange(value, "b d h w -> b (h w) d"), grid=grid)
+        if isinstance(value, Tensor) and value.dim() == 3:
+            side = math.isqrt(int(value.shape[1]))
+            return cls(tokens=value, grid=(side, side) if side * side == value.shape[1] else None)
+        raise ValueError(
+            f"{where} must give fused features [B, D, h, w] or [B, N, D] (or a masksd.Fused), got "
+            f"{_describe(value)}"
+        )
 
 
 @runtime_checkable

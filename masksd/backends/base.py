@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from masksd.towers import Embedded, Encoded
+from masksd.towers import Embedded, Encoded, Fused
 
 __all__ = ["Backend", "MainBranch", "Modality", "running_stats_frozen"]
 
@@ -42,6 +42,8 @@ class MainBranch:
         output: the model's own return value (the hook backend), or the logits.
         embedded / encoded: per modality, the embedded tokens (``[B, N, C]`` view, maskable,
             grid) and the scoring features (``Encoded``; None when none were declared).
+        fused: the decoder's fused features of this pass when the model provides them (the
+            tower backend's ``decoder.forward_with_fused``), else None.
     """
 
     logits: Tensor
@@ -50,6 +52,7 @@ class MainBranch:
     output: Any = None
     embedded: dict[str, Embedded] = field(default_factory=dict)
     encoded: dict[str, Encoded | None] = field(default_factory=dict)
+    fused: Fused | None = None
 
 
 class Backend(abc.ABC):
@@ -93,6 +96,30 @@ class Backend(abc.ABC):
     def release(self) -> None:  # noqa: B027 - optional hook
         """Drop references to this step's tensors (called after every training forward)."""
 
+    # Optional capabilities of the main branch, for objectives beyond LMVSD/VMLSD (see
+    # ``masksd.objectives``); each raises a TypeError naming what the model must provide.
+    def token_ids(self) -> Tensor:
+        """Token ids ``[B, L]`` (int64) of the main branch's embedded words."""
+        raise TypeError(f"the {type(self).__name__} backend cannot provide token ids")
+
+    def word_embedding(self) -> Tensor:
+        """The model's own input-embedding matrix ``[V, C]`` (the parameter itself, not a copy)."""
+        raise TypeError(f"the {type(self).__name__} backend cannot provide the input-embedding matrix")
+
+    def encoded_with_grad(self, modality: Modality) -> Encoded | None:
+        """The main branch's scoring features of ``modality`` *with* their autograd graph."""
+        raise TypeError(f"the {type(self).__name__} backend cannot provide features with gradients")
+
+    def fused(self) -> Fused:
+        """The decoder's fused features ``[B, N, D]`` of the main branch's one decoder pass."""
+        raise TypeError(f"the {type(self).__name__} backend cannot provide the decoder's fused features")
+
+    def encode_masked(self, modality: Modality, masked: Tensor, mask_token: Tensor) -> dict[str, Encoded | None]:
+        """Re-encode with ``masked [B, N]`` embedded tokens of ``modality`` replaced by
+        ``mask_token [C]``, without decoding; returns both modalities' scoring features (with
+        gradients) as the decoder would see them in that pass."""
+        raise TypeError(f"the {type(self).__name__} backend cannot re-encode without decoding")
+
     def describe(self) -> dict[str, Any]:
         """Facts for the wrap-time report (fusion, passes per branch, ...)."""
         return {}
@@ -125,6 +152,19 @@ def check_logits(logits: Any, *, two_class: bool, where: str) -> Tensor:
             "that masksd uses x[:, 1] - x[:, 0]"
         )
     raise ValueError(f"{where} must give logits [B, 1, h, w] or [B, h, w], got {tuple(logits.shape)}")
+
+
+def check_ids(ids: Any, maskable: Tensor, where: str) -> Tensor:
+    """Token ids as an int64 ``[B, L]`` tensor lined up with the embedded words' ``maskable``."""
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        found = f"{ids.dtype} tensor" if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{where} must give integer token ids [B, L], got a {found}")
+    if tuple(ids.shape) != tuple(maskable.shape):
+        raise ValueError(
+            f"{where} gives token ids of shape {tuple(ids.shape)} but the embedded words are "
+            f"{tuple(maskable.shape)}; the ids must line up with the embedded tokens one to one"
+        )
+    return ids.to(device=maskable.device, dtype=torch.int64)
 
 
 def as_tensor_loss(value: Any, where: str) -> Tensor:

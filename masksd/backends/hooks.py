@@ -33,6 +33,7 @@ from masksd.backends.base import (
     rng_devices,
     running_stats_frozen,
 )
+from masksd.backends.hook_features import HookCapabilities
 from masksd.backends.taps import (
     Replay,
     expand_patterns,
@@ -66,7 +67,7 @@ def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
     return {v: k for k, v in DEPENDS.items()}[(image_on_text, text_on_image)]
 
 
-class HookBackend(Backend):
+class HookBackend(HookCapabilities, Backend):
     """Backend of ``masksd.wrap(model, spec)`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, spec: HookSpec) -> None:
@@ -90,6 +91,8 @@ class HookBackend(Backend):
         self._leaves: dict[str, Tensor] = {}
         self._cache: dict[str, list[Any]] = {}
         self._main: MainBranch | None = None
+        self._main_values: dict[tuple[str, str], list[Any]] = {}  # the main branch's taps (objectives)
+        self._stop: dict[tuple[str, str], int] | None = None  # taps that end a features-only forward
         self._modalities = [m for m in MODALITIES if getattr(spec, m) is not None]
         self._reuse = {
             m: expand_patterns(model, spec.modality(m).reuse, f"HookSpec.{m}.reuse") for m in self._modalities
@@ -129,7 +132,7 @@ class HookBackend(Backend):
         for m in self._modalities:
             spec = self.spec.modality(m)
             taps += [t for t in (spec.tokens, spec.global_) if t is not None]
-        return taps
+        return taps + ([self.spec.fused] if self.spec.fused is not None else [])
 
     def remove_hooks(self) -> None:
         """Remove every hook masksd registered on the model (the wrapper no longer trains it)."""
@@ -183,10 +186,12 @@ class HookBackend(Backend):
     def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
         if self._mode != "off":
             self._values[key].append(args)
+            self._check_stop()
 
     def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
         if self._mode != "off":
             self._values[key].append(output)
+            self._check_stop()
         if self._mode == "main":
             self._watch += [(f"tapped module {key[0]!r}", t, t._version) for t in flatten_tensors(output)]
 
@@ -240,10 +245,10 @@ class HookBackend(Backend):
         finally:
             self._mode = "off"
 
-    def _tap(self, tap: Tap | Output, output: Any, where: str) -> Any:
+    def _tap(self, tap: Tap | Output, output: Any, where: str, source: dict[tuple[str, str], list[Any]] | None = None) -> Any:
         if isinstance(tap, Output):
             return apply_selector(output, tap.select, where=f"{where} (the model's output)")
-        values = self._values[(tap.module, tap.kind)]
+        values = (self._values if source is None else source)[(tap.module, tap.kind)]
         if not values:
             raise ValueError(f"{where}: module {tap.module!r} did not run in this forward")
         if tap.call is None and len(values) > 1:
@@ -302,6 +307,7 @@ class HookBackend(Backend):
         self._main_inputs = (args, kwargs)
         output = self._forward("main", args, kwargs)
         self._check_in_place()
+        self._main_values = {key: list(values) for key, values in self._values.items()}
         arguments = self._bind(args, kwargs)
         logits = self._logits(output, "the main branch")
         model_loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss") if self.spec.loss else None
@@ -337,21 +343,26 @@ class HookBackend(Backend):
                 )
         self._watch.clear()
 
-    def _encoded(self, modality: Modality, embedded: Embedded) -> Encoded | None:
+    def _encoded(
+        self, modality: Modality, embedded: Embedded, source: dict[tuple[str, str], list[Any]] | None = None, *, grad: bool = False
+    ) -> Encoded | None:
+        """Scoring features from the taps (``source``: captured values, default the last forward's),
+        detached unless ``grad``."""
         spec = self.spec.modality(modality)
         if spec.tokens is None and spec.global_ is None:
             return None
         where = f"HookSpec.{modality}"
-        with torch.no_grad():
+        cut = (lambda t: t) if grad else Tensor.detach
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             tokens, grid = None, None
             if spec.tokens is not None:
-                raw = self._tap(spec.tokens, None, f"{where}.tokens")
-                tokens = project(self.model, spec.tokens.project, to_bnc(raw, spec.tokens.layout)).detach()
+                raw = self._tap(spec.tokens, None, f"{where}.tokens", source)
+                tokens = cut(project(self.model, spec.tokens.project, to_bnc(raw, spec.tokens.layout)))
                 aligned = tokens.shape[1] == embedded.tokens.shape[1]
                 grid = embedded.grid if aligned else layout_grid(raw, spec.tokens.layout, None, square=modality == "image")
             if spec.global_ is not None:
-                pooled = self._tap(spec.global_, None, f"{where}.global_")
-                pooled = project(self.model, spec.global_.project, pooled).detach()
+                pooled = self._tap(spec.global_, None, f"{where}.global_", source)
+                pooled = cut(project(self.model, spec.global_.project, pooled))
             elif tokens.shape[1] == embedded.maskable.shape[1]:  # type: ignore[union-attr]
                 weights = embedded.maskable.to(tokens.dtype)[..., None]  # type: ignore[union-attr]
                 pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # type: ignore[operator]
@@ -369,6 +380,19 @@ class HookBackend(Backend):
     def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[override]
         if decoder is not None:
             raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
+        output = self._masked_forward(modality, masked, mask_token)
+        logits = self._logits(output, f"the masked-{modality} branch")
+        if torch.is_grad_enabled() and not logits.requires_grad:
+            raise ValueError(
+                f"HookSpec.logits gives a tensor with no gradient in the masked-{modality} branch (does the "
+                "model return a detached prediction in training?); tap the module that produces the "
+                "logits instead: HookSpec(logits=Tap('<module path>'))"
+            )
+        return logits
+
+    def _masked_forward(self, modality: Modality, masked: Tensor, mask_token: Tensor | None) -> Any:
+        """The model's forward with ``masked`` tokens of ``modality`` replaced, reusing the other
+        modality's modules where fusion allows; returns the model's output."""
         if self._main is None:
             raise RuntimeError("run_masked() called before run_main()")
         args, kwargs = self._main_inputs
@@ -386,18 +410,12 @@ class HookBackend(Backend):
                 if saved is not None:
                     module.forward = saved  # type: ignore[method-assign]
             self._masked, self._mask, self._token = None, None, None
-        logits = self._logits(output, f"the masked-{modality} branch")
-        if torch.is_grad_enabled() and not logits.requires_grad:
-            raise ValueError(
-                f"HookSpec.logits gives a tensor with no gradient in the masked-{modality} branch (does the "
-                "model return a detached prediction in training?); tap the module that produces the "
-                "logits instead: HookSpec(logits=Tap('<module path>'))"
-            )
-        return logits
+        return output
 
     def release(self) -> None:
         self._main = None
         self._main_inputs = ((), {})
+        self._main_values = {}
         self._watch.clear()
         self._embedded.clear()
         self._cache.clear()

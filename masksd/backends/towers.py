@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from masksd.backends.base import Backend, MainBranch, Modality, check_logits
+from masksd.backends.base import Backend, MainBranch, Modality, check_ids, check_logits
 from masksd.masking import replace_tokens
-from masksd.towers import Embedded, Encoded, RISModel
+from masksd.towers import Embedded, Encoded, Fused, RISModel
 
 __all__ = ["TowerBackend"]
 
@@ -109,9 +109,25 @@ class TowerBackend(Backend):
         if not self._checked_widths:
             self._check_widths(embedded)
         encoded = {m: self._encode(m, e) for m, e in embedded.items()}  # type: ignore[arg-type]
-        logits = self._decode(self.model.decoder, encoded["image"], encoded["text"])
-        self._main = MainBranch(logits=logits, target=target, output=logits, embedded=embedded, encoded=encoded)
+        fused = None
+        if callable(getattr(self.model.decoder, "forward_with_fused", None)):
+            logits, fused = self._decode_with_fused(encoded["image"], encoded["text"])
+        else:
+            logits = self._decode(self.model.decoder, encoded["image"], encoded["text"])
+        self._main = MainBranch(
+            logits=logits, target=target, output=logits, embedded=embedded, encoded=encoded, fused=fused
+        )
         return self._main
+
+    def _decode_with_fused(self, image: Encoded, text: Encoded) -> tuple[Tensor, Fused]:
+        name = f"decoder ({type(self.model.decoder).__name__}).forward_with_fused"
+        result = self.model.decoder.forward_with_fused(image, text)
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise TypeError(f"{name} must return (logits, fused), got {type(result).__name__}")
+        logits, fused = result
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"{name} must return a logits tensor first, got {type(logits).__name__}")
+        return check_logits(logits, two_class=False, where=name), Fused.from_value(fused, name)
 
     def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[override]
         main = self._main
@@ -128,6 +144,61 @@ class TowerBackend(Backend):
 
     def release(self) -> None:
         self._main = None
+
+    # -------------------------------------------------------------- optional capabilities
+    def _main_branch(self) -> MainBranch:
+        if self._main is None:
+            raise RuntimeError("the main branch has not run in this training step")
+        return self._main
+
+    def token_ids(self) -> Tensor:
+        embedded = self._main_branch().embedded["text"]
+        tower = self.model.text_tower
+        method = getattr(tower, "token_ids", None)
+        ids = method(embedded) if callable(method) else embedded.extras.get("ids")
+        where = f"text_tower ({type(tower).__name__})"
+        if ids is None:
+            raise TypeError(
+                f"{where} provides no token ids: put them in Embedded.extras['ids'] in embed(), or define "
+                "token_ids(embedded) -> [B, L] on the tower"
+            )
+        return check_ids(ids, embedded.maskable, where)
+
+    def word_embedding(self) -> Tensor:
+        tower = self.model.text_tower
+        where = f"text_tower ({type(tower).__name__})"
+        value = getattr(tower, "word_embedding", None)
+        if value is None:
+            value = getattr(tower, "token_embedding", None)
+        elif callable(value) and not isinstance(value, nn.Module):
+            value = value()
+        weight = value.weight if isinstance(value, nn.Embedding) else value
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(
+                f"{where} has no input-embedding matrix: give it a word_embedding attribute (an nn.Embedding "
+                "or a [V, C] tensor) or method, or a token_embedding nn.Embedding"
+            )
+        return weight
+
+    def encoded_with_grad(self, modality: Modality) -> Encoded | None:
+        return self._main_branch().encoded[modality]
+
+    def fused(self) -> Fused:
+        main = self._main_branch()
+        if main.fused is None:
+            raise TypeError(
+                f"decoder ({type(self.model.decoder).__name__}) provides no fused features: define "
+                "forward_with_fused(image, text) -> (logits, fused [B, D, h, w] or [B, N, D]) on it, with "
+                "forward(image, text) == forward_with_fused(image, text)[0] (see masksd.towers)"
+            )
+        return main.fused
+
+    def encode_masked(self, modality: Modality, masked: Tensor, mask_token: Tensor) -> dict[str, Encoded | None]:
+        main = self._main_branch()
+        embedded = main.embedded[modality]
+        tokens = replace_tokens(embedded.tokens, masked, mask_token)
+        other: Modality = "text" if modality == "image" else "image"
+        return {modality: self._encode(modality, embedded.with_tokens(tokens)), other: main.encoded[other]}
 
     def describe(self) -> dict[str, Any]:
         return {

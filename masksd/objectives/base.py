@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from masksd.towers import Embedded, Encoded
+from masksd.towers import Embedded, Encoded, Fused
 
 if TYPE_CHECKING:
     from masksd.backends.base import Backend
@@ -63,6 +63,43 @@ class DistillContext:
     def encoded(self, modality: str) -> Encoded | None:
         """The scoring features of ``"image"`` or ``"text"``, or None when none were declared."""
         return getattr(self, f"{modality}_encoded")
+
+    # Optional capabilities, served by the backend from what the model provides (see
+    # docs/objectives.md); each raises a TypeError naming what is missing. LMVSD/VMLSD use none.
+    def _backend(self, what: str) -> Backend:
+        if self.backend is None:
+            raise ValueError(f"{what} needs the context's backend, which is None (build contexts in the wrapper)")
+        return self.backend
+
+    def token_ids(self) -> Tensor:
+        """Token ids ``[B, L]`` int64 of the text, lined up with ``text_embedded`` (towers:
+        ``text_tower.token_ids(embedded)`` or ``Embedded.extras["ids"]``; hooks: the forward
+        argument named by ``HookSpec.text.maskable.ids``)."""
+        return self._backend("token_ids()").token_ids()
+
+    def word_embedding(self) -> Tensor:
+        """The model's input-embedding matrix ``[V, C]`` itself (towers: ``text_tower.word_embedding``
+        or ``.token_embedding``; hooks: ``HookSpec.text.embed`` when it is an ``nn.Embedding``)."""
+        return self._backend("word_embedding()").word_embedding()
+
+    def encoded_with_grad(self, modality: str) -> Encoded:
+        """The main branch's scoring features of ``modality`` with their autograd graph (towers: the
+        towers' ``Encoded``; hooks: the declared taps, not detached)."""
+        value = self._backend("encoded_with_grad()").encoded_with_grad(modality)  # type: ignore[arg-type]
+        if value is None:
+            raise ValueError(f"the model declares no {modality} scoring features (HookSpec.{modality}.tokens)")
+        return value
+
+    def fused(self) -> Fused:
+        """The decoder's fused features ``[B, N, D]`` of the main branch's one decoder pass (towers:
+        ``decoder.forward_with_fused``; hooks: ``HookSpec.fused``)."""
+        return self._backend("fused()").fused()
+
+    def encode_masked(self, modality: str, masked: Tensor, mask_token: Tensor) -> dict[str, Encoded | None]:
+        """Both modalities' scoring features (with gradients) of a pass where the ``masked [B, N]``
+        embedded tokens of ``modality`` are replaced by ``mask_token [C]``; the decoder does not run
+        where the backend can avoid it."""
+        return self._backend("encode_masked()").encode_masked(modality, masked, mask_token)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""What the hook backend serves to objectives beyond LMVSD/VMLSD (``HookCapabilities``).
+
+A mixin of ``HookBackend`` (kept apart so that ``hooks.py`` stays about running the model):
+
+* ``token_ids()``: the forward argument named by ``HookSpec.text.maskable.ids``;
+* ``word_embedding()``: the weight of ``HookSpec.text.embed`` when that module is an
+  ``nn.Embedding`` (the model's own parameter, fetched at every call);
+* ``encoded_with_grad(m)``: the declared scoring taps of the main branch, recomputed from the
+  captured values *with* their autograd graph (the engine's own ``Encoded`` are detached);
+* ``fused()``: the ``HookSpec.fused`` tap of the main branch's one forward;
+* ``encode_masked(m, masked, token)``: a forward with ``masked`` tokens of ``m`` replaced, which
+  stops as soon as the scoring taps it needs have fired (usually before the decoder runs). The
+  other modality's features come from that same forward when they depend on ``m`` (early
+  fusion: the main branch's would leak the unmasked input), from the main branch otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from masksd.backends.base import MainBranch, Modality, check_ids
+from masksd.backends.taps import layout_grid, resolve_module, to_bnc
+from masksd.towers import Encoded, Fused
+
+if TYPE_CHECKING:
+    from masksd.spec import HookSpec
+
+__all__ = ["HookCapabilities", "StopForward"]
+
+OTHER: dict[str, Modality] = {"image": "text", "text": "image"}
+
+
+class StopForward(BaseException):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside a tap hook to end a features-only forward early (a BaseException, so that a
+    model's own ``except Exception`` cannot swallow it)."""
+
+
+class HookCapabilities:
+    """Optional capabilities of ``HookBackend`` (see the module docstring)."""
+
+    spec: HookSpec
+    model: nn.Module
+    depends: dict[str, bool | None] | None
+    _main: MainBranch | None
+    _main_inputs: tuple[tuple[Any, ...], dict[str, Any]]
+    _main_values: dict[tuple[str, str], list[Any]]
+    _values: dict[tuple[str, str], list[Any]]
+    _stop: dict[tuple[str, str], int] | None
+    # also used from HookBackend: _bind, _tap, _encoded, _masked_forward
+
+    def _main_branch(self) -> MainBranch:
+        if self._main is None:
+            raise RuntimeError("the main branch has not run in this training step")
+        return self._main
+
+    def _check_stop(self) -> None:
+        """Called by the tap hooks: end the forward once every awaited tap has fired enough."""
+        if self._stop and all(len(self._values[key]) >= count for key, count in self._stop.items()):
+            raise StopForward
+
+    def token_ids(self) -> Tensor:
+        text = self.spec.modality("text")
+        name = text.maskable.ids
+        if name is None:
+            raise TypeError(
+                "HookSpec.text.maskable.ids is not set: name the forward argument that holds the token ids "
+                "[B, L], e.g. Maskable(ids='input_ids', never=(pad_id, ...))"
+            )
+        arguments = self._bind(*self._main_inputs)
+        if name not in arguments:
+            raise ValueError(f"HookSpec.text.maskable.ids: the forward call has no argument {name!r}")
+        embedded = self._main_branch().embedded["text"]
+        return check_ids(arguments[name], embedded.maskable, f"the forward argument {name!r}")
+
+    def word_embedding(self) -> Tensor:
+        path = self.spec.modality("text").embed
+        module = resolve_module(self.model, path, "HookSpec.text.embed")
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(
+                f"HookSpec.text.embed {path!r} is a {type(module).__name__}, not an nn.Embedding, so it holds "
+                "no input-embedding matrix to tie to; point HookSpec.text.embed at the word-embedding table "
+                "(e.g. 'bert.embeddings.word_embeddings')"
+            )
+        return module.weight
+
+    def encoded_with_grad(self, modality: Modality) -> Encoded | None:
+        main = self._main_branch()
+        if modality not in main.embedded:
+            return None
+        return self._encoded(modality, main.embedded[modality], self._main_values, grad=True)
+
+    def fused(self) -> Fused:
+        tap = self.spec.fused
+        if tap is None:
+            raise TypeError(
+                "HookSpec.fused is not set: declare a Tap on the decoder's fused features, e.g. "
+                "HookSpec(fused=Tap('decoder.fuse', layout='bchw')) (see docs/objectives.md)"
+            )
+        self._main_branch()
+        raw = self._tap(tap, None, "HookSpec.fused", self._main_values)
+        if not isinstance(raw, Tensor) or raw.dim() != (4 if tap.layout == "bchw" else 3):
+            found = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
+            raise ValueError(f"HookSpec.fused (layout {tap.layout!r}) gives {found}; check its module, select and layout")
+        return Fused(tokens=to_bnc(raw, tap.layout), grid=layout_grid(raw, tap.layout, None, square=True))
+
+    def encode_masked(self, modality: Modality, masked: Tensor, mask_token: Tensor) -> dict[str, Encoded | None]:
+        main = self._main_branch()
+        other = OTHER[modality]
+        fresh = [modality] + ([other] if other in main.embedded and (self.depends or {}).get(other) is not False else [])
+        taps = [t for m in fresh for t in (self.spec.modality(m).tokens, self.spec.modality(m).global_) if t is not None]
+        stop: dict[tuple[str, str], int] = {}
+        for tap in taps:
+            if tap.call is not None and tap.call < 0:  # counted from the end: the forward must finish
+                stop = {}
+                break
+            key = (tap.module, tap.kind)
+            stop[key] = max(stop.get(key, 0), (tap.call or 0) + 1)
+        self._stop = stop or None
+        try:
+            self._masked_forward(modality, masked, mask_token)
+        except StopForward:
+            pass
+        finally:
+            self._stop = None
+        result: dict[str, Encoded | None] = {m: self._encoded(m, main.embedded[m], grad=True) for m in fresh}
+        if other not in result:
+            result[other] = self.encoded_with_grad(other)
+        return result
