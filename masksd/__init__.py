@@ -10,30 +10,43 @@ from masksd.config import DistillConfig
 from masksd.losses import consistency_loss, segmentation_loss
 from masksd.objectives import (
     BranchConfig,
+    CrossModalAlignment,
+    CrossModalAlignmentConfig,
     DistillContext,
     GuidedMaskedDistillation,
+    LanguageReconstruction,
+    LanguageReconstructionConfig,
     LMVSDConfig,
+    MaskGrounding,
+    MaskGroundingConfig,
     Objective,
     ObjectiveOutput,
     VMLSDConfig,
 )
 from masksd.spec import HookSpec, Maskable, ModalitySpec, Output, Tap
-from masksd.towers import Decoder, Embedded, Encoded, RISModel, Tower
+from masksd.towers import Decoder, Embedded, Encoded, Fused, RISModel, Tower
 from masksd.wrapper import DistillOutput, MaskedSelfDistill, wrap
 
 __version__ = "0.2.0"
 
 __all__ = [
     "BranchConfig",
+    "CrossModalAlignment",
+    "CrossModalAlignmentConfig",
     "Decoder",
     "DistillConfig",
     "DistillContext",
     "DistillOutput",
     "Embedded",
     "Encoded",
+    "Fused",
     "GuidedMaskedDistillation",
     "HookSpec",
     "LMVSDConfig",
+    "LanguageReconstruction",
+    "LanguageReconstructionConfig",
+    "MaskGrounding",
+    "MaskGroundingConfig",
     "Maskable",
     "MaskedSelfDistill",
     "ModalitySpec",

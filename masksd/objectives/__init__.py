@@ -1,5 +1,6 @@
 """Training-only objectives that plug into ``MaskedSelfDistill``."""
 
+from masksd.objectives.alignment import CrossModalAlignment, CrossModalAlignmentConfig
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
 from masksd.objectives.guided_masking import (
     BranchConfig,
@@ -7,12 +8,20 @@ from masksd.objectives.guided_masking import (
     LMVSDConfig,
     VMLSDConfig,
 )
+from masksd.objectives.mask_grounding import MaskGrounding, MaskGroundingConfig
+from masksd.objectives.reconstruction import LanguageReconstruction, LanguageReconstructionConfig
 
 __all__ = [
     "BranchConfig",
+    "CrossModalAlignment",
+    "CrossModalAlignmentConfig",
     "DistillContext",
     "GuidedMaskedDistillation",
     "LMVSDConfig",
+    "LanguageReconstruction",
+    "LanguageReconstructionConfig",
+    "MaskGrounding",
+    "MaskGroundingConfig",
     "Objective",
     "ObjectiveOutput",
     "VMLSDConfig",
