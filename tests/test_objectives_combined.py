@@ -1,0 +1,73 @@
+"""All three auxiliary objectives together with LMVSD/VMLSD, on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from objective_models import (
+    all_objectives,
+    assert_all_grads,
+    hooks_batch,
+    hooks_wrapper,
+    towers_batch,
+    towers_wrapper,
+    train_step,
+)
+
+from masksd import LMVSDConfig, VMLSDConfig
+
+BACKENDS = {"towers": (towers_wrapper, towers_batch), "hooks": (hooks_wrapper, hooks_batch)}
+BRANCHES = dict(lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_objectives_do_not_change_the_lmvsd_vmlsd_masks(backend):
+    """They run after lmvsd/vmlsd and draw from the shared generator only then."""
+    build, batch = BACKENDS[backend]
+    plain = build([], **BRANCHES)
+    full = build(all_objectives(), **BRANCHES)
+    assert list(full.objectives) == ["lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"]
+    data = batch()
+    for seed in range(3):
+        a, b = train_step(plain, data, seed=seed), train_step(full, data, seed=seed)
+        for name in ("lmvsd", "vmlsd"):
+            assert torch.equal(a.selections[name]["masked"], b.selections[name]["masked"])
+            assert torch.equal(a.selections[name]["kept"], b.selections[name]["kept"])
+        assert torch.equal(a.losses["seg"], b.losses["seg"])  # the main branch is untouched
+    again = train_step(full, data, seed=2)
+    assert torch.equal(again.selections["mask_grounding"]["masked"], b.selections["mask_grounding"]["masked"])
+    draws = {tuple(train_step(full, data, seed=s).selections["mask_grounding"]["masked"].flatten().tolist())
+             for s in range(6)}
+    assert len(draws) > 1, "Mask Grounding's words should come from the generator"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_objectives_train_every_parameter_and_eval_is_bit_identical(backend):
+    build, batch = BACKENDS[backend]
+    wrapper = build(all_objectives())
+    images, ids, target = batch()
+    out = train_step(wrapper, (images, ids, target))
+    assert set(out.losses) == {"seg", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"}
+    weights = {"seg": 1.0, "lmvsd": 0.75, "vmlsd": 0.1, "mask_grounding": 0.1, "cal": 0.1, "lang_rec": 0.1}
+    torch.testing.assert_close(out.loss, sum(w * out.losses[k] for k, w in weights.items()))
+    out.loss.backward()
+    assert_all_grads(wrapper)
+    bare_keys = set(wrapper.unwrap().state_dict())
+    assert not any(k.startswith("objectives") for k in bare_keys)
+    assert set(wrapper.state_dict()) == {"model." + k for k in bare_keys} | set(wrapper.added_state_dict())
+    assert set(wrapper.added_parameters()) <= set(wrapper.added_state_dict())
+    wrapper.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapper(images, ids), wrapper.unwrap()(images, ids))
+    reference = build([])  # the same bare weights without objectives
+    reference.unwrap().load_state_dict(wrapper.unwrap().state_dict())
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(reference(images, ids), wrapper(images, ids))
+
+
+def test_added_state_round_trip_with_all_objectives():
+    first, second = towers_wrapper(all_objectives(seed=1)), towers_wrapper(all_objectives(seed=2))
+    second.load_added_state_dict(first.added_state_dict())
+    for key, value in first.added_state_dict().items():
+        assert torch.equal(second.added_state_dict()[key], value), key
