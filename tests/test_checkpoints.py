@@ -96,7 +96,7 @@ def test_strict_load_lists_mismatching_keys():
     with pytest.raises(ValueError, match=r"lacks 5 of the model's keys: 'decoder.bn.bias'.*'decoder.bn.weight'"):
         load_bare_state_dict(with_bn, training)
     result = load_bare_state_dict(with_bn, training, strict=False)
-    assert len(result.missing_keys) == 5 and not result.unexpected_keys
+    assert "decoder.bn.weight" in result.missing_keys and not result.unexpected_keys
 
 
 # ----------------------------------------------------------------------------- open_clip
