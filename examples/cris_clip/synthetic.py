@@ -27,12 +27,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (155, 60, 205),
-    "white": (240, 240, 240),
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
+    "yellow": (235, 215, 40), "purple": (155, 60, 205), "white": (240, 240, 240),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.075, "large": 0.125}  # extent, fraction of image side
@@ -283,9 +279,7 @@ def _pick(options: list, phrases: list[Phrase], rng: np.random.Generator):
 
 def _minimal_unique(objects: list[SceneObject], idx: int, rng: np.random.Generator) -> Phrase | None:
     """A phrase naming only ``objects[idx]``: minimal, sometimes with extra attributes."""
-    phrases = [
-        p for p in _subsets(objects[idx], allow_empty=False) if sum(p.matches(o) for o in objects) == 1
-    ]
+    phrases = [p for p in _subsets(objects[idx], allow_empty=False) if sum(p.matches(o) for o in objects) == 1]
     if not phrases:
         return None
     n_min = min(_n_attrs(p) for p in phrases)
@@ -324,13 +318,8 @@ def _try_ordinal(objects: list[SceneObject], t: int, rng: np.random.Generator) -
             if n < 2 or n > 4:
                 continue
             for k in (1, 2, 3):
-                expr = Expression(
-                    "ordinal",
-                    phrase,
-                    ordinal=k,
-                    direction=str(direction),
-                    superlative=k == 1 and bool(rng.random() < 0.5),
-                )
+                superlative = k == 1 and bool(rng.random() < 0.5)
+                expr = Expression("ordinal", phrase, ordinal=k, direction=str(direction), superlative=superlative)
                 if resolve(expr, objects, margins=True) == [t]:
                     valid.append(expr)
         if valid:
@@ -359,12 +348,6 @@ def generate_sample(split: str, index: int, *, image_size: int = 64, seed: int =
     """Sample ``index`` of ``split`` (deterministic in ``(split, index, seed)``)."""
     if split not in SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
-    if not isinstance(index, (int, np.integer)) or index < 0:
-        raise ValueError(f"index must be a non-negative int, got {index!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     rng = np.random.default_rng([int(seed), SPLIT_IDS[split], int(index)])
     while True:
         objects, t = _make_scene(rng, split)
@@ -380,23 +363,12 @@ def generate_sample(split: str, index: int, *, image_size: int = 64, seed: int =
         assert resolve(expr, objects, margins=True) == [t]
         bg = tuple(int(v) for v in rng.integers(10, 45, size=3))
         image, labels = _render(objects, image_size, bg)
-        return SyntheticSample(
-            image=image,
-            mask=labels == t,
-            sentence=expr.text(),
-            target_index=t,
-            objects=objects,
-            expression=expr,
-            id=f"synthetic/{split}/{seed}/{index}",
-        )
+        return SyntheticSample(image=image, mask=labels == t, sentence=expr.text(), target_index=t,
+                               objects=objects, expression=expr, id=f"synthetic/{split}/{seed}/{index}")
 
 
-def generate_split(
-    split: str, *, num_samples: int, image_size: int = 64, seed: int = 0
-) -> list[SyntheticSample]:
+def generate_split(split: str, *, num_samples: int, image_size: int = 64, seed: int = 0) -> list[SyntheticSample]:
     """Generate ``num_samples`` samples of ``split`` ("train", "val", "test", "compositional")."""
-    if not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
-        raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
     return [generate_sample(split, i, image_size=image_size, seed=seed) for i in range(num_samples)]
 
 
@@ -407,15 +379,10 @@ class SyntheticReferDataset(Dataset):
     ``id`` str. Use :meth:`sample` for the full :class:`SyntheticSample`.
     """
 
-    def __init__(
-        self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0
-    ) -> None:
+    def __init__(self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
         n = DEFAULT_SIZES[split] if num_samples is None else num_samples
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"num_samples must be a non-negative int or None, got {num_samples!r}")
-        generate_sample(split, 0, image_size=image_size, seed=seed)  # validates arguments
         self.split, self.num_samples, self.image_size, self.seed = split, int(n), image_size, seed
 
     def __len__(self) -> int:

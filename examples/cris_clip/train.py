@@ -1,303 +1,297 @@
-"""Train the reference RIS model (CLIP ViT + CRIS head) with CM-MaskSD or as the baseline.
+"""Train the reference RIS model (open_clip ViT + CRIS head) with CM-MaskSD, or the baseline.
 
     python examples/cris_clip/train.py --preset demo               # offline, CPU, minutes
     torchrun --nproc_per_node 8 examples/cris_clip/train.py --preset vitb16 --pretrained openai \\
         --dataset refcoco --data-root data --batch-size 4 --amp bf16   # the paper's setting
 
-The same script runs single-process and under torchrun. Every epoch it validates (original
-image resolution, threshold 0.35), writes ``last.pt`` (and ``best.pt`` when the first
-``--eval-split`` improves) atomically, and at the end evaluates the best checkpoint on the test
-splits and writes ``metrics.json`` (percent) into ``--out``. ``--resume auto`` continues from
-``<out>/last.pt`` exactly where it stopped (same schedule, same data order, same masks).
+The same script runs alone and under torchrun. It reads top to bottom: distributed setup → data →
+model → masksd wrapper → optimiser and schedule → (resume) → training loop with validation and
+checkpoints every epoch → final evaluation of the best checkpoint → ``metrics.json``. Every
+setting is in ``config.py`` (``--help`` lists them). The masksd lines are marked ``# masksd``.
+
+Reproducibility: the weights are initialised from ``--seed`` (the same on every rank); the data
+order depends only on ``(seed, epoch)``; the masks of step ``s`` on rank ``r`` come from a
+``torch.Generator`` seeded from ``(seed, r, s)`` and passed to the wrapper. A checkpoint records
+``(epoch, step_in_epoch, global_step)``, and ``--resume auto`` continues from ``<out>/last.pt``
+taking exactly the steps an uninterrupted run takes (dropout, off in the demo, draws from torch's
+global generator and is not replayed).
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import math
+import os
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import engine
-from engine import DistEnv, TrainState, rank_print
+import torch
+import torch.distributed as dist
+from config import context_length, parse_args
+from data import RISDataset, eval_loader, raw_dataset, train_loader
+from evaluate import THRESHOLD, autocast, evaluate, format_table
+from model import build_model
 from torch import nn
-from transforms import Tokenizer
 
-RESUME_KEYS = ("preset", "image_size", "method", "dataset", "num_train", "synthetic_seed", "epochs",
-               "batch_size", "lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "min_lr_ratio",
-               "seed", "amp", "lmvsd", "vmlsd", "lmvsd_top_k", "lmvsd_ratio", "lmvsd_weight",
-               "vmlsd_top_k", "vmlsd_ratio", "vmlsd_weight", "no_masking", "supervision",
-               "unshared_decoder", "hard_targets")
+from masksd import MaskedSelfDistill
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine.add_model_args(p)
-    engine.add_data_args(p, training=True)
-    g = p.add_argument_group("optimisation (unset values take the preset's defaults)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (demo 4, paper 100)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="batch size PER PROCESS (demo 16; paper: 32 in total, e.g. 4 × 8 GPUs)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the head (demo 4e-3, paper 1e-5)")
-    g.add_argument("--backbone-lr-mult", type=float, default=None,
-                   help="lr multiplier of the CLIP towers (default: 0.1 with --pretrained as CRIS, "
-                        "1.0 for random init)")
-    g.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (demo 0, paper 5e-4)")
-    g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs before the cosine decay (demo 0.25, paper 10)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of the peak")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default: off)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast precision (fp16 uses a GradScaler; bf16 also works on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and masks")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimisation steps in total (counted over resumes; "
-                        "the schedule still spans --epochs); for tests and smoke runs")
-    r = p.add_argument_group("evaluation, output and resuming")
-    r.add_argument("--eval-split", nargs="+", default=None,
-                   help="splits validated every epoch; the first selects best.pt (default: val)")
-    r.add_argument("--test-split", nargs="+", default=None,
-                   help="splits evaluated at the end with best.pt (default: test compositional for "
-                        "synthetic, testA testB for refcoco/refcoco+, test for refcocog; "
-                        "'none' to skip)")
-    r.add_argument("--eval-resolution", choices=("original", "model", "both"), default="original",
-                   help="compare masks at the original image size (CRIS, default), at the model's "
-                        "input size (LAVT), or both")
-    r.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: --batch-size)")
-    r.add_argument("--out", default=None, help="output folder (default runs/<preset>-<method>)")
-    r.add_argument("--resume", default=None,
-                   help="checkpoint to continue from, or 'auto' for <out>/last.pt if it exists")
-    r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    r.add_argument("--no-progress", action="store_true",
-                   help="no tqdm progress bars (they are shown only when stderr is a terminal)")
-    r.add_argument("--check-replicas", action="store_true",
-                   help="write every rank's final parameter hash to <out>/replicas/rank<k>.json "
-                        "(DDP consistency check)")
-    return p
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the mask draws of optimisation step ``step`` on ``rank``."""
+    return (seed * 1_000_003 + rank * 10_007 + step * 7_919 + 12_345) % 2**63
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    for key, value in engine.PRESET_DEFAULTS[args.preset].items():
-        if key == "num_train" and args.dataset != "synthetic":
-            continue
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.backbone_lr_mult is None:
-        args.backbone_lr_mult = 0.1 if args.pretrained else 1.0
-    if args.eval_split is None:
-        args.eval_split = engine.default_eval_splits(args.dataset)
-    if args.test_split is None:
-        args.test_split = engine.default_test_splits(args.dataset)
-    if args.test_split == ["none"]:
-        args.test_split = []
-    if args.out is None:
-        args.out = f"runs/{args.preset}-{args.method}"
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size
-    if not sys.stderr.isatty():
-        args.no_progress = True
-    return args
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up ``(step+1)/warmup``, then cosine decay from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolutions(args: argparse.Namespace) -> list[str]:
-    return ["original", "model"] if args.eval_resolution == "both" else [args.eval_resolution]
+def save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
-def run_evaluation(model: nn.Module, loaders: dict[str, Any], args: argparse.Namespace,
-                   env: DistEnv) -> dict[str, dict[str, dict[str, float]]]:
-    """``{resolution: {split: percent metrics}}``."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for res in resolutions(args):
-        out[res] = {}
-        for split, loader in loaders.items():
-            m = engine.evaluate(model, loader, device=env.device, amp=args.amp, resolution=res,
-                                progress=env.is_main and not args.no_progress, desc=f"eval {split}")
-            out[res][split] = engine.as_percent(m)
-    return out
-
-
-def find_resume(args: argparse.Namespace) -> Path | None:
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        path = Path(args.out) / "last.pt"
-        return path if path.is_file() else None
-    return Path(args.resume)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train; returns the metrics dictionary written to ``metrics.json`` (rank 0; {} elsewhere)."""
-    args = parse_args(argv)
-    env = engine.setup_distributed(args.device)
+def link(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, else a copy), replacing it atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
-        return run(args, env)
-    finally:
-        engine.cleanup_distributed()
+        os.link(src, tmp)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
-def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    engine.seed_everything(args.seed)  # identical initialisation on every rank
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv, description=__doc__)
+    o, r = cfg.optim, cfg.run
+    started = time.perf_counter()
 
-    resume_path = find_resume(args)
-    bare, module = engine.build_training_model(args, pretrained=None if resume_path else args.pretrained)
-    module.to(env.device)
-    image_size = engine.model_image_size(bare)
-    ctx = engine.context_length(args.dataset)
-    tokenizer = Tokenizer(context_length=ctx)
-    meta = {"image_size": image_size, "context_length": ctx, "world_size": env.world_size}
+    # ---- distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE --------------------------
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if r.device == "auto" else r.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log = functools.partial(print, flush=True) if master else (lambda *args, **kwargs: None)
+    out = Path(r.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(o.seed)  # the same initial weights on every rank
 
-    train_set = engine.build_dataset(args, "train", image_size=image_size, tokenizer=tokenizer)
-    loader = engine.train_loader(train_set, batch_size=args.batch_size, env=env, seed=args.seed,
-                                 workers=args.workers)
-    eval_loaders = {
-        s: engine.eval_loader(engine.build_dataset(args, s, image_size=image_size, tokenizer=tokenizer),
-                              batch_size=args.eval_batch_size, env=env, workers=args.workers)
-        for s in args.eval_split
-    }
-    per_epoch = engine.steps_per_epoch(loader)
-    if per_epoch == 0:
-        raise ValueError(f"the training split has fewer samples per rank than --batch-size {args.batch_size}")
-    total_steps = per_epoch * args.epochs
-    optimizer = engine.build_optimizer(module, bare, lr=args.lr, weight_decay=args.weight_decay,
-                                       backbone_lr_mult=args.backbone_lr_mult)
-    scheduler = engine.build_scheduler(optimizer, total_steps=total_steps,
-                                       warmup_steps=round(args.warmup_epochs * per_epoch),
-                                       min_ratio=args.min_lr_ratio)
-    scaler = engine.build_scaler(env.device, args.amp)
-    state = TrainState()
-    if resume_path is not None:
-        ckpt = engine.load_checkpoint(resume_path)
-        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RESUME_KEYS
-                   if ckpt["args"].get(k) != getattr(args, k)}
-        if ckpt.get("meta", {}).get("world_size", env.world_size) != env.world_size:
-            changed["world_size"] = (ckpt["meta"]["world_size"], env.world_size)  # changes the schedule
+    # ---- resume? Everything but `run` shapes the trajectory and must match the checkpoint's -----
+    resume = out / "last.pt" if r.resume == "auto" else (Path(r.resume) if r.resume else None)
+    ckpt = None
+    if resume is not None and resume.is_file():
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        saved, now = ckpt["config"], cfg.to_dict()
+        changed = {f"{s}.{k}": (saved[s].get(k), v) for s in ("model", "distill", "data", "optim")
+                   for k, v in now[s].items() if saved[s].get(k) != v}
+        if (ckpt["world_size"], saved["preset"]) != (world, now["preset"]):
+            changed["world_size, preset"] = ((ckpt["world_size"], saved["preset"]), (world, now["preset"]))
         if changed:
-            raise SystemExit(f"--resume {resume_path}: these settings differ from the checkpoint's "
-                             f"(checkpoint, now): {changed}")
-        state = engine.restore_training(ckpt, module, optimizer, scheduler, scaler)
-        del ckpt
-        rank_print(env, f"resumed from {resume_path}: epoch {state.epoch + 1}, step {state.global_step}")
-    elif args.resume == "auto":
-        rank_print(env, f"--resume auto: no {out / 'last.pt'}, starting from scratch")
+            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): {changed}")
+    elif r.resume == "auto":
+        log(f"--resume auto: no {resume}, starting from scratch")
+    elif resume is not None:
+        raise SystemExit(f"--resume {resume}: no such file")
 
-    ddp: nn.Module = module
-    if env.distributed:
-        ids = [env.local_rank] if env.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    # ---- data ------------------------------------------------------------------------------------
+    size, ctx, pin = cfg.model.image_size, context_length(cfg), device.type == "cuda"
+    train_set = RISDataset(raw_dataset(cfg.data, "train"), image_size=size, context_length=ctx, train=True)
+    loader = train_loader(train_set, batch_size=o.batch_size, rank=rank, world_size=world, seed=o.seed,
+                          workers=r.workers, pin_memory=pin)
 
-    first = args.eval_split[0]
-    trivial = {res: {name: engine.as_percent(m) for name, m in
-                     engine.trivial_scores(eval_loaders[first], resolution=res).items()}
-               for res in resolutions(args)}
-    rank_print(env, f"preset {args.preset} ({engine.count_parameters(bare) / 1e6:.2f} M parameters, "
-               f"{image_size}px), method {args.method}, dataset {args.dataset} "
-               f"({len(train_set)} train), {env.world_size} process(es) on {env.device}")
-    rank_print(env, f"{args.epochs} epochs × {per_epoch} steps of {args.batch_size}×{env.world_size}; "
-               f"lr {args.lr:g} (backbone ×{args.backbone_lr_mult:g}), warm-up {args.warmup_epochs:g} "
-               f"epochs, cosine; amp {args.amp}")
-    rank_print(env, f"trivial predictors on {first} ({resolutions(args)[0]} resolution, percent):\n"
-               + engine.format_table(trivial[resolutions(args)[0]]))
+    def split_loader(split: str):
+        dataset = RISDataset(raw_dataset(cfg.data, split), image_size=size, context_length=ctx, train=False)
+        return eval_loader(dataset, batch_size=r.eval_batch_size, rank=rank, world_size=world,
+                           workers=r.workers, pin_memory=pin)
 
-    def save(name: str) -> None:
-        if env.is_main:
-            engine.atomic_save(engine.make_checkpoint(module, optimizer, scheduler, scaler, state, args,
-                                                      sampler_epoch=state.epoch, meta=meta), out / name)
+    val_loaders = {split: split_loader(split) for split in r.eval_split}
+    steps_per_epoch = loader.sampler.num_samples // o.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training split has fewer samples per rank than --batch-size {o.batch_size}")
 
-    stopped = args.max_steps is not None and state.global_step >= args.max_steps
-    while state.epoch < args.epochs and not stopped:
-        epoch = state.epoch
-        stats = engine.train_one_epoch(ddp, loader, optimizer, scheduler, scaler, state, env=env,
-                                       method=args.method, seed=args.seed, amp=args.amp,
-                                       max_steps=args.max_steps, grad_clip=args.grad_clip,
-                                       progress=not args.no_progress, epochs=args.epochs)
-        stopped = args.max_steps is not None and state.global_step >= args.max_steps
-        engine.broadcast_buffers(module, env)
-        results = run_evaluation(module, eval_loaders, args, env)
-        score = results[resolutions(args)[0]][first]["miou"]
-        record = {"epoch": epoch + 1, "global_step": state.global_step, "partial": state.epoch == epoch,
-                  "lr": optimizer.param_groups[-1]["lr"],
-                  "train": {k: round(v, 5) for k, v in stats.items()}, "eval": results}
-        state.history.append(record)
-        improved = math.isfinite(score) and score > state.best_metric
+    # ---- model, wrapped by masksd (--method baseline: the same wrapper with both branches off) --
+    model = build_model(replace(cfg.model, pretrained=None) if ckpt else cfg.model)  # bare RISModel
+    wrapper = MaskedSelfDistill(  # masksd
+        model.image_tower, model.text_tower, model.decoder, **cfg.distill.wrapper_kwargs())
+    wrapper.to(device)
+
+    # ---- optimiser and schedule: Adam, the CLIP towers at lr × backbone_lr_mult (CRIS) ----------
+    backbone = {id(p) for tower in (model.image_tower, model.text_tower) for p in tower.parameters()}
+    params = [p for p in wrapper.parameters() if p.requires_grad]  # + the mask tokens
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in params if id(p) in backbone], "lr": o.lr * o.backbone_lr_mult},
+        {"params": [p for p in params if id(p) not in backbone], "lr": o.lr},
+    ], lr=o.lr, weight_decay=o.weight_decay)
+    total_steps = steps_per_epoch * o.epochs
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=warmup, total=total_steps, min_ratio=o.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=o.amp == "fp16")
+
+    # ---- resume: weights, optimiser, schedule and progress counters -----------------------------
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_miou": -math.inf, "best_epoch": None,
+             "best_step": None, "best_eval": {}, "history": []}
+    if ckpt is not None:
+        wrapper.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        ckpt = None
+        log(f"resumed from {resume}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+    ddp = nn.parallel.DistributedDataParallel(
+        wrapper, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else wrapper
+
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"preset {cfg.preset} ({n_params:.2f} M parameters, {size}px), method {cfg.distill.method}, dataset "
+        f"{cfg.data.dataset} ({len(train_set)} train), {world} process(es) on {device}")
+    log(f"{o.epochs} epochs × {steps_per_epoch} steps of {o.batch_size}×{world}; lr {o.lr:g} (backbone "
+        f"×{o.backbone_lr_mult:g}), warm-up {o.warmup_epochs:g} epochs, cosine; amp {o.amp}")
+    resolutions = ("original", "model") if r.eval_resolution == "both" else (r.eval_resolution,)
+    primary, first = resolutions[0], r.eval_split[0]
+    progress = r.progress and master and sys.stderr.isatty()
+
+    # ---- training loop ---------------------------------------------------------------------------
+    stopped = r.max_steps is not None and state["global_step"] >= r.max_steps
+    while state["epoch"] < o.epochs and not stopped:
+        epoch, epoch_start = state["epoch"], time.perf_counter()
+        wrapper.train()
+        loader.sampler.set_epoch(epoch, start=state["step_in_epoch"] * o.batch_size)
+        remaining = min(len(loader), math.inf if r.max_steps is None else r.max_steps - state["global_step"])
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, dynamic_ncols=True)
+        sums, steps = None, 0  # loss terms summed on the device; read at log intervals only
+        for images, texts, masks in loader:
+            if steps >= remaining:
+                break
+            generator = torch.Generator(device).manual_seed(step_seed(o.seed, rank, state["global_step"]))
+            images, texts, masks = (x.to(device, non_blocking=True) for x in (images, texts, masks))
+            with autocast(device, o.amp):
+                result = ddp(images, texts, masks, generator=generator)  # masksd: DistillOutput
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(result.loss).backward()
+            if o.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(wrapper.parameters(), o.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            terms = torch.stack(list(result.losses.values())).double()  # seg [, lmvsd, vmlsd]
+            sums = terms if sums is None else sums + terms
+            steps += 1
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            if bar is not None:
+                bar.update(1)
+            if steps % r.log_interval == 0:  # the loop's only device→host read
+                means = (sums / steps).tolist()
+                if not all(map(math.isfinite, means)):
+                    raise FloatingPointError(f"non-finite loss by step {state['global_step']}: {means}")
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in zip(result.losses, means)}, refresh=False)
+        if bar is not None:
+            bar.close()
+        stopped = r.max_steps is not None and state["global_step"] >= r.max_steps
+        if state["step_in_epoch"] >= steps_per_epoch:
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        train_terms = dict(zip(result.losses, (sums / steps).tolist())) if steps else {}
+        seconds = time.perf_counter() - epoch_start
+
+        # ---- validate (rank 0's BatchNorm statistics on every rank; DDP keeps them per rank) ----
+        if world > 1:
+            for buffer in wrapper.buffers():
+                dist.broadcast(buffer, 0)
+        results = {split: evaluate(model, val_loader, device=device, amp=o.amp, resolutions=resolutions)
+                   for split, val_loader in val_loaders.items()}
+        m = results[first][primary]["prediction"]
+        improved = math.isfinite(m["miou"]) and m["miou"] > state["best_miou"]
         if improved:
-            state.best_metric, state.best_epoch = score, epoch + 1
-            save("best.pt")
-        save("last.pt")
-        terms = " ".join(f"{k} {stats[k]:.4f}" for k in ("seg", "lmvsd", "vmlsd") if k in stats)
-        m = results[resolutions(args)[0]][first]
-        rank_print(env, f"epoch {epoch + 1:>3}/{args.epochs} step {state.global_step:>6} | {terms} | "
-                   f"{first} mIoU {m['miou']:.2f} oIoU {m['oiou']:.2f} P@0.5 {m['prec@0.5']:.2f} "
-                   f"P@0.9 {m['prec@0.9']:.2f}{' *' if improved else ''} | {stats['seconds']:.0f}s")
+            state.update(best_miou=m["miou"], best_epoch=epoch + 1, best_step=state["global_step"], best_eval=results)
+        state["history"].append({
+            "epoch": epoch + 1, "global_step": state["global_step"], "partial": state["epoch"] == epoch,
+            "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 1),
+            "train": {k: round(v, 5) for k, v in train_terms.items()},
+            "eval": {split: {res: by[res]["prediction"] for res in resolutions} for split, by in results.items()},
+        })
 
-    if args.check_replicas:
-        digest = engine.parameter_digest(module)
-        path = out / "replicas" / f"rank{env.rank}.json"
-        engine.barrier(env)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        engine.atomic_write_json({"rank": env.rank, "world_size": env.world_size,
-                                  "global_step": state.global_step, "sha256": digest}, path)
+        # ---- checkpoint: written once; best.pt is a link to it -----------------------------------
+        if master:
+            save({"model": wrapper.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                  "config": cfg.to_dict(), "world_size": world}, out / "last.pt")
+            if improved:
+                link(out / "last.pt", out / "best.pt")
+        terms = " ".join(f"{k} {v:.4f}" for k, v in train_terms.items())
+        log(f"epoch {epoch + 1:>3}/{o.epochs} step {state['global_step']:>6} | {terms} | {first} mIoU "
+            f"{m['miou']:.2f} oIoU {m['oiou']:.2f} P@0.5 {m['prec@0.5']:.2f} P@0.9 {m['prec@0.9']:.2f}"
+            f"{' *' if improved else ''} | {seconds:.0f}s")
 
-    # final evaluation with the best checkpoint
-    engine.barrier(env)
+    if r.check_replicas and world > 1:  # DDP keeps replicas identical: check it bit for bit
+        flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, 0)
+        same = torch.tensor(float(torch.equal(flat, reference)), device=device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        if not same.item():
+            raise RuntimeError("DDP replicas differ after training")
+        log(f"replicas identical on {world} ranks ({flat.numel()} parameters)")
+
+    # ---- final evaluation: the best checkpoint on the test splits --------------------------------
     best = out / "best.pt"
-    if env.is_main and best.is_file():
-        module.load_state_dict(engine.load_checkpoint(best)["model"])
-    engine.broadcast_state(module, env)  # rank 0's file reaches every rank (no shared disk needed)
-    test_loaders = {
-        s: engine.eval_loader(engine.build_dataset(args, s, image_size=image_size, tokenizer=tokenizer),
-                              batch_size=args.eval_batch_size, env=env, workers=args.workers)
-        for s in args.test_split if s not in eval_loaders
-    }
-    final = run_evaluation(module, {**eval_loaders, **test_loaders}, args, env)
-    wall = time.perf_counter() - t0
-    primary = resolutions(args)[0]
-    metrics: dict[str, Any] = {
+    if world > 1:
+        dist.barrier()
+    if state["best_step"] is not None and state["best_step"] != state["global_step"]:
+        if master:
+            wrapper.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
+        if world > 1:  # rank 0's file reaches every rank (no shared disk needed)
+            for tensor in wrapper.state_dict().values():
+                dist.broadcast(tensor, 0)
+    final = dict(state["best_eval"])  # the validation splits were scored at the best epoch
+    for split in r.test_split:
+        if split not in final:
+            final[split] = evaluate(model, split_loader(split), device=device, amp=o.amp, resolutions=resolutions)
+    if world > 1:
+        dist.destroy_process_group()
+    if not master:
+        return
+    wall = time.perf_counter() - started
+    splits = {split: by[primary]["prediction"] for split, by in final.items()}
+    trivial = {name: final[first][primary][name] for name in ("all_background", "whole_image")}
+    metrics = {
         "units": "percent",
-        "protocol": {
-            "resolution": primary,
-            "threshold": engine.EVAL_THRESHOLD,
-            "prec_compare": ">=",
-            "note": "sigmoid of the bare model's logits, warped back to the original image size "
-                    "(resolution=original) or upsampled to the model input (resolution=model), "
-                    "binarised at 0.35; miou = mean per-sentence IoU, oiou = cumulative I / cumulative "
-                    "U, prec@X = share of sentences with IoU >= X; see docs/metrics.md",
-        },
-        "preset": args.preset,
-        "method": args.method,
-        "dataset": args.dataset,
-        "best_epoch": state.best_epoch,
-        "best_metric": {"split": first, "name": "miou", "value": state.best_metric},
-        "global_step": state.global_step,
-        "splits": final[primary],
-        "trivial": {first: trivial[primary]},
-        "history": state.history,
-        "wall_time_s": round(wall, 1),
-        "world_size": env.world_size,
-        "args": engine.plain_args(args),
+        "protocol": {"resolution": primary, "threshold": THRESHOLD, "prec_compare": ">=", "doc": "docs/metrics.md"},
+        "preset": cfg.preset, "method": cfg.distill.method, "dataset": cfg.data.dataset,
+        "best_epoch": state["best_epoch"],
+        "best_metric": {"split": first, "name": "miou", "value": state["best_miou"]},
+        "global_step": state["global_step"], "splits": splits, "trivial": {first: trivial},
+        "history": state["history"], "wall_time_s": round(wall, 1), "world_size": world, "config": cfg.to_dict(),
     }
-    if "model" in final and primary != "model":
-        metrics["splits_model_resolution"] = final["model"]
-        metrics["trivial_model_resolution"] = {first: trivial["model"]}
-    if env.is_main:
-        engine.atomic_write_json(metrics, out / "metrics.json")
-        print(f"\nbest epoch {state.best_epoch} ({first} mIoU {state.best_metric:.2f}); "
-              f"best.pt on every split ({primary} resolution, percent):")
-        rows = dict(final[primary])
-        rows.update({f"{k} ({first})": v for k, v in trivial[primary].items()})
-        print(engine.format_table(rows))
-        print(f"wall time {int(wall // 60)} min {wall % 60:.0f} s ({wall:.1f} s); wrote {out / 'metrics.json'}, "
-              f"{out / 'last.pt'}, {out / 'best.pt'}", flush=True)
-        return json.loads(json.dumps(metrics))
-    return {}
+    if len(resolutions) == 2:
+        metrics["splits_model_resolution"] = {split: by["model"]["prediction"] for split, by in final.items()}
+        metrics["trivial_model_resolution"] = {first: {k: final[first]["model"][k] for k in trivial}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"\nbest epoch {state['best_epoch']} ({first} mIoU {state['best_miou']:.2f}); best.pt on every split "
+          f"({primary} resolution, percent):")
+    print(format_table({**splits, **{f"{k} ({first})": v for k, v in trivial.items()}}))
+    print(f"wall time {int(wall // 60)} min {wall % 60:.0f} s ({wall:.1f} s); wrote {out / 'metrics.json'}, "
+          f"{out / 'last.pt'}, {best}", flush=True)
 
 
 if __name__ == "__main__":
