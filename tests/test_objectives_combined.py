@@ -13,8 +13,9 @@ from objective_models import (
     towers_wrapper,
     train_step,
 )
+from tiny_models import EOT, SOT
 
-from masksd import LMVSDConfig, VMLSDConfig
+from masksd import CrossModalAlignment, CrossModalAlignmentConfig, LMVSDConfig, VMLSDConfig
 
 BACKENDS = {"towers": (towers_wrapper, towers_batch), "hooks": (hooks_wrapper, hooks_batch)}
 BRANCHES = dict(lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5))
@@ -71,3 +72,29 @@ def test_added_state_round_trip_with_all_objectives():
     second.load_added_state_dict(first.added_state_dict())
     for key, value in first.added_state_dict().items():
         assert torch.equal(second.added_state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nothing_to_supervise_still_reaches_every_added_parameter(backend):
+    """Empty masks (no alignment sample, no mask centre) and, for towers, sentences without a word."""
+    build, batch = BACKENDS[backend]
+    fused_cal = CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=16, fused_dim=16,
+                                    name="cal_fused")
+    wrapper = build([*all_objectives(), fused_cal])
+    images, ids, target = batch()
+    if backend == "towers":
+        ids = torch.zeros_like(ids)
+        ids[:, :2] = torch.tensor([SOT, EOT])
+    out = train_step(wrapper, (images, ids, torch.zeros_like(target)))
+    assert not out.selections["cal"]["valid"].any() and not out.selections["cal_fused"]["valid"].any()
+    assert out.losses["cal"] == 0 and out.losses["cal_fused"] == 0
+    if backend == "towers":
+        assert out.losses["mask_grounding"] == 0 and out.losses["lang_rec"] == 0
+    out.loss.backward()
+    assert_all_grads(wrapper, prefix="objectives.")
+
+
+def test_check_report_with_all_objectives_asks_for_no_unused_parameters():
+    wrapper = hooks_wrapper(all_objectives())
+    report = wrapper.check(*hooks_batch()[:2], target=hooks_batch()[2])
+    assert report.no_grad == [] and not report.ddp_find_unused_parameters
