@@ -6,8 +6,9 @@ decoder)``, to train with the LMVSD and VMLSD objectives; at inference the bare 
 """
 
 from masksd.check import WrapReport
+from masksd.checkpoints import bare_state_dict, load_bare_state_dict, open_clip_state_dict
 from masksd.config import DistillConfig
-from masksd.losses import consistency_loss, segmentation_loss
+from masksd.losses import check_binary_target, consistency_loss, segmentation_loss
 from masksd.objectives import (
     BranchConfig,
     CrossModalAlignment,
@@ -59,6 +60,10 @@ __all__ = [
     "VMLSDConfig",
     "WrapReport",
     "__version__",
+    "bare_state_dict",
+    "check_binary_target",
+    "load_bare_state_dict",
+    "open_clip_state_dict",
     "consistency_loss",
     "segmentation_loss",
     "wrap",

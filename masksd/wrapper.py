@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from masksd.backends.base import Backend, running_stats_frozen
 from masksd.backends.hooks import HookBackend
 from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
+from masksd.checkpoints import ADDED_PREFIX
 from masksd.config import DistillConfig
 from masksd.losses import segmentation_loss
 from masksd.objectives.base import DistillContext, Objective
@@ -48,7 +49,6 @@ from masksd.towers import Decoder, RISModel
 
 __all__ = ["DistillOutput", "MaskedSelfDistill", "wrap"]
 
-ADDED_PREFIX = "objectives."
 
 
 @dataclass
@@ -293,15 +293,19 @@ class MaskedSelfDistill(nn.Module):
             backend=self.backend,
             output=main.output,
         )
-        total = self.seg_weight * seg
-        losses = {"seg": seg.detach()}
+        terms = {"seg": seg}
         selections: dict[str, dict[str, Any]] = {}
         with running_stats_frozen(self.model):
             for name, objective in self.objectives.items():
                 result = objective(context)
-                total = total + objective.weight * result.loss.float()
-                losses[name] = result.loss.detach()
+                terms[name] = result.loss.float()
                 selections[name] = result.info
+        # The weighted sum and the detached copies only now: a compiled region must not return a
+        # loss and its detached copy (or 1.0 * loss) as two outputs (docs/troubleshooting.md).
+        total = self.seg_weight * terms["seg"]
+        for name, objective in self.objectives.items():
+            total = total + objective.weight * terms[name]
+        losses = {name: term.detach() for name, term in terms.items()}
         output = main.output if isinstance(self.backend, HookBackend) else None
         return DistillOutput(logits=main.logits, loss=total, losses=losses, selections=selections, output=output)
 

@@ -173,6 +173,11 @@ class HFCLIPTextTower(nn.Module):
             feature_layers, int(config.num_hidden_layers), "feature_layers"
         )
 
+    @property
+    def word_embedding(self) -> nn.Embedding:
+        """The input word table (objectives such as Mask Grounding tie their output layer to it)."""
+        return self.text_model.embeddings.token_embedding
+
     def _inputs(self, inputs: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(inputs, Mapping):
             if "input_ids" not in inputs:
