@@ -30,10 +30,9 @@ from masksd.backends.base import (
     Modality,
     as_tensor_loss,
     check_logits,
-    rng_devices,
-    running_stats_frozen,
 )
 from masksd.backends.hook_features import HookCapabilities
+from masksd.backends.hook_probe import DEPENDS, MODALITIES, OTHER, FusionProbe
 from masksd.backends.taps import (
     Replay,
     expand_patterns,
@@ -53,21 +52,7 @@ from masksd.towers import Embedded, Encoded
 
 __all__ = ["HookBackend", "refuse_wrapped"]
 
-MODALITIES: tuple[Modality, Modality] = ("image", "text")
-OTHER: dict[str, Modality] = {"image": "text", "text": "image"}
-DEPENDS = {  # declared fusion -> (image depends on text, text depends on image)
-    "late": (False, False),
-    "text->image": (True, False),
-    "image->text": (False, True),
-    "bidirectional": (True, True),
-}
-
-
-def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
-    return {v: k for k, v in DEPENDS.items()}[(image_on_text, text_on_image)]
-
-
-class HookBackend(HookCapabilities, Backend):
+class HookBackend(FusionProbe, HookCapabilities, Backend):
     """Backend of ``masksd.wrap(model, spec)`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, spec: HookSpec) -> None:
@@ -259,45 +244,6 @@ class HookBackend(HookCapabilities, Backend):
 
     def _logits(self, output: Any, where: str) -> Tensor:
         return check_logits(self._tap(self.spec.logits, output, "HookSpec.logits"), two_class=self.spec.two_class, where=where)
-
-    def probe(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, bool | None]:
-        """Find which modality depends on which (see the module docstring); cached."""
-        if self.depends is not None:
-            return self.depends
-        with torch.random.fork_rng(devices=rng_devices(self.model)), running_stats_frozen(self.model):
-            self._leaves.clear()
-            self._cache.clear()
-            self._forward("probe", args, kwargs)
-            captured = {key: list(values) for key, values in self._values.items()}
-            depends: dict[str, bool | None] = {}
-            for m in self._modalities:
-                other = OTHER[m]
-                if other not in self._leaves:
-                    depends[m] = None
-                    continue
-                if self._reuse[m]:
-                    values = [v for path, _ in self._reuse[m] for v in self._cache.get(path, [])]
-                else:
-                    tap = self.spec.modality(m).tokens
-                    values = captured.get((tap.module, tap.kind), []) if tap is not None else []
-                tensors = [t for t in flatten_tensors(values) if t.requires_grad]
-                if not tensors:  # features that need no gradient at all depend on nothing
-                    depends[m] = None if not values else False
-                    continue
-                total = torch.stack([t.float().sum() for t in tensors]).sum()
-                grad = torch.autograd.grad(total, self._leaves[other], allow_unused=True, retain_graph=True)[0]
-                depends[m] = grad is not None
-        self._leaves.clear()
-        self._cache.clear()
-        self.depends = depends
-        return depends
-
-    def fusion(self) -> str:
-        """``"late"``, ``"text->image"``, ``"image->text"`` or ``"bidirectional"`` (after the probe)."""
-        depends = self.depends or {}
-        if any(depends.get(m) is None for m in MODALITIES):
-            return "unknown (declare reuse modules or scoring taps for both modalities to probe it)"
-        return _fusion_name(bool(depends["image"]), bool(depends["text"]))
 
     def run_main(self, args, kwargs, target):  # type: ignore[override]
         self.probe(args, kwargs)
