@@ -1,18 +1,21 @@
 """Every setting of a run in one place: one :class:`Config` per preset, and the command line
 generated from the dataclasses.
 
-A :class:`Config` nests ``model`` (:class:`model.ModelConfig`), ``distill`` (:class:`DistillConfig`,
-the masksd settings), ``data`` (:class:`data.DataConfig`), ``optim`` (:class:`OptimConfig`) and
-``run`` (:class:`RunConfig`). Every field with a ``help`` text is a flag (``lmvsd_top_k`` →
-``--lmvsd-top-k``; booleans get ``--x/--no-x``); a flag left out keeps the preset's value. The
-checkpoint stores ``config.to_dict()``, and ``Config.from_dict`` rebuilds it for evaluation,
-prediction and resuming. Everything except ``run`` decides the training trajectory, so a resumed
-run must match the checkpoint in all of it.
+A :class:`Config` holds ``method`` and five dataclasses: ``model`` (:class:`model.ModelConfig`),
+``distill`` (``masksd.DistillConfig``, the wrapper's own configuration), ``data``
+(:class:`data.DataConfig`), ``optim`` (:class:`OptimConfig`) and ``run`` (:class:`RunConfig`).
+Every field with a help text is a flag (``lr`` → ``--lr``; booleans get ``--x/--no-x``); a
+nested dataclass gets prefixed flags (``distill.lmvsd.top_k`` → ``--lmvsd-top-k``) and, when it
+may be None, an on/off flag (``--no-vmlsd``). A flag left out keeps the preset's value. The
+checkpoint stores ``config.to_dict()`` and ``Config.from_dict`` rebuilds it; everything except
+``run`` shapes the training trajectory, so a resumed run must match the checkpoint in all of it
+(:func:`trajectory_changes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -21,45 +24,29 @@ from typing import Any, Literal
 from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
 from model import MODEL_CONFIGS, ModelConfig
 
-from masksd import LMVSDConfig, VMLSDConfig
-
-_L, _V = LMVSDConfig(), VMLSDConfig()  # the paper's defaults (Tables III and IV)
+from masksd import DistillConfig
 
 
-def _help(text: str, default: Any = None, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": text, **extra})
+def _help(text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": text})
 
 
-@dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """The masksd settings; :meth:`wrapper_kwargs` turns them into ``MaskedSelfDistill`` arguments."""
-
-    method: Literal["masksd", "baseline"] = _help(
-        "masksd: LMVSD + VMLSD branches; baseline: the same wrapper with both branches off", "masksd")
-    lmvsd: bool = _help("run the LMVSD branch (language-guided masked visual self-distillation)", True)
-    lmvsd_top_k: float = _help("LMVSD: fraction of image tokens kept by correlation filtering", _L.top_k)
-    lmvsd_ratio: float = _help("LMVSD: fraction α of the kept tokens that are masked", _L.ratio)
-    lmvsd_weight: float = _help("LMVSD: loss weight λ1", _L.weight)
-    vmlsd: bool = _help("run the VMLSD branch (visual-guided masked language self-distillation)", True)
-    vmlsd_top_k: float = _help("VMLSD: fraction of words kept by correlation filtering", _V.top_k)
-    vmlsd_ratio: float = _help("VMLSD: fraction α of the kept words that are masked", _V.ratio)
-    vmlsd_weight: float = _help("VMLSD: loss weight λ2", _V.weight)
-    masking: bool = _help("mask the kept tokens (--no-masking: the Table V ablation, branches re-encode "
-                          "unmasked tokens)", True)
-    supervision: Literal["distill", "ground_truth"] = _help(
-        "branch targets: the main prediction (paper) or the ground truth (Table VI ablation)", "distill")
-    unshared_decoder: bool = _help("ablation (Table VII): each branch gets its own decoder copy", False)
-    hard_targets: bool = _help("binarise the teacher prediction at 0.5 instead of soft probabilities", False)
-
-    def wrapper_kwargs(self) -> dict[str, Any]:  # masksd
-        """Keyword arguments of ``masksd.MaskedSelfDistill`` (a branch that is off is ``None``)."""
-        on = self.method == "masksd"
-        lmvsd = LMVSDConfig(top_k=self.lmvsd_top_k, ratio=self.lmvsd_ratio, weight=self.lmvsd_weight,
-                            masking=self.masking) if on and self.lmvsd else None
-        vmlsd = VMLSDConfig(top_k=self.vmlsd_top_k, ratio=self.vmlsd_ratio, weight=self.vmlsd_weight,
-                            masking=self.masking) if on and self.vmlsd else None
-        return dict(lmvsd=lmvsd, vmlsd=vmlsd, supervision=self.supervision,
-                    share_decoder=not self.unshared_decoder, hard_targets=self.hard_targets)
+# help texts of masksd.DistillConfig's fields and of its branches' (LMVSDConfig / VMLSDConfig)
+LIBRARY_HELP = {
+    "lmvsd": "the LMVSD branch (language-guided masked visual self-distillation)",
+    "vmlsd": "the VMLSD branch (visual-guided masked language self-distillation)",
+    "top_k": "fraction of the tokens kept by correlation filtering",
+    "ratio": "fraction α of the kept tokens that are masked",
+    "weight": "loss weight λ",
+    "masking": "mask the kept tokens (off: the Table V ablation, the branch re-encodes unmasked tokens)",
+    "metric": "correlation: dot (paper) or cosine",
+    "scorer": "how tokens are ranked before top-K: correlation (paper), prediction or random",
+    "supervision": "branch targets: the main prediction (distill, paper) or the ground truth (Table VI)",
+    "share_decoder": "the branches use the model's decoder (off: each its own copy, Table VII ablation)",
+    "hard_targets": "binarise the teacher prediction at --threshold instead of soft probabilities",
+    "threshold": "probability threshold of --hard-targets",
+    "seg_weight": "weight of the main segmentation loss",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,22 +90,25 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """A whole run. ``PRESETS`` holds one per preset; ``parse_args`` applies the flags."""
+    """A whole run. ``PRESETS`` holds one per preset; :func:`parse_args` applies the flags."""
 
     preset: str
+    method: Literal["masksd", "baseline"] = _help(
+        "masksd: LMVSD + VMLSD; baseline: the same wrapper with both branches off", "masksd")
     model: ModelConfig
-    distill: DistillConfig = DistillConfig()
+    distill: DistillConfig = field(default_factory=DistillConfig)  # masksd: paper defaults
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "distill": self.distill.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return cls(preset=d["preset"], model=ModelConfig(**d["model"]), distill=DistillConfig(**d["distill"]),
-                   data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]), run=RunConfig(**d["run"]))
+        return cls(preset=d["preset"], method=d["method"], model=ModelConfig(**d["model"]),
+                   distill=DistillConfig.from_dict(d["distill"]), data=DataConfig(**d["data"]),
+                   optim=OptimConfig(**d["optim"]), run=RunConfig(**d["run"]))
 
 
 PRESETS: dict[str, Config] = {
@@ -132,19 +122,32 @@ PRESETS: dict[str, Config] = {
 
 
 # ------------------------------------------------------------------------- command line
-def add_flags(parser: argparse.ArgumentParser, config: Any, title: str) -> None:
-    """One flag per field of the dataclass instance ``config`` that has a ``help`` text. Flags
-    left out do not appear in the parsed namespace (``argparse.SUPPRESS``)."""
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(type(config))
+def _flag_fields(config: Any) -> list[tuple[dataclasses.Field, Any, str]]:
+    """``(field, type, help)`` of the fields of dataclass ``config`` that become flags."""
+    hints, out = typing.get_type_hints(type(config)), []
     for f in fields(config):
-        if "help" not in f.metadata:
+        text = f.metadata.get("help") or LIBRARY_HELP.get(f.name)
+        if text is not None:
+            kind = hints[f.name]
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: a flag of type X
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            out.append((f, kind, text))
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, config: Any, title: str, prefix: str = "") -> None:
+    """One flag per field of the dataclass instance ``config`` that has a help text (recursing
+    into nested dataclasses). Flags left out do not appear in the namespace (``SUPPRESS``)."""
+    group = parser.add_argument_group(title)
+    for f, kind, text in _flag_fields(config):
+        value, name = getattr(config, f.name), "--" + (prefix + f.name).replace("_", "-")
+        if dataclasses.is_dataclass(kind):  # e.g. a branch: on/off, then its own fields
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{text} (default: {'on' if value is not None else 'off'})")
+            add_flags(parser, value if value is not None else f.default_factory(), f"{title}: {f.name}",
+                      f"{prefix}{f.name}_")
             continue
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: a flag of type X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS,
-                                      help=f"{f.metadata['help']} (default: {getattr(config, f.name)})")
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{text} (default: {value})")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
@@ -153,13 +156,21 @@ def add_flags(parser: argparse.ArgumentParser, config: Any, title: str) -> None:
             kwargs.update(nargs="+", type=typing.get_args(kind)[0])
         else:
             kwargs["type"] = kind
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        group.add_argument(name, **kwargs)
 
 
-def apply_flags(config: Any, namespace: argparse.Namespace) -> Any:
+def apply_flags(config: Any, namespace: argparse.Namespace, prefix: str = "") -> Any:
     """``config`` with the fields given on the command line replaced."""
-    given = {f.name: getattr(namespace, f.name) for f in fields(config) if hasattr(namespace, f.name)}
-    return replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    given: dict[str, Any] = {}
+    for f, kind, _ in _flag_fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        if dataclasses.is_dataclass(kind):
+            on = getattr(namespace, key, value is not None)
+            given[f.name] = apply_flags(value or f.default_factory(), namespace, key + "_") if on else None
+        elif hasattr(namespace, key):
+            v = getattr(namespace, key)
+            given[f.name] = tuple(v) if isinstance(v, list) else v
+    return replace(config, **given)
 
 
 SECTIONS = ("model", "distill", "data", "optim", "run")
@@ -169,7 +180,8 @@ def build_parser(preset: str = "demo", description: str | None = None) -> argpar
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                         help="demo: tiny random-init CLIP for a CPU; vitb16 / vitl14: the paper's backbones "
-                             "(flags below override the preset; defaults shown are the chosen preset's)")
+                             "(the defaults shown below are the chosen preset's)")
+    add_flags(parser, PRESETS[preset], "method")
     for section in SECTIONS:
         add_flags(parser, getattr(PRESETS[preset], section), section)
     return parser
@@ -182,17 +194,30 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     name = preset.parse_known_args(argv)[0].preset
     namespace = build_parser(name, description).parse_args(argv)
     cfg = PRESETS[name]
-    cfg = replace(cfg, **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS})
+    cfg = replace(cfg, method=getattr(namespace, "method", cfg.method),
+                  **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS})
     o, r = cfg.optim, cfg.run
     tests = r.test_split if r.test_split is not None else TEST_SPLITS[cfg.data.dataset]
     return replace(
         cfg,
+        distill=replace(cfg.distill, lmvsd=None, vmlsd=None) if cfg.method == "baseline" else cfg.distill,
         optim=replace(o, backbone_lr_mult=o.backbone_lr_mult if o.backbone_lr_mult is not None
                       else (0.1 if cfg.model.pretrained else 1.0)),
-        run=replace(r, out=r.out or f"runs/{name}-{cfg.distill.method}",
-                    eval_batch_size=r.eval_batch_size or o.batch_size,
+        run=replace(r, out=r.out or f"runs/{name}-{cfg.method}", eval_batch_size=r.eval_batch_size or o.batch_size,
                     test_split=() if tests == ("none",) else tuple(tests)),
     )
+
+
+def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between two ``Config.to_dict()``, by dotted name, ``run`` excluded."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat({k: v for k, v in saved.items() if k != "run"}), flat({k: v for k, v in now.items() if k != "run"})
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def context_length(config: Config) -> int:

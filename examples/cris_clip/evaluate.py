@@ -106,8 +106,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(ckpt["config"])
     model = build_model(replace(cfg.model, pretrained=None))
-    wrapper = MaskedSelfDistill(  # masksd: the checkpoint holds the wrapper's state dict
-        model.image_tower, model.text_tower, model.decoder, **cfg.distill.wrapper_kwargs())
+    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill)  # masksd
     wrapper.load_state_dict(ckpt["model"])
     return wrapper.to(device).eval(), cfg, ckpt
 

@@ -64,17 +64,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=THRESHOLD, help="probability threshold (default 0.35)")
     p.add_argument("--color", default="255,40,40", help="overlay colour R,G,B (default red)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     args = p.parse_args(argv)
     color = tuple(int(c) for c in args.color.split(","))
     if len(color) != 3:
         raise SystemExit(f"--color must be R,G,B, got {args.color!r}")
 
-    wrapper, cfg, _ = load_checkpoint(args.checkpoint, args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    wrapper, cfg, _ = load_checkpoint(args.checkpoint, device)
     image, sentence = load_input(args.image, args.sentence, args.synthetic_index, args.synthetic_split)
     x, info = letterbox(image, cfg.model.image_size)
     tokens = open_clip.get_tokenizer("ViT-B-16", context_length=context_length(cfg))([sentence])
-    logits = wrapper.unwrap()(x[None].to(args.device), tokens.to(args.device))  # [1, 1, h, w]
+    logits = wrapper.unwrap()(x[None].to(device), tokens.to(device))  # [1, 1, h, w]
     prob = unletterbox(torch.sigmoid(logits.float())[0, 0], info).cpu()  # [H, W]
     mask = (prob > args.threshold).numpy()
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from config import context_length, parse_args
+from config import context_length, parse_args, trajectory_changes
 from data import RISDataset, eval_loader, raw_dataset, train_loader
 from evaluate import THRESHOLD, autocast, evaluate, format_table
 from model import build_model
@@ -95,11 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = None
     if resume is not None and resume.is_file():
         ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        saved, now = ckpt["config"], cfg.to_dict()
-        changed = {f"{s}.{k}": (saved[s].get(k), v) for s in ("model", "distill", "data", "optim")
-                   for k, v in now[s].items() if saved[s].get(k) != v}
-        if (ckpt["world_size"], saved["preset"]) != (world, now["preset"]):
-            changed["world_size, preset"] = ((ckpt["world_size"], saved["preset"]), (world, now["preset"]))
+        changed = trajectory_changes(ckpt["config"], cfg.to_dict())
+        if ckpt["world_size"] != world:
+            changed["world_size"] = (ckpt["world_size"], world)
         if changed:
             raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): {changed}")
     elif r.resume == "auto":
@@ -125,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- model, wrapped by masksd (--method baseline: the same wrapper with both branches off) --
     model = build_model(replace(cfg.model, pretrained=None) if ckpt else cfg.model)  # bare RISModel
-    wrapper = MaskedSelfDistill(  # masksd
-        model.image_tower, model.text_tower, model.decoder, **cfg.distill.wrapper_kwargs())
+    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill)  # masksd
     wrapper.to(device)
 
     # ---- optimiser and schedule: Adam, the CLIP towers at lr × backbone_lr_mult (CRIS) ----------
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         wrapper, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else wrapper
 
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"preset {cfg.preset} ({n_params:.2f} M parameters, {size}px), method {cfg.distill.method}, dataset "
+    log(f"preset {cfg.preset} ({n_params:.2f} M parameters, {size}px), method {cfg.method}, dataset "
         f"{cfg.data.dataset} ({len(train_set)} train), {world} process(es) on {device}")
     log(f"{o.epochs} epochs × {steps_per_epoch} steps of {o.batch_size}×{world}; lr {o.lr:g} (backbone "
         f"×{o.backbone_lr_mult:g}), warm-up {o.warmup_epochs:g} epochs, cosine; amp {o.amp}")
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {
         "units": "percent",
         "protocol": {"resolution": primary, "threshold": THRESHOLD, "prec_compare": ">=", "doc": "docs/metrics.md"},
-        "preset": cfg.preset, "method": cfg.distill.method, "dataset": cfg.data.dataset,
+        "preset": cfg.preset, "method": cfg.method, "dataset": cfg.data.dataset,
         "best_epoch": state["best_epoch"],
         "best_metric": {"split": first, "name": "miou", "value": state["best_miou"]},
         "global_step": state["global_step"], "splits": splits, "trivial": {first: trivial},

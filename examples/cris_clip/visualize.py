@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from config import PRESETS, DistillConfig, add_flags, apply_flags, context_length
+from config import PRESETS, add_flags, apply_flags, context_length
 from data import CLIP_MEAN, CLIP_STD, letterbox, letterbox_mask
 from evaluate import load_checkpoint
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,7 +30,7 @@ from model import build_model
 from PIL import Image
 from torch import nn
 
-from masksd import MaskedSelfDistill
+from masksd import DistillConfig, MaskedSelfDistill
 
 
 def draw_tokens(ax: Any, fig: Figure, words: list[str], kept: list[bool], masked: list[bool]) -> None:
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = PRESETS["demo"]
         model = build_model(cfg.model)
-    if args.checkpoint is None or cfg.distill.method == "baseline":  # masksd: branches from the flags
-        kwargs = apply_flags(DistillConfig(), args).wrapper_kwargs()
-        wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, **kwargs)
+    if args.checkpoint is None or cfg.method == "baseline":  # masksd: branches from the flags
+        distill = apply_flags(DistillConfig(), args)
+        wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=distill)
     wrapper.to(device).train()
     for m in wrapper.modules():  # BatchNorm with running statistics, no dropout: as at inference
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
