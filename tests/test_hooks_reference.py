@@ -7,32 +7,11 @@ import pytest
 import torch
 
 import masksd
-from masksd import HookSpec, Maskable, ModalitySpec, Tap
 
 open_clip = pytest.importorskip("open_clip")
-from examples.cris_clip.model import MODEL_CONFIGS, build_model  # noqa: E402
+from examples.cris_clip.model import MODEL_CONFIGS, build_model, hook_spec  # noqa: E402
 
 SOT, EOT, PAD = 49406, 49407, 0
-
-
-def reference_spec() -> HookSpec:
-    """The bare ``RISModel`` of the example, described on its own module paths."""
-    decoder_input = "decoder"  # CRISDecoder(image: Encoded, text: Encoded): tap its arguments
-    return HookSpec(
-        image=ModalitySpec(
-            embed="image_tower.visual.conv1", layout="bchw",
-            tokens=Tap(decoder_input, kind="input", select="[0].tokens"),
-            global_=Tap(decoder_input, kind="input", select="[0].global_feature"),
-            reuse=("image_tower.visual.transformer.resblocks.*", "image_tower.visual.ln_post"),
-        ),
-        text=ModalitySpec(
-            embed="text_tower.token_embedding",
-            maskable=Maskable(ids="texts", never=(PAD, SOT, EOT)),
-            tokens=Tap(decoder_input, kind="input", select="[1].tokens"),
-            global_=Tap(decoder_input, kind="input", select="[1].global_feature"),
-            reuse=("text_tower.transformer",),
-        ),
-    )
 
 
 def _models():
@@ -40,7 +19,7 @@ def _models():
     towers_model = build_model(MODEL_CONFIGS["demo"])
     towers = masksd.MaskedSelfDistill(towers_model.image_tower, towers_model.text_tower, towers_model.decoder)
     torch.manual_seed(0)
-    hooks = masksd.wrap(build_model(MODEL_CONFIGS["demo"]), reference_spec())
+    hooks = masksd.wrap(build_model(MODEL_CONFIGS["demo"]), hook_spec())
     assert towers.state_dict().keys() == hooks.state_dict().keys()
     for key, value in towers.state_dict().items():
         assert torch.equal(value, hooks.state_dict()[key]), key

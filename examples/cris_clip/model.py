@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from masksd import Encoded, RISModel
+from masksd import Encoded, HookSpec, Maskable, ModalitySpec, RISModel, Tap
 from masksd.adapters.open_clip import towers_from_open_clip
 
 
@@ -106,10 +106,41 @@ class CRISDecoder(nn.Module):
         self.head = head
 
     def forward(self, image: Encoded, text: Encoded) -> Tensor:
+        return self.forward_with_fused(image, text)[0]
+
+    def forward_with_fused(self, image: Encoded, text: Encoded) -> tuple[Tensor, Tensor]:
+        """``(logits, fused [B, head_dim, gh, gw])``; masksd's objectives that read the decoder's
+        fused features (language reconstruction, alignment on fused features) use this."""
         gh, gw = image.features["grid"]
         final = rearrange(image.tokens, "b (h w) d -> b d h w", h=gh, w=gw)
         levels = [*image.features["levels"], final]
-        return self.head(levels, text.global_feature, text.features["words"], text.features["pad_mask"])
+        return self.head.forward_with_fused(levels, text.global_feature, text.features["words"],
+                                            text.features["pad_mask"])
+
+
+def hook_spec() -> HookSpec:
+    """How ``masksd.wrap`` finds its way around the bare model (the tower path needs none).
+
+    The decoder is called as a module with the two towers' outputs, so its inputs carry the
+    CLIP-space scoring features; the ViT blocks and the text transformer are reused across
+    branches (late fusion). Through hooks the model selects and scores exactly as through its
+    towers (tests/test_hooks_reference.py).
+    """
+    return HookSpec(
+        image=ModalitySpec(
+            embed="image_tower.visual.conv1", layout="bchw",
+            tokens=Tap("decoder", kind="input", select="[0].tokens"),
+            global_=Tap("decoder", kind="input", select="[0].global_feature"),
+            reuse=("image_tower.visual.transformer.resblocks.*", "image_tower.visual.ln_post"),
+        ),
+        text=ModalitySpec(
+            embed="text_tower.token_embedding",
+            maskable=Maskable(ids="texts", never=(0, 49406, 49407)),  # pad, SOT, EOT
+            tokens=Tap("decoder", kind="input", select="[1].tokens"),
+            global_=Tap("decoder", kind="input", select="[1].global_feature"),
+            reuse=("text_tower.transformer",),
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------ CRIS head
@@ -307,6 +338,11 @@ class CRISHead(nn.Module):
         self.projector = Projector(dim, text_dim, proj_dim)
 
     def forward(self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor, word_pad_mask: Tensor) -> Tensor:
+        return self.forward_with_fused(levels, sentence, words, word_pad_mask)[0]
+
+    def forward_with_fused(self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor,
+                           word_pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [B, 1, 4h, 4w], fused [B, dim, h, w])``: the decoder's vision-language features too."""
         fq = self.neck(levels, sentence)  # [B, dim, h, w]
         fq = self.decoder(fq, words, word_pad_mask)  # [B, dim, h, w]
-        return self.projector(fq, sentence)  # [B, 1, 4h, 4w]
+        return self.projector(fq, sentence), fq
