@@ -367,6 +367,19 @@ def generate_sample(split: str, index: int, *, image_size: int = 64, seed: int =
                                objects=objects, expression=expr, id=f"synthetic/{split}/{seed}/{index}")
 
 
+def generate_scene(rng: np.random.Generator, *, image_size: int = 64, split: str = "train"
+                   ) -> tuple[list[SceneObject], np.ndarray, np.ndarray]:
+    """A scene drawn as ``split``'s referring samples draw theirs, without an expression (for other
+    generators, e.g. ``captions.py``): objects in random order, image uint8 ``[S, S, 3]`` and labels
+    int8 ``[S, S]`` (object index, -1 = background)."""
+    while True:
+        objects, _ = _make_scene(rng, split)
+        if len(objects) >= 3:
+            objects = [objects[int(i)] for i in rng.permutation(len(objects))]
+            bg = tuple(int(v) for v in rng.integers(10, 45, size=3))
+            return objects, *_render(objects, image_size, bg)
+
+
 def generate_split(split: str, *, num_samples: int, image_size: int = 64, seed: int = 0) -> list[SyntheticSample]:
     """Generate ``num_samples`` samples of ``split`` ("train", "val", "test", "compositional")."""
     return [generate_sample(split, i, image_size=image_size, seed=seed) for i in range(num_samples)]
