@@ -2,8 +2,9 @@
 
 ``build_model(config)`` returns the bare ``masksd.RISModel(image_tower, text_tower, decoder)``;
 ``train.py`` wraps it with ``masksd.MaskedSelfDistill``. :data:`MODEL_CONFIGS` holds the three
-architectures: ``demo`` (a tiny random-init CLIP, 64 px, patch 8, trains on a CPU in minutes),
-``vitb16`` and ``vitl14`` (the paper's backbones at 480 px, CRIS head at its published size).
+architectures: ``demo`` (a tiny CLIP, random init or ``pretrain_clip.py``'s weights, 64 px, patch 8,
+trains on a CPU in minutes), ``vitb16`` and ``vitl14`` (the paper's backbones at 480 px, CRIS head at
+its published size).
 
 The CRIS head (Wang et al., CVPR 2022, ``model/layers.py``) is :class:`CRISNeck` (sentence-gated
 fusion of the ViT levels, CoordConv) → :class:`VisionLanguageDecoder` (self-attention over the
@@ -22,6 +23,7 @@ This module imports no sibling module, so it can also be imported as ``examples.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +45,8 @@ class ModelConfig:
     clip_model: str | None = None  # open_clip config name; None = the tiny ``clip_cfg`` below
     clip_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip.CLIP kwargs (clip_model=None)
     pretrained: str | None = field(default=None, metadata={"help": (
-        "open_clip pretrained tag (e.g. openai) or a local checkpoint file for vitb16/vitl14 "
-        "(none: random init)")})
+        "open_clip pretrained tag (e.g. openai) or a local checkpoint file; demo: a file of the same "
+        "architecture, e.g. pretrain_clip.py's open_clip_pytorch_model.bin (none: random init)")})
     image_size: int = field(default=64, metadata={"help": (
         "input side in pixels (vitb16/vitl14: 480 for the ablations, 576 for the paper's main table)")})
     image_layers: tuple[int, ...] = (3, 7)  # intermediate ViT levels; the projected output is the last
@@ -74,10 +76,16 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 def build_model(config: ModelConfig) -> RISModel:
     """The bare model: open_clip CLIP (random init unless ``config.pretrained``) + CRIS head."""
     if config.clip_model is None:
-        if config.pretrained:
-            raise ValueError("a model without clip_model has no pretrained weights; drop --pretrained")
         vision = dict(config.clip_cfg["vision_cfg"], image_size=config.image_size)
         clip = open_clip.CLIP(**dict(config.clip_cfg, vision_cfg=vision))
+        if config.pretrained:
+            # a local file, read by the loader that create_model(name, pretrained=<file>) calls: strict,
+            # unwraps "state_dict" / "module.", resizes the position embeddings to the image size
+            if not os.path.isfile(config.pretrained):
+                raise FileNotFoundError(
+                    f"--pretrained {config.pretrained}: no such file (a model without clip_model takes a "
+                    "checkpoint file of its clip_cfg, e.g. from examples/cris_clip/pretrain_clip.py)")
+            open_clip.load_checkpoint(clip, config.pretrained)
     else:
         clip = open_clip.create_model(config.clip_model, pretrained=config.pretrained,
                                       force_image_size=config.image_size)
