@@ -1,9 +1,4 @@
-"""Helpers shared by the benchmarks: device naming, seeding, synthetic batches, timing, stats.
-
-Run the benchmarks as scripts (``python benchmarks/<name>.py``): Python then puts
-``benchmarks/`` on ``sys.path`` and ``from _common import ...`` works. This module also puts
-``examples/cris_clip`` on the path so that the reference model (``model.py``) imports.
-"""
+"""Helpers shared by the benchmarks: device naming, seeding, synthetic batches, timing, stats."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_DIR = ROOT / "examples" / "cris_clip"
-if str(EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLE_DIR))
 
 SOT, EOT, PAD = 49406, 49407, 0
 

@@ -1,26 +1,32 @@
 """Training-step cost of CM-MaskSD against the bare model, its floor and a naive reference.
 
-    python benchmarks/step_cost.py [--config cpu|gpu] [--quick] [--repeats N] [--tokens 64,144]
+    python -m benchmarks.step_cost [--config cpu|gpu] [--quick] [--repeats N] [--tokens 64,144]
                                    [--json out.json] [--markdown out.md] [--plot out.png]
 
-One process, one model, one batch. Every variant runs once per round, round-robin with a
-rotating start; warm-up rounds are discarded; medians and IQR / min-max are reported.
+Run from the repository root (it imports the reference model as ``examples.cris_clip.model``).
+It measures masksd through its public API only: ``MaskedSelfDistill``, the towers' ``embed`` /
+``encode``, the decoder and the losses. One process, one model, one batch. Every variant runs
+once per round, round-robin with a rotating start; warm-up rounds are discarded; medians and
+IQR / min-max are reported.
 
 Variants (each = forward + backward + ``Adam.step()`` + ``zero_grad``, one shared optimizer):
     baseline  bare ``RISModel`` + BCE segmentation loss (no wrapper)
-    visual / textual / both   ``MaskedSelfDistill`` with LMVSD only / VMLSD only / both
+    off / visual / textual / both / both_unmasked   ``MaskedSelfDistill`` with the keyword
+              arguments in :data:`VARIANTS` (add a line there to time another configuration)
     naive     a reference written here: three full passes of the bare model (main; masked
               image + text; image + masked text), re-running both towers and the decoder per
-              branch, masking with ``masksd.masking``, same three losses
+              branch, with the plain-torch selection of :func:`naive_mask`, same three losses
 Floor = baseline + one image-encoder pass + one text-encoder pass + two decoder passes, each
 timed alone as forward + backward of the sum of what the decoder consumes (inputs are leaves
 that require grad, as in the real branches). ``ratio_X = median_X / median_baseline``.
 ``eval_ratio``: no-grad eval forward of the wrapped model (eval mode) over the bare model.
-``masking_share``: the wrapper's own selection code (``GuidedMaskedDistillation.select``:
-``correlation_scores`` + ``select_top_k`` + ``sample_mask``) plus ``replace_tokens`` forward and
-backward, for both branches, timed alone on the step's shapes (10 calls per sample, interleaved
-with the steps), over the median ``both`` step. ``masking_share_insitu`` cross-checks it by
-timing the same functions (forward only) inside real ``both`` steps.
+``masking_share``: token selection (correlation scores, top-K, random subset: :func:`naive_mask`)
+plus token replacement forward and backward, for both branches, timed alone on the step's shapes
+(10 calls per sample, interleaved with the steps), over the median ``both`` step (the library's
+own selection code is private; this plain-torch version does the same work).
+``masking_share_insitu``: the median over rounds of ``(both - both_unmasked) / both``, the cost
+of drawing the masks and replacing the tokens inside real steps (``masking=False`` keeps the
+scoring and top-K; a difference of two step times, so noisy and possibly slightly negative).
 Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
 """
 
@@ -32,19 +38,17 @@ import json
 import statistics
 import time
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
-import _common as cm
 import torch
-from model import PRESETS, Preset, build_model, wrap_model
-from torch import nn
+from torch import Tensor, nn
 
-import masksd.objectives.guided_masking as gm
-from masksd import DistillContext, consistency_loss, segmentation_loss
-from masksd.masking import replace_tokens
+from benchmarks import _common as cm
+from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model
+from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss
 
-CPU_PRESET = Preset(  # ViT-B/16 proportions (head width 64, patch 16), scaled down for a CPU
-    clip_model=None,
-    image_size=224,
+CONTEXT = 17  # token ids per sentence (RefCOCO)
+CPU_PRESET = ModelConfig(  # ViT-B/16 proportions (head width 64, patch 16), scaled down for a CPU
     clip_cfg=dict(
         embed_dim=128,
         vision_cfg=dict(image_size=224, patch_size=16, width=192, layers=6, head_width=64),
@@ -56,56 +60,67 @@ CPU_PRESET = Preset(  # ViT-B/16 proportions (head width 64, patch 16), scaled d
 CONFIGS = {
     "cpu": dict(preset=CPU_PRESET, batch=8, amp=False, repeats=20, warmup=2,
                 tokens=(64, 144, 256, 576, 900), sweep_repeats=6),
-    "gpu": dict(preset=PRESETS["vitb16"], batch=16, amp=True, repeats=30, warmup=5,
+    "gpu": dict(preset=MODEL_CONFIGS["vitb16"], batch=16, amp=True, repeats=30, warmup=5,
                 tokens=(196, 400, 576, 900, 1296), sweep_repeats=10),
 }
 QUICK = dict(repeats=5, warmup=1, tokens=(64, 144), sweep_repeats=3)
-MAIN_TASKS = ("baseline", "visual", "textual", "both", "naive", "floor_image", "floor_text",
-              "floor_decoder", "eval_bare", "eval_wrapped", "masking_x10")
+LMVSD, VMLSD = LMVSDConfig(), VMLSDConfig()  # the paper's defaults
+# The wrapped variants: name -> MaskedSelfDistill keyword arguments. Each is timed in the main
+# table and reported as ratio_<name>; add a line to time another configuration.
+VARIANTS: dict[str, dict] = {
+    "off": dict(lmvsd=None, vmlsd=None),  # both branches off (= train.py --method baseline)
+    "visual": dict(vmlsd=None),  # LMVSD only
+    "textual": dict(lmvsd=None),  # VMLSD only
+    "both": dict(),
+    "both_unmasked": dict(lmvsd=replace(LMVSD, masking=False), vmlsd=replace(VMLSD, masking=False)),
+}
+MAIN_TASKS = ("baseline", *VARIANTS, "naive", "floor_image", "floor_text", "floor_decoder", "eval_bare",
+              "eval_wrapped", "masking_x10")
 SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")
-MASKING_FNS = ("correlation_scores", "select_top_k", "sample_mask", "replace_tokens")
+RATIO_KEYS = (*VARIANTS, "naive")
 
 
-def preset_for_tokens(preset: Preset, tokens: int, patch: int = 16) -> Preset:
+def preset_for_tokens(preset: ModelConfig, tokens: int, patch: int = 16) -> ModelConfig:
     side = round(tokens**0.5)
     if side * side != tokens:
         raise SystemExit(f"--tokens: {tokens} is not a square number of patches")
-    size = side * patch
-    if preset.clip_model is None:
-        cfg = dict(preset.clip_cfg, vision_cfg=dict(preset.clip_cfg["vision_cfg"], image_size=size))
-        return replace(preset, image_size=size, clip_cfg=cfg)
-    return replace(preset, image_size=size)
+    return replace(preset, image_size=side * patch)
+
+
+def naive_mask(guide: Tensor, tokens: Tensor, maskable: Tensor, *, top_k: float, ratio: float,
+               generator: torch.Generator) -> Tensor:
+    """Plain-torch guided masking: score ``tokens [B, N, D]`` against ``guide [B, D]``, keep the
+    top ``top_k`` of the ``maskable [B, N]`` tokens, mask a random ``ratio`` of those: ``[B, N]`` bool."""
+    with torch.no_grad():
+        scores = torch.einsum("bd,bnd->bn", guide.float(), tokens.float()).masked_fill(~maskable, float("-inf"))
+        n_kept = (maskable.sum(1) * top_k).round().clamp(min=1)
+        kept = (scores.argsort(1, descending=True).argsort(1) < n_kept[:, None]) & maskable
+        draws = torch.rand(kept.shape, generator=generator, device=kept.device).masked_fill(~kept, 2.0)
+        return (draws.argsort(1).argsort(1) < (kept.sum(1) * ratio).round()[:, None]) & kept
 
 
 class Bench:
     """The model, its wrappers, one optimizer, one batch, and one step function per variant."""
 
-    def __init__(self, preset: Preset, batch: int, device: torch.device, amp: bool, seed: int = 0):
+    def __init__(self, preset: ModelConfig, batch: int, device: torch.device, amp: bool, seed: int = 0):
         cm.seed_everything(seed)
         self.model = build_model(preset).to(device)
         m = self.model
-        self.wrapped = {
-            "visual": wrap_model(m, lmvsd=True, vmlsd=False).to(device),
-            "textual": wrap_model(m, lmvsd=False, vmlsd=True).to(device),
-            "both": wrap_model(m).to(device),
-        }
+        self.wrapped = {name: MaskedSelfDistill(m.image_tower, m.text_tower, m.decoder, **kwargs).to(device)
+                        for name, kwargs in VARIANTS.items()}
         self.naive_tokens = nn.ParameterList(
             [nn.Parameter(torch.randn(t.embed_dim) * 0.02) for t in (m.image_tower, m.text_tower)]
         ).to(device)
         params = [*m.parameters(), *self.naive_tokens]
         params += [p for w in self.wrapped.values() for p in w.added_parameters().values()]
         self.opt = torch.optim.Adam(list(dict.fromkeys(params)), lr=1e-5)
-        self.x, self.t, self.y = cm.synthetic_batch(batch, preset.image_size, preset.context_length, device, seed)
+        self.x, self.t, self.y = cm.synthetic_batch(batch, preset.image_size, CONTEXT, device, seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-        objectives = self.wrapped["both"].objectives
-        self.lm, self.vm = objectives["lmvsd"], objectives["vmlsd"]
         with torch.no_grad(), self.amp():  # main-branch intermediates for the parts timed alone
             ie, te = m.image_tower.embed(self.x), m.text_tower.embed(self.t)
             ienc, tenc = m.image_tower.encode(ie), m.text_tower.encode(te)
-        self.context = DistillContext(model=m, image_embedded=ie, text_embedded=te, image_encoded=ienc,
-                                      text_encoded=tenc, main_logits=m.decoder(ienc, tenc),
-                                      target=self.y, generator=self.generator)
+        self.main = SimpleNamespace(image_embedded=ie, text_embedded=te, image_encoded=ienc, text_encoded=tenc)
         self.grads = {"image": torch.ones_like(ie.tokens), "text": torch.ones_like(te.tokens)}
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -132,12 +147,6 @@ class Bench:
             out = self.wrapped[name](self.x, self.t, self.y, generator=self.generator)
         self._finish(out.loss)
 
-    def _mask(self, objective, guide, tokens, embedded):
-        with torch.no_grad():
-            scores = gm.correlation_scores(guide.detach(), tokens.detach(), metric=objective.config.metric)
-            kept = gm.select_top_k(scores, embedded.maskable, top_k=objective.config.top_k)
-            return gm.sample_mask(kept, ratio=objective.config.ratio, generator=self.generator)
-
     def naive(self) -> None:
         it, tt, dec = self.model.image_tower, self.model.text_tower, self.model.decoder
         tok_i, tok_t = self.naive_tokens
@@ -145,35 +154,37 @@ class Bench:
             ie, te = it.embed(self.x), tt.embed(self.t)
             ienc, tenc = it.encode(ie), tt.encode(te)
             main = dec(ienc, tenc)
-            m_img = self._mask(self.lm, tenc.global_feature, ienc.tokens, ie)
-            m_txt = self._mask(self.vm, ienc.global_feature, tenc.tokens, te)
+            m_img = naive_mask(tenc.global_feature, ienc.tokens, ie.maskable, top_k=LMVSD.top_k, ratio=LMVSD.ratio,
+                               generator=self.generator)
+            m_txt = naive_mask(ienc.global_feature, tenc.tokens, te.maskable, top_k=VMLSD.top_k, ratio=VMLSD.ratio,
+                               generator=self.generator)
             ie1 = it.embed(self.x)  # pass 2: image re-embedded and masked, text re-encoded
-            out1 = dec(it.encode(ie1.with_tokens(replace_tokens(ie1.tokens, m_img, tok_i))),
+            out1 = dec(it.encode(ie1.with_tokens(torch.where(m_img[..., None], tok_i.to(ie1.tokens.dtype), ie1.tokens))),
                        tt.encode(tt.embed(self.t)))
             te2 = tt.embed(self.t)  # pass 3: image re-encoded, text masked
             out2 = dec(it.encode(it.embed(self.x)),
-                       tt.encode(te2.with_tokens(replace_tokens(te2.tokens, m_txt, tok_t))))
-            loss = (segmentation_loss(main, self.y) + self.lm.weight * consistency_loss(out1, main)
-                    + self.vm.weight * consistency_loss(out2, main))
+                       tt.encode(te2.with_tokens(torch.where(m_txt[..., None], tok_t.to(te2.tokens.dtype), te2.tokens))))
+            loss = (segmentation_loss(main, self.y) + LMVSD.weight * consistency_loss(out1, main)
+                    + VMLSD.weight * consistency_loss(out2, main))
         self._finish(loss)
 
     # --- parts of the floor, each alone (forward + backward) -------------------------------
     def floor_image(self) -> None:
-        ie = self.context.image_embedded
+        ie = self.main.image_embedded
         with self.amp():
             enc = self.model.image_tower.encode(ie.with_tokens(cm.leaf(ie.tokens)))
             out = enc.tokens.float().sum() + sum(v.float().sum() for v in enc.features["levels"])
         out.backward()
 
     def floor_text(self) -> None:
-        te = self.context.text_embedded
+        te = self.main.text_embedded
         with self.amp():
             enc = self.model.text_tower.encode(te.with_tokens(cm.leaf(te.tokens)))
             out = enc.global_feature.float().sum() + enc.features["words"].float().sum()
         out.backward()
 
     def floor_decoder(self) -> None:
-        c = self.context
+        c = self.main
         image = type(c.image_encoded)(**cm.leaf(vars(c.image_encoded)))
         text = type(c.text_encoded)(**cm.leaf(vars(c.text_encoded)))
         with self.amp():
@@ -190,59 +201,33 @@ class Bench:
             self.wrapped["both"](self.x, self.t)
 
     def masking_once(self) -> None:
-        """Both branches' selection (the wrapper's own code) + replace_tokens fwd/bwd."""
+        """Both branches' selection (:func:`naive_mask`) + token replacement fwd/bwd."""
+        c = self.main
         with self.amp():
-            for objective, embedded, grad in ((self.lm, self.context.image_embedded, self.grads["image"]),
-                                              (self.vm, self.context.text_embedded, self.grads["text"])):
-                _, masked = objective.select(self.context)
+            for config, embedded, guide, tokens, token, grad in (
+                (LMVSD, c.image_embedded, c.text_encoded.global_feature, c.image_encoded.tokens,
+                 self.naive_tokens[0], self.grads["image"]),
+                (VMLSD, c.text_embedded, c.image_encoded.global_feature, c.text_encoded.tokens,
+                 self.naive_tokens[1], self.grads["text"]),
+            ):
+                masked = naive_mask(guide, tokens, embedded.maskable, top_k=config.top_k, ratio=config.ratio,
+                                    generator=self.generator)
                 src = cm.leaf(embedded.tokens)
-                out = gm.replace_tokens(src, masked, objective.mask_token)
-                torch.autograd.grad(out, (src, objective.mask_token), grad)
+                out = torch.where(masked[..., None], token.to(src.dtype), src)
+                torch.autograd.grad(out, (src, token), grad)
 
     def masking_x10(self) -> None:
         for _ in range(10):
             self.masking_once()
 
     def tasks(self, names) -> dict:
-        special = {"visual": lambda: self.wrapped_step("visual"),
-                   "textual": lambda: self.wrapped_step("textual"),
-                   "both": lambda: self.wrapped_step("both")}
-        return {n: special.get(n) or getattr(self, n) for n in names}
-
-    def masking_insitu(self, steps: int, timer: cm.Timer) -> float:
-        """Median seconds per ``both`` step spent inside the masking functions (forward only)."""
-        spent = [0.0]
-        per_step = []
-        originals = {name: getattr(gm, name) for name in MASKING_FNS}
-
-        def timed(fn):
-            def inner(*args, **kwargs):
-                timer.sync()
-                start = time.perf_counter()
-                result = fn(*args, **kwargs)
-                timer.sync()
-                spent[0] += time.perf_counter() - start
-                return result
-            return inner
-
-        self.set_mode("both")
-        try:
-            for name, fn in originals.items():
-                setattr(gm, name, timed(fn))
-            for _ in range(steps):
-                spent[0] = 0.0
-                self.wrapped_step("both")
-                per_step.append(spent[0])
-        finally:
-            for name, fn in originals.items():
-                setattr(gm, name, fn)
-        return statistics.median(per_step)
+        return {n: (lambda n=n: self.wrapped_step(n)) if n in VARIANTS else getattr(self, n) for n in names}
 
 
 def ratios(stats: dict) -> dict:
     med = {k: v["median"] for k, v in stats.items()}
     base, img, txt, dec = med["baseline"], med["floor_image"], med["floor_text"], med["floor_decoder"]
-    out = {f"ratio_{k}": med[k] / base for k in ("both", "visual", "textual", "naive") if k in med}
+    out = {f"ratio_{k}": med[k] / base for k in RATIO_KEYS if k in med}
     out["ratio_floor"] = (base + img + txt + 2 * dec) / base
     out["ratio_floor_visual"] = (base + img + dec) / base
     out["ratio_floor_textual"] = (base + txt + dec) / base
@@ -252,7 +237,7 @@ def ratios(stats: dict) -> dict:
 def paired_spread(times: dict) -> dict:
     """Per-round ratios X_r / baseline_r (rounds are interleaved, so pairs share conditions)."""
     out = {}
-    for k in ("both", "visual", "textual", "naive"):
+    for k in RATIO_KEYS:
         if k in times:
             r = cm.summarize([a / b for a, b in zip(times[k], times["baseline"])])
             out[k] = {key: r[key] for key in ("median", "q1", "q3", "min", "max")}
@@ -283,8 +268,8 @@ def run(args) -> dict:
                                   deadline=None if deadline is None else started + 0.45 * args.budget)
     stats = {k: cm.summarize(v) for k, v in times.items()}
     mask_s = stats.pop("masking_x10")["median"] / 10
-    insitu = bench.masking_insitu(max(3, cfg["repeats"] // 3), timer)
-    tokens_main = bench.context.image_embedded.tokens.shape[1]
+    insitu = statistics.median([(a - b) / a for a, b in zip(times["both"], times["both_unmasked"])])
+    tokens_main = bench.main.image_embedded.tokens.shape[1]
     del bench
     cm.free_memory()
 
@@ -299,11 +284,12 @@ def run(args) -> dict:
         **ratios(stats),
         "eval_ratio": med["eval_wrapped"] / med["eval_bare"],
         "masking_share": mask_s / med["both"],
-        "masking_share_method": "isolated: wrapper select() + replace_tokens fwd/bwd, both branches, "
-                                "step shapes, 10 calls/sample interleaved with the steps",
-        "masking_share_insitu": insitu / med["both"],
-        "masking_share_insitu_method": "median over both-steps of the time inside correlation_scores, "
-                                       "select_top_k, sample_mask, replace_tokens (forward only)",
+        "masking_share_method": "isolated: plain-torch selection (scores, top-K, random subset) + token "
+                                "replacement fwd/bwd, both branches, step shapes, 10 calls/sample "
+                                "interleaved with the steps",
+        "masking_share_insitu": insitu,
+        "masking_share_insitu_method": "median over rounds of (both - both_unmasked) / both: mask draws and "
+                                       "token replacement inside real steps (difference of two step times)",
         "masking_s": mask_s,
         "medians_s": med,
         "spread_s": {k: {q: v[q] for q in ("q1", "q3", "min", "max", "n")} for k, v in stats.items()},
@@ -360,7 +346,8 @@ def table(r: dict) -> str:
                      f"{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f} | {med / base:.3f} | {peak} |")
     lines += ["", "| quantity | value |", "|---|---:|"]
     for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
-              "ratio_floor_textual", "ratio_naive", "eval_ratio", "masking_share", "masking_share_insitu"):
+              "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "eval_ratio",
+              "masking_share", "masking_share_insitu"):
         lines.append(f"| {k} | {r[k]:.4f} |")
     shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["part_share"].items())
     lines += ["", f"Share of the parts (fwd+bwd, timed alone): {shares}"]
