@@ -51,7 +51,9 @@ def test_training_writes_metrics_and_checkpoints(tiny_run: tuple[Path, str]) -> 
     assert trivial["all_background"]["miou"] == 0.0 and 0.0 < trivial["whole_image"]["miou"] < 20.0
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert set(metrics["history"][0]["train"]) == {"seg", "lmvsd", "vmlsd"}
-    assert "whole_image (val)" in stdout
+    selection = metrics["history"][0]["lmvsd_selection"]  # kept patches on the target vs random
+    assert set(selection) == {"precision", "random", "recall"} and all(0 <= v <= 1 for v in selection.values())
+    assert "whole_image (val)" in stdout and "kept on target" in stdout
 
     last, best = load(out / "last.pt"), load(out / "best.pt")
     assert last["state"]["global_step"] == 8 and best["state"]["global_step"] == 4 * metrics["best_epoch"]
@@ -113,8 +115,9 @@ def test_resume_is_exact(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags", [["--method", "baseline"],
                                    ["--no-lmvsd-masking", "--no-share-decoder", "--supervision", "ground_truth",
-                                    "--hard-targets", "--no-vmlsd", "--amp", "bf16"]],
-                         ids=["baseline", "ablations"])
+                                    "--hard-targets", "--no-vmlsd", "--amp", "bf16"],
+                                   ["--objectives", "vmlsd", "mask_grounding", "cal", "lang_rec"]],
+                         ids=["baseline", "ablations", "objectives"])
 def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> None:
     run(str(EXAMPLE / "train.py"), *TINY, "--num-train", "16", "--num-val", "8", "--epochs", "1",
         "--test-split", "none", "--out", str(tmp_path), *flags)
@@ -122,6 +125,12 @@ def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> Non
     terms = set(json.loads((tmp_path / "metrics.json").read_text())["history"][0]["train"])
     if "baseline" in flags:  # the same wrapper with both branches off: no added parameters
         assert all(k.startswith("model.") for k in keys) and terms == {"seg"}
+    elif "--objectives" in flags:  # LMVSD off, VMLSD on, three further objectives with their heads
+        assert terms == {"seg", "vmlsd", "mask_grounding", "cal", "lang_rec"}
+        assert any(k.startswith("objectives.mask_grounding.") for k in keys)
+        assert any(k.startswith("objectives.lang_rec.") for k in keys) and "objectives.lmvsd.mask_token" not in keys
+        history = json.loads((tmp_path / "metrics.json").read_text())["history"][0]
+        assert history["lmvsd_selection"] == {}
     else:
         assert terms == {"seg", "lmvsd"} and not any(k.endswith("mask_token") for k in keys)
         assert any(k.startswith("objectives.lmvsd.decoder.") for k in keys)

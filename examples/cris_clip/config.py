@@ -24,7 +24,7 @@ from typing import Any, Literal
 from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
 from model import MODEL_CONFIGS, ModelConfig
 
-from masksd import DistillConfig
+from masksd import DistillConfig, LMVSDConfig, VMLSDConfig
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -95,6 +95,9 @@ class Config:
     preset: str
     method: Literal["masksd", "baseline"] = _help(
         "masksd: LMVSD + VMLSD; baseline: the same wrapper with both branches off", "masksd")
+    objectives: tuple[str, ...] | None = _help(
+        "training objectives: lmvsd vmlsd (paper) and any of mask_grounding cal cal_fused lang_rec "
+        "(MagNet, CRFormer); none: LMVSD + VMLSD as set by --lmvsd/--vmlsd")
     model: ModelConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # masksd: paper defaults
     data: DataConfig = DataConfig()
@@ -106,7 +109,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return cls(preset=d["preset"], method=d["method"], model=ModelConfig(**d["model"]),
+        objectives = tuple(d["objectives"]) if d.get("objectives") is not None else None
+        return cls(preset=d["preset"], method=d["method"], objectives=objectives, model=ModelConfig(**d["model"]),
                    distill=DistillConfig.from_dict(d["distill"]), data=DataConfig(**d["data"]),
                    optim=OptimConfig(**d["optim"]), run=RunConfig(**d["run"]))
 
@@ -195,12 +199,18 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     namespace = build_parser(name, description).parse_args(argv)
     cfg = PRESETS[name]
     cfg = replace(cfg, method=getattr(namespace, "method", cfg.method),
+                  objectives=tuple(namespace.objectives) if hasattr(namespace, "objectives") else cfg.objectives,
                   **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS})
+    if cfg.objectives is not None:  # --objectives switches the paper's branches on or off too
+        d = cfg.distill
+        cfg = replace(cfg, distill=replace(d, lmvsd=(d.lmvsd or LMVSDConfig()) if "lmvsd" in cfg.objectives else None,
+                                           vmlsd=(d.vmlsd or VMLSDConfig()) if "vmlsd" in cfg.objectives else None))
     o, r = cfg.optim, cfg.run
     tests = r.test_split if r.test_split is not None else TEST_SPLITS[cfg.data.dataset]
     return replace(
         cfg,
         distill=replace(cfg.distill, lmvsd=None, vmlsd=None) if cfg.method == "baseline" else cfg.distill,
+        objectives=() if cfg.method == "baseline" else cfg.objectives,
         optim=replace(o, backbone_lr_mult=o.backbone_lr_mult if o.backbone_lr_mult is not None
                       else (0.1 if cfg.model.pretrained else 1.0)),
         run=replace(r, out=r.out or f"runs/{name}-{cfg.method}", eval_batch_size=r.eval_batch_size or o.batch_size,
@@ -218,6 +228,11 @@ def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
 
     a, b = flat({k: v for k, v in saved.items() if k != "run"}), flat({k: v for k, v in now.items() if k != "run"})
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def extra_objectives(config: Config) -> tuple[str, ...]:
+    """The objectives besides LMVSD/VMLSD that ``--objectives`` asks for."""
+    return tuple(n for n in config.objectives or () if n not in ("lmvsd", "vmlsd"))
 
 
 def context_length(config: Config) -> int:

@@ -34,8 +34,16 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from masksd import Encoded, HookSpec, Maskable, ModalitySpec, RISModel, Tap
+from masksd import Encoded, HookSpec, Maskable, ModalitySpec, Objective, RISModel, Tap
 from masksd.adapters.open_clip import towers_from_open_clip
+from masksd.objectives import (
+    CrossModalAlignment,
+    CrossModalAlignmentConfig,
+    LanguageReconstruction,
+    LanguageReconstructionConfig,
+    MaskGrounding,
+    MaskGroundingConfig,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -354,3 +362,31 @@ class CRISHead(nn.Module):
         fq = self.neck(levels, sentence)  # [B, dim, h, w]
         fq = self.decoder(fq, words, word_pad_mask)  # [B, dim, h, w]
         return self.projector(fq, sentence), fq
+
+
+EXTRA_OBJECTIVES = ("mask_grounding", "cal", "cal_fused", "lang_rec")
+
+
+def build_objectives(names: Sequence[str], model: RISModel, config: ModelConfig) -> list[Objective]:
+    """The further objectives named in ``names`` (``--objectives``), sized for ``model``.
+
+    ``mask_grounding`` (MagNet's Mask Grounding), ``cal`` / ``cal_fused`` (MagNet's cross-modal
+    alignment on the encoders' / the decoder's features), ``lang_rec`` (CRFormer's language
+    reconstruction). Their heads take the CRIS head's width, so the demo's stay small.
+    """
+    words, joint = model.text_tower.embed_dim, int(model.image_tower.visual.output_dim)
+    size = dict(width=config.head_dim, heads=config.head_heads, ffn=config.head_ffn)
+    built = {
+        "mask_grounding": lambda: MaskGrounding(word_dim=words, text_dim=joint, image_dim=joint,
+                                                config=MaskGroundingConfig(**size)),
+        "cal": lambda: CrossModalAlignment(),
+        "cal_fused": lambda: CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"),
+                                                 text_dim=joint, fused_dim=config.head_dim, name="cal_fused"),
+        "lang_rec": lambda: LanguageReconstruction(fused_dim=config.head_dim, text_dim=joint,
+                                                   config=LanguageReconstructionConfig(**size)),
+    }
+    unknown = [n for n in names if n not in built]
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; choose from lmvsd, vmlsd, {', '.join(built)}")
+    return [built[name]() for name in names]
+

@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from config import context_length, parse_args, trajectory_changes
+from config import context_length, extra_objectives, parse_args, trajectory_changes
 from data import RISDataset, eval_loader, raw_dataset, train_loader
 from evaluate import THRESHOLD, autocast, evaluate, format_table
-from model import build_model
+from model import build_model, build_objectives
 from torch import nn
 
 from masksd import MaskedSelfDistill
+from masksd.diagnostics import SelectionStats
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- model, wrapped by masksd (--method baseline: the same wrapper with both branches off) --
     model = build_model(replace(cfg.model, pretrained=None) if ckpt else cfg.model)  # bare RISModel
-    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill)  # masksd
+    extras = build_objectives(extra_objectives(cfg), model, cfg.model)  # masksd: --objectives beyond the paper's
+    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill,
+                                extra_objectives=extras)  # masksd
     wrapper.to(device)
 
     # ---- optimiser and schedule: Adam, the CLIP towers at lr × backbone_lr_mult (CRIS) ----------
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
             bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, dynamic_ncols=True)
         sums, steps = None, 0  # loss terms summed on the device; read at log intervals only
+        selection = SelectionStats()  # masksd: are LMVSD's kept patches on the referent? (read per epoch)
         for images, texts, masks in loader:
             if steps >= remaining:
                 break
@@ -190,7 +194,10 @@ def main(argv: list[str] | None = None) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            terms = torch.stack(list(result.losses.values())).double()  # seg [, lmvsd, vmlsd]
+            terms = torch.stack(list(result.losses.values())).double()  # seg [, lmvsd, vmlsd, ...]
+            if "lmvsd" in result.selections:
+                kept = result.selections["lmvsd"]
+                selection.add_image(kept["kept"], masks, kept["grid"])
             sums = terms if sums is None else sums + terms
             steps += 1
             state["global_step"] += 1
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         if state["step_in_epoch"] >= steps_per_epoch:
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         train_terms = dict(zip(result.losses, (sums / steps).tolist())) if steps else {}
+        kept_on_target = selection.summary()  # precision of the kept patches vs random (= target area)
         seconds = time.perf_counter() - epoch_start
 
         # ---- validate (rank 0's BatchNorm statistics on every rank; DDP keeps them per rank) ----
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             "epoch": epoch + 1, "global_step": state["global_step"], "partial": state["epoch"] == epoch,
             "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 1),
             "train": {k: round(v, 5) for k, v in train_terms.items()},
+            "lmvsd_selection": {k: round(v, 4) for k, v in kept_on_target.items()},
             "eval": {split: {res: by[res]["prediction"] for res in resolutions} for split, by in results.items()},
         })
 
@@ -236,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             if improved:
                 link(out / "last.pt", out / "best.pt")
         terms = " ".join(f"{k} {v:.4f}" for k, v in train_terms.items())
+        if kept_on_target:
+            terms += f" | kept on target {kept_on_target['precision']:.3f} (random {kept_on_target['random']:.3f})"
         log(f"epoch {epoch + 1:>3}/{o.epochs} step {state['global_step']:>6} | {terms} | {first} mIoU "
             f"{m['miou']:.2f} oIoU {m['oiou']:.2f} P@0.5 {m['prec@0.5']:.2f} P@0.9 {m['prec@0.9']:.2f}"
             f"{' *' if improved else ''} | {seconds:.0f}s")
