@@ -3,29 +3,22 @@
     python examples/cris_clip/pretrain_clip.py --preset demo           # ≤ 15 min on 2 CPU cores
     python examples/cris_clip/train.py --preset demo --pretrained runs/pretrain-clip/open_clip_pytorch_model.bin
 
-The CLIP is ``model.MODEL_CONFIGS[--model].clip_cfg`` at that config's image size, built exactly as
-``model.build_model`` builds it, so the RIS model loads the result. Every step draws ``batch_size``
-fresh scenes of the caption world (``captions.py``; sample ``i`` of step ``s`` is scene
-``s * batch_size + i``), so the run is a pure function of the settings and resumes exactly.
+The CLIP is ``model.MODEL_CONFIGS[--model].clip_cfg`` at that config's image size, built as
+``model.build_model`` builds it. Step ``s`` trains on the fresh scenes ``s * batch_size + i`` of the
+caption world (``captions.py``): the run is a function of the settings alone and resumes exactly.
+Loss: CLIP's InfoNCE on the global features + ``--token-weight`` × the same on a word–patch
+late-interaction score (ColBERT's MaxSim, FILIP's text→image half) over the projected tokens that
+masksd scores (``ln_post(x) @ proj``, ``ln_final(x) @ text_projection``); no parameter is added.
+AdamW as open_clip (β 0.9/0.98, ε 1e-6, no decay on gains, biases, temperature), warm-up + cosine.
 
-Loss: CLIP's symmetric InfoNCE on the global features (class token / EOT, projected) plus
-``--token-weight`` × the same InfoNCE on a late-interaction score (ColBERT's MaxSim, the text→image
-half of FILIP, Yao et al. 2021): the mean over the caption's words of each word's best patch, on the
-projected patch tokens ``ln_post(x) @ proj`` and word tokens ``ln_final(x) @ text_projection`` that
-masksd scores. It adds no parameter: the checkpoint is a plain open_clip CLIP. AdamW (β 0.9/0.98, ε 1e-6, no decay on gains, biases and the temperature, as
-open_clip), linear warm-up then cosine decay; the temperature is clamped at 100 as in CLIP.
-
-Written to ``--out``: ``last.pt`` (resume: weights under ``state_dict`` as open_clip's own training
-checkpoints, optimiser, step, history), then ``open_clip_pytorch_model.bin`` (the weights) and
-``open_clip_config.json`` (the architecture) in open_clip's hub layout, loadable as
-``open_clip.create_model("local-dir:<out>")``, by ``open_clip.load_checkpoint(clip, <file>)`` and
-through ``train.py --pretrained <file>``; and ``metrics.json``. Evaluation on held-out scenes (the
-caption world's val stream and the referring val split, never trained on): image→text and
-text→image recall@1/5 among ``--val-scenes`` captions; for each size/colour/shape word of a caption,
-the share of its best patches' pixels that lie on the object it names (top-1 and top-k, k = the
-object's area in patches) against that object's area share (chance); for the referring sentences,
-the precision and recall on the target of the top 50 % patches by ``sentence · patch`` (LMVSD's
-correlation filtering at the paper's TopK) against the target's area share and 0.5.
+Written to ``--out``: ``last.pt`` (resume; weights under ``state_dict`` as open_clip's training
+checkpoints), ``open_clip_pytorch_model.bin`` + ``open_clip_config.json`` (open_clip's hub layout:
+``open_clip.create_model("local-dir:<out>")``, ``open_clip.load_checkpoint(clip, <file>)``,
+``train.py --pretrained <file>``) and ``metrics.json``. Held-out evaluation (the caption world's val
+stream, the referring val split): retrieval recall@1/5 both ways among ``--val-scenes`` captions;
+for each size/colour/shape word, the share of its best patches' pixels on the object it names
+against that object's area share (chance); for referring sentences, the target's share of the top
+50 % patches by ``sentence · patch`` (LMVSD's correlation filtering at the paper's TopK).
 """
 
 from __future__ import annotations
@@ -93,7 +86,8 @@ class PretrainConfig:
 RUN_FIELDS = ("out", "resume", "max_steps", "workers", "progress", "threads", "eval_interval", "log_interval",
               "val_scenes", "align_scenes", "refer_samples")  # may change when resuming
 PRESETS: dict[str, PretrainConfig] = {
-    "demo": PretrainConfig(threads=1),  # ≈ 12 min on 2 shared CPU cores (one for torch, one for the scenes)
+    # 12.8 min on 2 CPU cores shared with other jobs (median load 3.4): one for torch, one for the scenes
+    "demo": PretrainConfig(threads=1),
     "smoke": PretrainConfig(preset="smoke", steps=20, batch_size=32, val_scenes=128, align_scenes=64,
                             refer_samples=32, eval_interval=10, log_interval=5, out="runs/pretrain-clip-smoke"),
 }
