@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     target = letterbox_mask(gt, info)[None] if gt is not None else torch.zeros(1, size, size, dtype=torch.bool)
     generator = torch.Generator(device).manual_seed(args.seed)
     out = wrapper(x[None].to(device), ids.to(device), target.to(device), generator=generator)  # masksd
-    branches = out.selections  # per branch: kept, masked, logits (and grid)
+    branches = out.selections  # per branch: kept, masked, logits, grid
 
     # ---- the figure ---------------------------------------------------------------------------------
     shown = (x * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)).clamp(0, 1)
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"sentence": sentence}
     if "lmvsd" in branches:
         kept, masked = branches["lmvsd"]["kept"][0].cpu(), branches["lmvsd"]["masked"][0].cpu()
-        # the patch grid the branch selected on; masksd releases without it: the ViT's static grid
-        gh, gw = branches["lmvsd"].get("grid") or model.image_tower.visual.grid_size
+        gh, gw = branches["lmvsd"]["grid"]  # the patch grid the branch selected on
         ph, pw = size / gh, size / gw
         for n in torch.nonzero(kept).flatten().tolist():
             r, c = divmod(n, gw)
