@@ -13,6 +13,9 @@ Variants (each = forward + backward + ``Adam.step()`` + ``zero_grad``, one share
     baseline  bare ``RISModel`` + BCE segmentation loss (no wrapper)
     off / visual / textual / both / both_unmasked   ``MaskedSelfDistill`` with the keyword
               arguments in :data:`VARIANTS` (add a line there to time another configuration)
+    mask_grounding / cal / lang_rec   each further objective alone (LMVSD/VMLSD off)
+    hooks     both branches through ``masksd.wrap`` (hook backend, ``hook_spec()``) on a copy of the
+              model: ``ratio_hooks_vs_towers = hooks / both`` (same model, same rounds)
     naive     a reference written here: three full passes of the bare model (main; masked
               image + text; image + masked text), re-running both towers and the decoder per
               branch, with the plain-torch selection of :func:`naive_mask`, same three losses
@@ -27,6 +30,10 @@ own selection code is private; this plain-torch version does the same work).
 ``masking_share_insitu``: the median over rounds of ``(both - both_unmasked) / both``, the cost
 of drawing the masks and replacing the tokens inside real steps (``masking=False`` keeps the
 scoring and top-K; a difference of two step times, so noisy and possibly slightly negative).
+Activation memory (any device): bytes the forward saves for backward in one step, counted with
+``torch.autograd.graph.saved_tensors_hooks`` (distinct storages, parameters excluded):
+``activation_ratio_both`` / ``_hooks`` / ``_naive`` over the baseline, and the floor
+(baseline + one image-encoder, one text-encoder and two decoder passes, each counted alone).
 Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import time
@@ -44,8 +52,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import _common as cm
-from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model
-from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss
+from benchmarks.activations import saved_activation_bytes
+from benchmarks.step_cost_report import markdown, table
+from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model, build_objectives, hook_spec
+from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss, wrap
 
 CONTEXT = 17  # token ids per sentence (RefCOCO)
 CPU_PRESET = ModelConfig(  # ViT-B/16 proportions (head width 64, patch 16), scaled down for a CPU
@@ -73,11 +83,18 @@ VARIANTS: dict[str, dict] = {
     "textual": dict(lmvsd=None),  # VMLSD only
     "both": dict(),
     "both_unmasked": dict(lmvsd=replace(LMVSD, masking=False), vmlsd=replace(VMLSD, masking=False)),
+    # further objectives alone (branches off): each one's own cost
+    "mask_grounding": dict(lmvsd=None, vmlsd=None, objectives=("mask_grounding",)),
+    "cal": dict(lmvsd=None, vmlsd=None, objectives=("cal",)),
+    "lang_rec": dict(lmvsd=None, vmlsd=None, objectives=("lang_rec",)),
 }
-MAIN_TASKS = ("baseline", *VARIANTS, "naive", "floor_image", "floor_text", "floor_decoder", "eval_bare",
+# "hooks": both branches through masksd.wrap on a copy of the model (hook backend), against "both"
+# (tower backend) in the same rounds: ratio_hooks_vs_towers.
+MAIN_TASKS = ("baseline", *VARIANTS, "hooks", "naive", "floor_image", "floor_text", "floor_decoder", "eval_bare",
               "eval_wrapped", "masking_x10")
 SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")
-RATIO_KEYS = (*VARIANTS, "naive")
+RATIO_KEYS = (*VARIANTS, "hooks", "naive")
+ACTIVATION_TASKS = ("baseline", "both", "hooks", "naive", "floor_image", "floor_text", "floor_decoder")
 
 
 def preset_for_tokens(preset: ModelConfig, tokens: int, patch: int = 16) -> ModelConfig:
@@ -106,13 +123,18 @@ class Bench:
         cm.seed_everything(seed)
         self.model = build_model(preset).to(device)
         m = self.model
-        self.wrapped = {name: MaskedSelfDistill(m.image_tower, m.text_tower, m.decoder, **kwargs).to(device)
-                        for name, kwargs in VARIANTS.items()}
+        self.wrapped = {name: MaskedSelfDistill(
+            m.image_tower, m.text_tower, m.decoder, **{k: v for k, v in kwargs.items() if k != "objectives"},
+            extra_objectives=build_objectives(kwargs.get("objectives", ()), m, preset)).to(device)
+            for name, kwargs in VARIANTS.items()}
+        cm.seed_everything(seed)
+        self.hooked = wrap(copy.deepcopy(m), hook_spec()).to(device)  # same weights, its own hooks
         self.naive_tokens = nn.ParameterList(
             [nn.Parameter(torch.randn(t.embed_dim) * 0.02) for t in (m.image_tower, m.text_tower)]
         ).to(device)
         params = [*m.parameters(), *self.naive_tokens]
         params += [p for w in self.wrapped.values() for p in w.added_parameters().values()]
+        params += list(self.hooked.parameters())
         self.opt = torch.optim.Adam(list(dict.fromkeys(params)), lr=1e-5)
         self.x, self.t, self.y = cm.synthetic_batch(batch, preset.image_size, CONTEXT, device, seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -125,7 +147,7 @@ class Bench:
 
     # --- bookkeeping ---------------------------------------------------------------------
     def set_mode(self, name: str) -> None:
-        for module in (self.model, *self.wrapped.values()):
+        for module in (self.model, *self.wrapped.values(), self.hooked):
             module.train(not name.startswith("eval"))
 
     def clear(self, name: str) -> None:
@@ -145,6 +167,11 @@ class Bench:
     def wrapped_step(self, name: str) -> None:
         with self.amp():
             out = self.wrapped[name](self.x, self.t, self.y, generator=self.generator)
+        self._finish(out.loss)
+
+    def hooks(self) -> None:
+        with self.amp():
+            out = self.hooked(self.x, self.t, target=self.y, generator=self.generator)
         self._finish(out.loss)
 
     def naive(self) -> None:
@@ -229,6 +256,8 @@ def ratios(stats: dict) -> dict:
     base, img, txt, dec = med["baseline"], med["floor_image"], med["floor_text"], med["floor_decoder"]
     out = {f"ratio_{k}": med[k] / base for k in RATIO_KEYS if k in med}
     out["ratio_floor"] = (base + img + txt + 2 * dec) / base
+    if "hooks" in med and "both" in med:
+        out["ratio_hooks_vs_towers"] = med["hooks"] / med["both"]
     out["ratio_floor_visual"] = (base + img + dec) / base
     out["ratio_floor_textual"] = (base + txt + dec) / base
     return out
@@ -270,6 +299,13 @@ def run(args) -> dict:
     mask_s = stats.pop("masking_x10")["median"] / 10
     insitu = statistics.median([(a - b) / a for a, b in zip(times["both"], times["both_unmasked"])])
     tokens_main = bench.main.image_embedded.tokens.shape[1]
+    tasks = bench.tasks(ACTIVATION_TASKS)
+    modules = (bench.model, bench.hooked, *bench.wrapped.values())
+    activations = {}
+    for name in ACTIVATION_TASKS:  # bytes saved for backward in one step (not timed)
+        bench.set_mode(name)
+        activations[name] = saved_activation_bytes(tasks[name], modules)
+        bench.clear(name)
     del bench
     cm.free_memory()
 
@@ -282,6 +318,13 @@ def run(args) -> dict:
         "budget_s": args.budget, "image_tokens": tokens_main,
         "preset": asdict(cfg["preset"]),
         **ratios(stats),
+        "ratio_hooks_vs_towers_spread": cm.summarize([a / b for a, b in zip(times["hooks"], times["both"])]),
+        "activation_bytes": activations,
+        "activation_ratio_both": activations["both"] / activations["baseline"],
+        "activation_ratio_hooks": activations["hooks"] / activations["baseline"],
+        "activation_ratio_naive": activations["naive"] / activations["baseline"],
+        "activation_ratio_floor": (activations["baseline"] + activations["floor_image"] + activations["floor_text"]
+                                   + 2 * activations["floor_decoder"]) / activations["baseline"],
         "eval_ratio": med["eval_wrapped"] / med["eval_bare"],
         "masking_share": mask_s / med["both"],
         "masking_share_method": "isolated: plain-torch selection (scores, top-K, random subset) + token "
@@ -325,45 +368,12 @@ def run(args) -> dict:
     result["goals"] = {
         "ratio_both <= 1.05 * ratio_floor": result["ratio_both"] <= 1.05 * result["ratio_floor"],
         "ratio_both < ratio_naive": result["ratio_both"] < result["ratio_naive"],
+        "ratio_hooks_vs_towers <= 1.05": result["ratio_hooks_vs_towers"] <= 1.05,
         "eval_ratio <= 1.05": result["eval_ratio"] <= 1.05,
         "masking_share <= 0.01": result["masking_share"] <= 0.01,
     }
     result["wall_s"], result["loadavg_end"] = time.perf_counter() - started, cm.loadavg()
     return result
-
-
-def table(r: dict) -> str:
-    peaks = r["peak_mem_mib"] or {}
-    lines = [f"Step cost, config `{r['config']}`, {r['device']}, torch {r['torch']}, batch {r['batch']}, "
-             f"{r['image_tokens']} image tokens, {r['repeats']} interleaved rounds",
-             "", "| variant | median ms | IQR ms | min-max ms | / baseline | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    base = r["medians_s"]["baseline"]
-    for k, med in r["medians_s"].items():
-        s = r["spread_s"][k]
-        peak = f"{peaks[k]:.0f}" if peaks.get(k) is not None else "-"
-        lines.append(f"| {k} | {1e3 * med:.1f} | {1e3 * s['q1']:.1f}-{1e3 * s['q3']:.1f} | "
-                     f"{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f} | {med / base:.3f} | {peak} |")
-    lines += ["", "| quantity | value |", "|---|---:|"]
-    for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
-              "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "eval_ratio",
-              "masking_share", "masking_share_insitu"):
-        lines.append(f"| {k} | {r[k]:.4f} |")
-    shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["part_share"].items())
-    lines += ["", f"Share of the parts (fwd+bwd, timed alone): {shares}"]
-    return "\n".join(lines)
-
-
-def markdown(r: dict) -> str:
-    text = table(r)
-    text += "\n\n| image tokens | image px | ratio_both | ratio_floor | ratio_naive | baseline ms |\n"
-    text += "|---:|---:|---:|---:|---:|---:|\n"
-    for row in r["sweep"]:
-        text += (f"| {row['tokens']} | {row['image_size']} | {row['ratio_both']:.3f} | {row['ratio_floor']:.3f}"
-                 f" | {row['ratio_naive']:.3f} | {1e3 * row['medians_s']['baseline']:.0f} |\n")
-    text += "\n" + "\n".join(f"- {k}: {'yes' if ok else 'NO'}" for k, ok in r["goals"].items())
-    return text + (f"\n\nWall time {r['wall_s']:.0f} s; load average (1/5/15 min) at start "
-                   f"{r['loadavg_start']}, at end {r['loadavg_end']} (other processes share the machine).\n")
 
 
 def main() -> None:

@@ -25,7 +25,11 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from synthetic import ATTRS, AXIS_MARGIN, DIST_MARGIN, Phrase, SceneObject, generate_scene
+
+try:  # a script run of this folder (pretrain_clip.py) imports siblings by plain name
+    from synthetic import ATTRS, AXIS_MARGIN, DIST_MARGIN, Phrase, SceneObject, generate_scene
+except ModuleNotFoundError:  # imported as examples.cris_clip.captions (tests)
+    from .synthetic import ATTRS, AXIS_MARGIN, DIST_MARGIN, Phrase, SceneObject, generate_scene
 
 CAPTION_SPLITS: dict[str, int] = {"train": 0, "val": 1}  # val: the held-out scenes
 STREAM = 100  # seed-sequence tag of the caption world: [seed, STREAM, split, index]

@@ -1,0 +1,41 @@
+"""Tables of ``benchmarks.step_cost``'s result: the console table and the markdown report."""
+
+from __future__ import annotations
+
+__all__ = ["markdown", "table"]
+
+
+def table(r: dict) -> str:
+    peaks = r["peak_mem_mib"] or {}
+    lines = [f"Step cost, config `{r['config']}`, {r['device']}, torch {r['torch']}, batch {r['batch']}, "
+             f"{r['image_tokens']} image tokens, {r['repeats']} interleaved rounds",
+             "", "| variant | median ms | IQR ms | min-max ms | / baseline | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    base = r["medians_s"]["baseline"]
+    for k, med in r["medians_s"].items():
+        s = r["spread_s"][k]
+        peak = f"{peaks[k]:.0f}" if peaks.get(k) is not None else "-"
+        lines.append(f"| {k} | {1e3 * med:.1f} | {1e3 * s['q1']:.1f}-{1e3 * s['q3']:.1f} | "
+                     f"{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f} | {med / base:.3f} | {peak} |")
+    lines += ["", "| quantity | value |", "|---|---:|"]
+    for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
+              "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "ratio_hooks_vs_towers",
+              "ratio_mask_grounding", "ratio_cal", "ratio_lang_rec", "activation_ratio_both",
+              "activation_ratio_hooks", "activation_ratio_naive", "activation_ratio_floor", "eval_ratio",
+              "masking_share", "masking_share_insitu"):
+        lines.append(f"| {k} | {r[k]:.4f} |")
+    shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["part_share"].items())
+    lines += ["", f"Share of the parts (fwd+bwd, timed alone): {shares}"]
+    return "\n".join(lines)
+
+
+def markdown(r: dict) -> str:
+    text = table(r)
+    text += "\n\n| image tokens | image px | ratio_both | ratio_floor | ratio_naive | baseline ms |\n"
+    text += "|---:|---:|---:|---:|---:|---:|\n"
+    for row in r["sweep"]:
+        text += (f"| {row['tokens']} | {row['image_size']} | {row['ratio_both']:.3f} | {row['ratio_floor']:.3f}"
+                 f" | {row['ratio_naive']:.3f} | {1e3 * row['medians_s']['baseline']:.0f} |\n")
+    text += "\n" + "\n".join(f"- {k}: {'yes' if ok else 'NO'}" for k, ok in r["goals"].items())
+    return text + (f"\n\nWall time {r['wall_s']:.0f} s; load average (1/5/15 min) at start "
+                   f"{r['loadavg_start']}, at end {r['loadavg_end']} (other processes share the machine).\n")
