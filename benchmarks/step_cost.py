@@ -3,19 +3,16 @@
     python -m benchmarks.step_cost [--config cpu|gpu] [--quick] [--repeats N] [--tokens 64,144]
                                    [--json out.json] [--markdown out.md] [--plot out.png]
 
-Run from the repository root (it imports the reference model as ``examples.cris_clip.model``).
-It measures masksd through its public API only: ``MaskedSelfDistill``, the towers' ``embed`` /
-``encode``, the decoder and the losses. One process, one model, one batch. Every variant runs
-once per round, round-robin with a rotating start; warm-up rounds are discarded; medians and
-IQR / min-max are reported.
+Run from the repository root. It measures masksd through its public API only. One process, one
+model, one batch; every variant runs once per round, round-robin with a rotating start; warm-up
+rounds are discarded; medians and IQR / min-max are reported.
 
 Variants (each = forward + backward + ``Adam.step()`` + ``zero_grad``, one shared optimizer):
     baseline  bare ``RISModel`` + BCE segmentation loss (no wrapper)
     off / visual / textual / both / both_unmasked   ``MaskedSelfDistill`` with the keyword
               arguments in :data:`VARIANTS` (add a line there to time another configuration)
     mask_grounding / cal / lang_rec   each further objective alone (LMVSD/VMLSD off)
-    hooks     both branches through ``masksd.wrap`` (hook backend, ``hook_spec()``) on a copy of the
-              model: ``ratio_hooks_vs_towers = hooks / both`` (same model, same rounds)
+    hooks     ``both`` through ``masksd.wrap(copy, hook_spec())``: ``ratio_hooks_vs_towers = hooks / both``
     naive     a reference written here: three full passes of the bare model (main; masked
               image + text; image + masked text), re-running both towers and the decoder per
               branch, with the plain-torch selection of :func:`naive_mask`, same three losses
@@ -30,10 +27,8 @@ own selection code is private; this plain-torch version does the same work).
 ``masking_share_insitu``: the median over rounds of ``(both - both_unmasked) / both``, the cost
 of drawing the masks and replacing the tokens inside real steps (``masking=False`` keeps the
 scoring and top-K; a difference of two step times, so noisy and possibly slightly negative).
-Activation memory (any device): bytes the forward saves for backward in one step, counted with
-``torch.autograd.graph.saved_tensors_hooks`` (distinct storages, parameters excluded):
-``activation_ratio_both`` / ``_hooks`` / ``_naive`` over the baseline, and the floor
-(baseline + one image-encoder, one text-encoder and two decoder passes, each counted alone).
+Activation memory (any device): bytes saved for backward in one step (``benchmarks.activations``)
+over the baseline's: ``activation_ratio_both`` / ``_hooks`` / ``_naive`` / ``_floor``.
 Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
 """
 
@@ -83,13 +78,11 @@ VARIANTS: dict[str, dict] = {
     "textual": dict(lmvsd=None),  # VMLSD only
     "both": dict(),
     "both_unmasked": dict(lmvsd=replace(LMVSD, masking=False), vmlsd=replace(VMLSD, masking=False)),
-    # further objectives alone (branches off): each one's own cost
     "mask_grounding": dict(lmvsd=None, vmlsd=None, objectives=("mask_grounding",)),
     "cal": dict(lmvsd=None, vmlsd=None, objectives=("cal",)),
     "lang_rec": dict(lmvsd=None, vmlsd=None, objectives=("lang_rec",)),
 }
-# "hooks": both branches through masksd.wrap on a copy of the model (hook backend), against "both"
-# (tower backend) in the same rounds: ratio_hooks_vs_towers.
+# "hooks" (both branches through masksd.wrap on a copy of the model) is timed beside "both".
 MAIN_TASKS = ("baseline", *VARIANTS, "hooks", "naive", "floor_image", "floor_text", "floor_decoder", "eval_bare",
               "eval_wrapped", "masking_x10")
 SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")

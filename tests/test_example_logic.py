@@ -121,7 +121,7 @@ def referents(sentence: str, objects: list) -> list[int]:
 def test_every_synthetic_expression_names_exactly_its_target() -> None:
     kinds = set()
     for split, n in (("train", 300), ("compositional", 100)):
-        for s in synthetic.generate_split(split, num_samples=n):
+        for s in (synthetic.generate_sample(split, i) for i in range(n)):
             assert referents(s.sentence, s.objects) == [s.target_index], s.sentence
             target = s.objects[s.target_index]
             assert ((target.colour, target.shape) in synthetic.HELD_OUT_COMBOS) == (split == "compositional")
@@ -130,7 +130,7 @@ def test_every_synthetic_expression_names_exactly_its_target() -> None:
             kinds.add(s.expression.kind)
     assert kinds == {"attribute", "relation", "ordinal"}
     # sample i depends only on (split, i, seed), not on how many are drawn
-    assert synthetic.generate_sample("train", 7).sentence == synthetic.generate_split("train", num_samples=8)[7].sentence
+    assert synthetic.generate_sample("train", 7).sentence == synthetic.SyntheticReferDataset("train", num_samples=8)[7]["sentence"]
 
 
 # ---------------------------------------------------------------------------- CRIS head

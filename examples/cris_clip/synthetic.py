@@ -26,15 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
-    "yellow": (235, 215, 40), "purple": (155, 60, 205), "white": (240, 240, 240),
-}
+COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
+                                             "yellow": (235, 215, 40), "purple": (155, 60, 205),
+                                             "white": (240, 240, 240)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.075, "large": 0.125}  # extent, fraction of image side
-HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
-    {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("purple", "triangle")}
-)
+HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("green", "circle"),
+                                                          ("blue", "square"), ("purple", "triangle")})
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "compositional": 3}
 DEFAULT_SIZES: dict[str, int] = {"train": 4000, "val": 500, "test": 500, "compositional": 500}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "nearest to", "farthest from")
@@ -42,7 +40,6 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
 SUPERLATIVES: dict[str, str] = {d: f"{d}most" for d in DIRECTIONS}  # "leftmost", ...
 ORDINALS: tuple[str, ...] = ("first", "second", "third")
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
-
 AXIS_MARGIN = 0.05  # min |coordinate difference| for left/right/above/below and ordinals
 DIST_MARGIN = 0.06  # min gap between nearest (farthest) and the runner-up distance
 GAP = 0.02  # min gap between objects' circumscribed circles
@@ -380,16 +377,11 @@ def generate_scene(rng: np.random.Generator, *, image_size: int = 64, split: str
             return objects, *_render(objects, image_size, bg)
 
 
-def generate_split(split: str, *, num_samples: int, image_size: int = 64, seed: int = 0) -> list[SyntheticSample]:
-    """Generate ``num_samples`` samples of ``split`` ("train", "val", "test", "compositional")."""
-    return [generate_sample(split, i, image_size=image_size, seed=seed) for i in range(num_samples)]
-
-
 class SyntheticReferDataset(Dataset):
     """Lazily generated synthetic split; item ``i`` is :func:`generate_sample` ``(split, i)``.
 
     Items are dicts: ``image`` uint8 ``[H, W, 3]``, ``mask`` bool ``[H, W]``, ``sentence`` str,
-    ``id`` str. Use :meth:`sample` for the full :class:`SyntheticSample`.
+    ``id`` str (:func:`generate_sample` gives the full :class:`SyntheticSample`).
     """
 
     def __init__(self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0) -> None:
@@ -401,11 +393,8 @@ class SyntheticReferDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def sample(self, index: int) -> SyntheticSample:
+    def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        return generate_sample(self.split, int(index), image_size=self.image_size, seed=self.seed)
-
-    def __getitem__(self, index: int) -> dict:
-        s = self.sample(index)
+        s = generate_sample(self.split, int(index), image_size=self.image_size, seed=self.seed)
         return {"image": s.image, "mask": s.mask, "sentence": s.sentence, "id": s.id}
