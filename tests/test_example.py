@@ -136,6 +136,7 @@ def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> Non
         assert any(k.startswith("objectives.lmvsd.decoder.") for k in keys)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_stay_identical(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE / "train.py"),
