@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "cris_clip" / "train.py"
 
-# variant name -> extra flags of train.py (paper Tables V-VII)
+# variant name -> extra flags of train.py (paper Tables V-VII, further objectives)
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["--method", "baseline"],
     "masksd": [],
@@ -38,6 +38,11 @@ VARIANTS: dict[str, list[str]] = {
     "no_masking": ["--no-lmvsd-masking", "--no-vmlsd-masking"],
     "ground_truth": ["--supervision", "ground_truth"],
     "unshared": ["--no-share-decoder"],
+    # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
+    "mask_grounding": ["--objectives", "mask_grounding"],
+    "cal": ["--objectives", "cal"],
+    "lang_rec": ["--objectives", "lang_rec"],
+    "masksd_all": ["--objectives", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"],
 }
 QUICK_VARIANTS = ["baseline", "masksd"]
 SPLITS = ("val", "test", "compositional")
