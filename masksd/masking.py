@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "sample_mask",
     "replace_tokens",
     "expand_mask",
+    "nearest_units",
     "shrink_mask",
 ]
 
@@ -234,11 +236,37 @@ def replace_tokens(tokens: Tensor, masked: Tensor, mask_token: Tensor) -> Tensor
     return torch.where(masked[..., None], mask_token.to(tokens.dtype), tokens)
 
 
+def nearest_units(grid: tuple[int, int], unit_grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
+    """The unit each fine position is nearest-assigned to: ``[h * w]`` int64 indices into the
+    ``h_u * w_u`` units (row-major).
+
+    Fine row ``i`` belongs to unit row ``floor(i * h_u / h)`` (the ``nearest`` convention of
+    ``F.interpolate``, computed in exact integer arithmetic), columns alike. Each unit's fine
+    positions therefore form one solid rectangle of ``floor(h/h_u)`` or ``ceil(h/h_u)`` rows by
+    ``floor(w/w_u)`` or ``ceil(w/w_u)`` columns, and these rectangles tile the fine grid, at any
+    (also non-integer) ratio.
+    """
+    (h, w), (h_u, w_u) = tuple(grid), tuple(unit_grid)
+    rows = torch.div(torch.arange(h, device=device) * h_u, h, rounding_mode="floor")
+    cols = torch.div(torch.arange(w, device=device) * w_u, w, rounding_mode="floor")
+    return rearrange(rows[:, None] * w_u + cols[None, :], "h w -> (h w)")
+
+
+def _check_grid_mask(mask: Tensor, grid: tuple[int, int], name: str, grid_name: str) -> None:
+    _check_bool_mask(mask, name)
+    if len(tuple(grid)) != 2 or mask.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f"{name} has {mask.shape[1]} positions but {grid_name} {tuple(grid)} holds "
+            f"{grid[0] * grid[1] if len(tuple(grid)) == 2 else '?'}; pass the (h, w) grid the mask lies on"
+        )
+
+
 def expand_mask(unit_mask: Tensor, unit_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor:
     """Expand a mask over coarse units onto a finer grid (nearest; any ratio).
 
     A masked unit becomes a solid block of fine positions (ConvNeXt V2 / SparK), so a CNN stem
-    cannot fill it back in from its neighbours.
+    cannot fill it back in from its neighbours; the blocks tile the fine grid (see
+    ``nearest_units``).
 
     Args:
         unit_mask: ``[B, h_u * w_u]`` bool.
@@ -246,22 +274,33 @@ def expand_mask(unit_mask: Tensor, unit_grid: tuple[int, int], grid: tuple[int, 
         grid: ``(h, w)`` of the fine grid.
 
     Returns:
-        ``[B, h * w]`` bool.
+        ``[B, h * w]`` bool: ``out[:, p] = unit_mask[:, nearest_units(grid, unit_grid)[p]]``.
     """
-    _check_bool_mask(unit_mask, "unit_mask")
-    if unit_mask.shape[1] != unit_grid[0] * unit_grid[1]:
-        raise ValueError(f"unit_mask has {unit_mask.shape[1]} units; unit_grid {unit_grid} holds {unit_grid[0] * unit_grid[1]}")
+    _check_grid_mask(unit_mask, unit_grid, "unit_mask", "unit_grid")
     if tuple(unit_grid) == tuple(grid):
         return unit_mask
-    coarse = unit_mask.view(unit_mask.shape[0], 1, *unit_grid).float()
-    fine = torch.nn.functional.interpolate(coarse, size=tuple(grid), mode="nearest")
-    return fine.flatten(1) > 0.5
+    return unit_mask[:, nearest_units(grid, unit_grid, unit_mask.device)]
 
 
 def shrink_mask(mask: Tensor, grid: tuple[int, int], unit_grid: tuple[int, int]) -> Tensor:
-    """A unit is valid when any fine position inside it is valid: ``[B, h*w]`` → ``[B, h_u*w_u]``."""
-    _check_bool_mask(mask, "mask")
+    """The exact inverse mapping of ``expand_mask``: ``[B, h * w]`` → ``[B, h_u * w_u]``.
+
+    A unit is maskable when *any* of the fine positions that ``expand_mask`` assigns to it is
+    maskable (the engine then masks ``expand_mask(units) & mask``, so a selected unit always
+    masks at least one position). A unit that no fine position is assigned to (a fine grid
+    smaller than the unit grid) is never maskable.
+
+    Args:
+        mask: ``[B, h * w]`` bool over the fine grid.
+        grid: ``(h, w)``.
+        unit_grid: ``(h_u, w_u)``.
+
+    Returns:
+        ``[B, h_u * w_u]`` bool.
+    """
+    _check_grid_mask(mask, grid, "mask", "grid")
     if tuple(unit_grid) == tuple(grid):
         return mask
-    fine = mask.view(mask.shape[0], 1, *grid).float()
-    return torch.nn.functional.adaptive_max_pool2d(fine, tuple(unit_grid)).flatten(1) > 0.5
+    units = nearest_units(grid, unit_grid, mask.device)
+    hits = torch.zeros(mask.shape[0], unit_grid[0] * unit_grid[1], dtype=torch.int64, device=mask.device)
+    return hits.index_add_(1, units, mask.to(torch.int64)) > 0
