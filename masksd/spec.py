@@ -280,9 +280,11 @@ class HookSpec:
         target: name of the model's forward argument that carries the ground-truth mask
             (models that compute their loss in ``forward``); None = pass ``target=`` to the
             wrapper and the model never sees it.
-        loss: selector on the model's return value giving its own training loss (a tensor, or
-            a dict of tensors, summed), used as the main segmentation term instead of
-            masksd's BCE; None = masksd's BCE on the logits.
+        loss: selector on the model's return value giving its own training loss, used as the
+            main segmentation term instead of masksd's BCE: a scalar tensor, or a dict read with
+            mmseg's ``parse_losses`` convention (only entries whose key contains ``"loss"`` are
+            summed; metrics such as ``acc_seg`` are ignored; see
+            ``masksd.backends.base.as_tensor_loss``); None = masksd's BCE on the logits.
         fusion: ``"auto"`` probes once whether each modality's ``reuse`` outputs depend on the
             other modality; or say it: ``"late"``, ``"text->image"`` (the image backbone
             consumes the sentence, LAVT), ``"image->text"``, ``"bidirectional"``.

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hook_models import (
     EarlyFusionRIS,
     LossReturningRIS,
@@ -18,6 +19,7 @@ from torch import nn
 
 import masksd
 from masksd import HookSpec, LMVSDConfig, ModalitySpec, Output, Tap, VMLSDConfig
+from masksd.backends.base import as_tensor_loss
 
 
 def wrapped(model_cls=TinyRIS, spec=None, seed: int = 0, **options) -> masksd.MaskedSelfDistill:
@@ -149,6 +151,53 @@ def test_loss_returning_model_with_target_argument_and_module_tap():
     wrapper.eval()
     with torch.no_grad():
         assert torch.equal(wrapper(images, ids), wrapper.unwrap()(images, ids))
+
+
+class DictLossRIS(TinyRIS):
+    """mmseg-style: the training forward returns the prediction and a dict of losses *and* metrics."""
+
+    names = ("loss_bce", "acc_seg")
+
+    def forward(self, img, ids, mask=None):  # type: ignore[override]
+        pred = super().forward(img, ids)
+        if not self.training:
+            return pred
+        target = F.interpolate(mask[:, None].float(), size=pred.shape[-2:], mode="nearest")
+        bce = F.binary_cross_entropy_with_logits(pred, target)
+        accuracy = ((pred > 0) == (target > 0.5)).float().mean() * 100  # a metric, not a loss
+        return {"pred": pred, "losses": dict(zip(self.names, (bce, accuracy.detach())))}
+
+
+def test_loss_dict_sums_only_the_entries_named_loss():
+    spec = tiny_spec(logits=Output(select="['pred']"), target="mask", loss="['losses']")
+    wrapper = wrapped(DictLossRIS, spec)
+    images, ids, masks = make_batch()
+    out = wrapper.train()(images, ids, masks, generator=torch.Generator().manual_seed(0))
+    losses = out.output["losses"]
+    assert float(losses["acc_seg"]) > 1.0  # a sum would be dominated by the accuracy
+    torch.testing.assert_close(out.losses["seg"], losses["loss_bce"].detach())
+    out.loss.backward()
+    assert wrapper.unwrap().decoder.weight.grad is not None
+
+    class MetricsOnly(DictLossRIS):
+        names = ("bce", "acc_seg")
+
+    with pytest.raises(ValueError, match=r"no loss entry.*\['bce'\].*\['acc_seg'\].*HookSpec\(loss="):
+        wrapped(MetricsOnly, spec).train()(images, ids, masks)
+
+
+def test_as_tensor_loss_follows_mmseg_parse_losses():
+    a, b, m = torch.tensor(1.0), torch.tensor([2.0, 4.0]), torch.tensor(50.0)
+    assert float(as_tensor_loss({"loss_ce": a, "loss_dice": b, "acc_seg": m}, "x")) == 4.0  # b averaged
+    assert float(as_tensor_loss({"decode": {"loss_ce": a, "acc_seg": m}, "aux": {"loss_ce": a}}, "x")) == 2.0
+    assert float(as_tensor_loss({"loss": {"ce": a, "dice": a}, "acc": m}, "x")) == 2.0  # unnamed inside: whole
+    assert float(as_tensor_loss({"losses": {"loss_bce": a, "acc_seg": m}}, "x")) == 1.0
+    assert float(as_tensor_loss({"loss_aux": [a, a, a], "pred": m}, "x")) == 3.0  # lists summed
+    assert float(as_tensor_loss(a, "x")) == 1.0
+    with pytest.raises(ValueError, match=r"no loss entry.*\['acc_seg'\]"):
+        as_tensor_loss({"acc_seg": m}, "HookSpec.loss")
+    with pytest.raises(ValueError, match="scalar loss.*shape \\(2,\\)"):
+        as_tensor_loss(b, "HookSpec.loss")
 
 
 def test_detached_output_logits_are_refused():

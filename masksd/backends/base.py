@@ -15,7 +15,7 @@ Both return the main branch as a ``MainBranch`` and run a masked branch with
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -167,15 +167,56 @@ def check_ids(ids: Any, maskable: Tensor, where: str) -> Tensor:
     return ids.to(device=maskable.device, dtype=torch.int64)
 
 
+def _loss_terms(value: Any, counted: bool, key: str, found: list[str]) -> list[Tensor]:
+    """The tensors of ``value`` that count as loss terms (``as_tensor_loss``'s rule), each
+    averaged to a scalar; ``found`` collects the key paths seen (for the error message)."""
+    if isinstance(value, Tensor):
+        found.append(key)
+        return [value.float().mean()] if counted else []
+    if isinstance(value, Mapping):
+        named = any("loss" in str(k) for k in value)
+        return [
+            term
+            for k, v in value.items()
+            for term in _loss_terms(v, "loss" in str(k) or (counted and not named), f"{key}[{k!r}]", found)
+        ]
+    if isinstance(value, (list, tuple)):
+        return [term for i, v in enumerate(value) for term in _loss_terms(v, counted, f"{key}[{i}]", found)]
+    return []
+
+
 def as_tensor_loss(value: Any, where: str) -> Tensor:
-    """A scalar loss from a tensor or a dict of tensors (summed)."""
-    if isinstance(value, dict):
-        terms = [v for v in value.values() if isinstance(v, Tensor)]
+    """The model's own training loss as a float32 scalar ``[]``.
+
+    ``value`` is a scalar tensor, or a dict of loss terms read with mmseg's ``parse_losses``
+    convention: only entries whose key contains ``"loss"`` count (``loss_ce``, ``aux.loss_dice``),
+    the rest (``acc_seg``, ``pred``, ...) are metrics or outputs and are ignored. A counted entry
+    may be a tensor (averaged to a scalar, as mmseg does) or a list/tuple/dict of tensors, summed;
+    a nested dict is read with the same rule, except that under a counted key a dict none of whose
+    keys says ``"loss"`` counts whole (``{"loss": {"ce": a, "dice": b}}`` gives ``a + b``). Dicts
+    under other keys are searched too (``{"decode": {"loss_ce": a, "acc_seg": m}}`` gives ``a``).
+
+    Raises:
+        ValueError: no key of a dict names a loss (the message lists the keys found), or the
+            value is neither a scalar tensor nor a dict.
+    """
+    if isinstance(value, Mapping):
+        found: list[str] = []
+        terms = _loss_terms(value, False, "", found)
         if not terms:
-            raise ValueError(f"{where} is a dict without tensors: {list(value)}")
-        value = torch.stack([t.float().reshape(()) for t in terms]).sum()
+            raise ValueError(
+                f"{where} selects a dict with no loss entry: a key must contain 'loss' (mmseg's "
+                f"convention; metrics such as 'acc_seg' are ignored), found tensors at {found or list(value)}; "
+                "rename the model's loss key or point the selector at the loss itself (e.g. "
+                "HookSpec(loss=\"['losses']['loss_ce']\"))"
+            )
+        value = torch.stack(terms).sum()
     if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError(f"{where} must be a scalar loss tensor (or a dict of them), got {type(value).__name__}")
+        found_what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"{where} must give a scalar loss tensor or a dict of loss terms, got {found_what}; "
+            "point HookSpec.loss at the model's training loss (e.g. \"[2]\" or \"['loss']\")"
+        )
     return value.reshape(()).float()
 
 
