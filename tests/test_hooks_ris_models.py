@@ -7,8 +7,11 @@ weights still load into the model's own class and that eval is the bare model bi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from einops import rearrange
 
 import masksd
 from masksd import HookSpec, Maskable, ModalitySpec, Tap
@@ -103,6 +106,48 @@ def test_cris_style_late_fusion_clip_resnet():
     assert selection["grid"] == (2, 2) and selection["kept"].sum(1).tolist() == [2] * 4  # units: C5 grid
     masked_words = out.selections["vmlsd"]["masked"]
     assert not (masked_words & ((batch.word == 0) | (batch.word >= 98))).any()
+    out.loss.backward()
+    assert wrapper.objectives["lmvsd"].mask_token.grad is not None
+    _check_unchanged_weights_and_eval(wrapper, cris_style.CRIS, (batch.img, batch.word))
+
+
+def test_cris_maskclip_dense_tokens_from_the_attention_pool_projections():
+    """MaskCLIP on a CLIP ResNet: C5 ``layer4`` ``[B, 512, 2, 2]`` through the attention pool's
+    value and output projections gives dense tokens ``[B, 4, 32]`` in CLIP's joint space."""
+    from ris_models import cris_style
+
+    pool = "backbone.visual.attnpool"
+    image = dataclasses.replace(cris_spec().image, tokens=Tap(
+        "backbone.visual.layer4", layout="bchw", project=(f"{pool}.v_proj", f"{pool}.c_proj")))
+    spec = dataclasses.replace(cris_spec(), image=image)
+    assert HookSpec.from_dict(spec.to_dict()) == spec
+    torch.manual_seed(0)
+    model = cris_style.CRIS()
+    wrapper = masksd.wrap(model, spec, lmvsd=masksd.LMVSDConfig(top_k=0.5, ratio=0.5))
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            if wrapper.backend._mode == "main":
+                seen[name] = (args, output)
+        return hook
+
+    model.backbone.visual.layer4.register_forward_hook(record("layer4"))
+    model.neck.register_forward_hook(record("neck"))
+    batch = cris_style.make_batch()
+    wrapper.train()
+    out = wrapper(batch.img, batch.word, batch.mask, generator=torch.Generator().manual_seed(0))
+    selection = out.selections["lmvsd"]
+    assert selection["grid"] == (2, 2) and selection["kept"].shape == (4, 4)  # C5 units over a 16x16 stem
+    with torch.no_grad():  # MaskCLIP by hand: v_proj then c_proj, scored against CRIS's sentence state
+        c5 = rearrange(seen["layer4"][1], "b c h w -> b (h w) c")
+        dense = model.backbone.visual.attnpool.c_proj(model.backbone.visual.attnpool.v_proj(c5))
+        scores = torch.einsum("bd,bnd->bn", seen["neck"][0][1], dense)
+    assert dense.shape == (4, 4, 32)
+    expected = torch.zeros(4, 4, dtype=torch.bool).scatter_(1, scores.topk(2, dim=1).indices, True)
+    assert torch.equal(selection["kept"], expected)
+    assert selection["masked"].sum(1).tolist() == [1] * 4 and not (selection["masked"] & ~expected).any()
+    assert torch.isfinite(out.loss)
     out.loss.backward()
     assert wrapper.objectives["lmvsd"].mask_token.grad is not None
     _check_unchanged_weights_and_eval(wrapper, cris_style.CRIS, (batch.img, batch.word))
