@@ -18,11 +18,12 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
-from model import MODEL_CONFIGS, ModelConfig
+from model import EXTRA_OBJECTIVES, MODEL_CONFIGS, ModelConfig
 
 from masksd import DistillConfig, LMVSDConfig, VMLSDConfig
 
@@ -94,10 +95,13 @@ class Config:
 
     preset: str
     method: Literal["masksd", "baseline"] = _help(
-        "masksd: LMVSD + VMLSD; baseline: the same wrapper with both branches off", "masksd")
+        "masksd: LMVSD + VMLSD; baseline: the same wrapper with both branches off (plus the further "
+        "objectives named by --objectives, if any)", "masksd")
     objectives: tuple[str, ...] | None = _help(
-        "training objectives: lmvsd vmlsd (paper) and any of mask_grounding cal cal_fused lang_rec "
-        "(MagNet, CRFormer); none: LMVSD + VMLSD as set by --lmvsd/--vmlsd")
+        "training objectives, comma- or space-separated (e.g. lmvsd,vmlsd,mask_grounding): lmvsd vmlsd "
+        "(paper) and any of mask_grounding cal cal_fused lang_rec (MagNet, CRFormer); the paper's branches "
+        "run only if named. none: LMVSD + VMLSD as set by --lmvsd/--vmlsd. With --method baseline: the "
+        "baseline plus only the named further objectives (naming lmvsd or vmlsd there is an error)")
     model: ModelConfig
     distill: DistillConfig = field(default_factory=DistillConfig)  # masksd: paper defaults
     data: DataConfig = DataConfig()
@@ -191,26 +195,74 @@ def build_parser(preset: str = "demo", description: str | None = None) -> argpar
     return parser
 
 
+OBJECTIVE_NAMES = ("lmvsd", "vmlsd", *EXTRA_OBJECTIVES)  # what --objectives accepts, besides "none"
+
+
+def objective_names(values: Sequence[str]) -> tuple[str, ...] | None:
+    """``--objectives`` as given (``["lmvsd,vmlsd", "cal"]``: comma- and/or space-separated) → the
+    names in order, each once; None for a lone ``none`` (LMVSD + VMLSD as set by --lmvsd/--vmlsd).
+
+    Raises:
+        ValueError: an unknown or missing name, or ``none`` together with other names; the message
+            lists the valid names.
+    """
+    names = [n.strip() for value in values for n in value.split(",") if n.strip()]
+    valid = f"choose from {' '.join(OBJECTIVE_NAMES)} (comma- or space-separated), or none"
+    unknown = [n for n in names if n not in (*OBJECTIVE_NAMES, "none")]
+    if not names or unknown:
+        found = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no name given"
+        raise ValueError(f"--objectives: {found}; {valid}")
+    if "none" in names:
+        if len(names) > 1:
+            raise ValueError(f"--objectives: none stands alone (LMVSD + VMLSD as set by --lmvsd/--vmlsd), got "
+                             f"{' '.join(names)}; to add objectives to the paper's branches name them all, e.g. "
+                             "lmvsd,vmlsd,mask_grounding")
+        return None
+    return tuple(dict.fromkeys(names))
+
+
+def resolve_objectives(cfg: Config) -> Config:
+    """``cfg`` with the paper's branches switched by ``cfg.objectives`` (when set) and, for
+    ``--method baseline``, both off; baseline keeps only the further objectives.
+
+    Raises:
+        ValueError: ``--method baseline`` with ``lmvsd`` or ``vmlsd`` in ``--objectives``.
+    """
+    d, named = cfg.distill, cfg.objectives
+    if cfg.method == "baseline":
+        branches = [n for n in named or () if n in ("lmvsd", "vmlsd")]
+        if branches:
+            raise ValueError(f"--method baseline turns LMVSD and VMLSD off, but --objectives names "
+                             f"{' and '.join(branches)}; drop them (baseline + the further objectives only) or "
+                             "use --method masksd")
+        return replace(cfg, distill=replace(d, lmvsd=None, vmlsd=None), objectives=tuple(named or ()))
+    if named is None:
+        return cfg
+    return replace(cfg, distill=replace(d, lmvsd=(d.lmvsd or LMVSDConfig()) if "lmvsd" in named else None,
+                                        vmlsd=(d.vmlsd or VMLSDConfig()) if "vmlsd" in named else None))
+
+
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
-    """The chosen preset with the given flags applied, every 'none: ...' default resolved."""
+    """The chosen preset with the given flags applied, every 'none: ...' default resolved.
+
+    ``--objectives`` is checked here, before any data or model is built: a bad value exits with
+    argparse's usage message (status 2) naming the valid objectives."""
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     name = preset.parse_known_args(argv)[0].preset
-    namespace = build_parser(name, description).parse_args(argv)
+    parser = build_parser(name, description)
+    namespace = parser.parse_args(argv)
     cfg = PRESETS[name]
-    cfg = replace(cfg, method=getattr(namespace, "method", cfg.method),
-                  objectives=tuple(namespace.objectives) if hasattr(namespace, "objectives") else cfg.objectives,
-                  **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS})
-    if cfg.objectives is not None:  # --objectives switches the paper's branches on or off too
-        d = cfg.distill
-        cfg = replace(cfg, distill=replace(d, lmvsd=(d.lmvsd or LMVSDConfig()) if "lmvsd" in cfg.objectives else None,
-                                           vmlsd=(d.vmlsd or VMLSDConfig()) if "vmlsd" in cfg.objectives else None))
+    try:
+        objectives = objective_names(namespace.objectives) if hasattr(namespace, "objectives") else cfg.objectives
+        cfg = resolve_objectives(replace(cfg, method=getattr(namespace, "method", cfg.method), objectives=objectives,
+                                         **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS}))
+    except ValueError as error:
+        parser.error(str(error))
     o, r = cfg.optim, cfg.run
     tests = r.test_split if r.test_split is not None else TEST_SPLITS[cfg.data.dataset]
     return replace(
         cfg,
-        distill=replace(cfg.distill, lmvsd=None, vmlsd=None) if cfg.method == "baseline" else cfg.distill,
-        objectives=() if cfg.method == "baseline" else cfg.objectives,
         optim=replace(o, backbone_lr_mult=o.backbone_lr_mult if o.backbone_lr_mult is not None
                       else (0.1 if cfg.model.pretrained else 1.0)),
         run=replace(r, out=r.out or f"runs/{name}-{cfg.method}", eval_batch_size=r.eval_batch_size or o.batch_size,
@@ -231,8 +283,11 @@ def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
 
 
 def extra_objectives(config: Config) -> tuple[str, ...]:
-    """The objectives besides LMVSD/VMLSD that ``--objectives`` asks for."""
-    return tuple(n for n in config.objectives or () if n not in ("lmvsd", "vmlsd"))
+    """The objectives besides LMVSD/VMLSD that ``--objectives`` asks for, in order (also for a
+    ``Config`` built by hand or read from a checkpoint: comma-joined names are split, ``none`` is
+    none, an unknown name raises the ValueError of :func:`objective_names`)."""
+    names = objective_names(config.objectives) if config.objectives else None
+    return tuple(n for n in names or () if n not in ("lmvsd", "vmlsd"))
 
 
 def context_length(config: Config) -> int:
