@@ -1,7 +1,8 @@
 """``wrapper.check(batch)``: one instrumented training step that says how masksd runs a model.
 
 It reports the backend, the fusion type (probed or declared), what each masked branch runs,
-how often every hooked module ran per branch, and the trainable parameters that got no
+how often every hooked module ran per branch, how often each tap (logits, scoring features,
+fused features) captured a value per branch, and the trainable parameters that got no
 gradient (if any, ``DistributedDataParallel`` needs ``find_unused_parameters=True`` — or freeze
 them). Parameters, gradients, buffers (BatchNorm statistics) and the RNG state are restored.
 """
@@ -35,6 +36,9 @@ class WrapReport:
         calls: per run (``"main"``, ``"masked image"``, ``"masked text"``), how often each
             hooked module really ran; ``replayed``: how often a skipped module was served from
             the main branch instead.
+        taps: per run, how often each tap site captured a value, labelled
+            ``"<module> [roles]"`` (``"neck (input) [image.tokens, text.global_]"`` for an input
+            tap); a tap the spec reads once (``call=None``) must fire once in the main branch.
         losses: the step's unweighted loss terms.
         no_grad: trainable parameters that received no gradient in the step.
     """
@@ -44,6 +48,7 @@ class WrapReport:
     passes: dict[str, str]
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
     replayed: dict[str, dict[str, int]] = field(default_factory=dict)
+    taps: dict[str, dict[str, int]] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     no_grad: list[str] = field(default_factory=list)
 
@@ -56,11 +61,13 @@ class WrapReport:
     def __str__(self) -> str:
         lines = [f"masksd wrap check: backend {self.backend}, fusion {self.fusion}"]
         lines += [f"  {name}: {what}" for name, what in self.passes.items()]
-        for run, modules in self.calls.items():
-            ran = ", ".join(f"{m} ×{n}" for m, n in modules.items())
-            lines.append(f"  {run} ran: {ran}")
-        for run, modules in self.replayed.items():
-            lines.append(f"  {run} reused: " + ", ".join(f"{m} ×{n}" for m, n in modules.items()))
+        order = {"probe": 0, "main": 1}
+        for run in sorted({*self.calls, *self.replayed, *self.taps}, key=lambda r: (order.get(r, 2), r)):
+            lines.append(f"  {run} run:")
+            for what, counts in (("modules ran", self.calls), ("reused from the main branch", self.replayed),
+                                 ("taps fired", self.taps)):
+                if counts.get(run):
+                    lines.append(f"    {what}: " + ", ".join(f"{m} ×{n}" for m, n in counts[run].items()))
         lines.append("  losses: " + ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items()))
         if self.no_grad:
             shown = ", ".join(self.no_grad[:12]) + (" ..." if len(self.no_grad) > 12 else "")
@@ -90,6 +97,7 @@ def run_check(wrapper: MaskedSelfDistill, args: tuple[Any, ...], kwargs: dict[st
     if hooked:
         backend.call_log.clear()
         backend.replay_log.clear()
+        backend.tap_log.clear()
     try:
         for p in wrapper.parameters():
             p.grad = None
@@ -113,6 +121,7 @@ def run_check(wrapper: MaskedSelfDistill, args: tuple[Any, ...], kwargs: dict[st
         passes=dict(facts.get("passes", {})),
         calls=_nested(backend.call_log) if hooked else {},
         replayed=_nested(backend.replay_log) if hooked else {},
+        taps=_nested(backend.tap_log) if hooked else {},
         losses={k: float(v) for k, v in out.losses.items()},
         no_grad=no_grad,
     )

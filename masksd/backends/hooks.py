@@ -45,6 +45,8 @@ from masksd.backends.taps import (
     refuse_wrapped,
     replace_in_layout,
     resolve_module,
+    spec_taps,
+    tap_label,
     to_bnc,
 )
 from masksd.spec import HookSpec, Output, Tap, apply_selector
@@ -68,6 +70,8 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
         self._calls: Counter[tuple[str, str]] = Counter()
         self.call_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> real calls
         self.replay_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> skipped calls
+        self.tap_log: Counter[tuple[str, str]] = Counter()  # (run, tap label) -> values captured
+        self._tap_labels: dict[tuple[str, str], str] = {}
         self._watch: list[tuple[str, Tensor, int]] = []  # captured tensors and their versions
         self._main_inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._run = "main"
@@ -100,6 +104,10 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
             handles.append(module.register_forward_hook(partial(self._on_embed, m)))
             for path, module in self._reuse[m]:
                 handles.append(module.register_forward_hook(partial(self._on_reuse, path)))
+        roles: dict[tuple[str, str], list[str]] = {}
+        for role, tap in spec_taps(self.spec, self._modalities):
+            roles.setdefault((tap.module, tap.kind), []).append(role)
+        self._tap_labels = {key: tap_label(key, names) for key, names in roles.items()}
         for tap in self._taps():
             module = resolve_module(self.model, tap.module, f"Tap({tap.module!r})") if tap.module else self.model
             key = (tap.module, tap.kind)
@@ -113,11 +121,7 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
         return handles
 
     def _taps(self) -> list[Tap]:
-        taps = [self.spec.logits] if isinstance(self.spec.logits, Tap) else []
-        for m in self._modalities:
-            spec = self.spec.modality(m)
-            taps += [t for t in (spec.tokens, spec.global_) if t is not None]
-        return taps + ([self.spec.fused] if self.spec.fused is not None else [])
+        return [tap for _, tap in spec_taps(self.spec, self._modalities)]
 
     def remove_hooks(self) -> None:
         """Remove every hook masksd registered on the model (the wrapper no longer trains it)."""
@@ -171,11 +175,13 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
     def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
         if self._mode != "off":
             self._values[key].append(args)
+            self.tap_log[(self._run, self._tap_labels[key])] += 1
             self._check_stop()
 
     def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
         if self._mode != "off":
             self._values[key].append(output)
+            self.tap_log[(self._run, self._tap_labels[key])] += 1
             self._check_stop()
         if self._mode == "main":
             self._watch += [(f"tapped module {key[0]!r}", t, t._version) for t in flatten_tensors(output)]

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from masksd.spec import Maskable
+from masksd.spec import HookSpec, Maskable, Tap
 
 __all__ = [
     "Replay",
@@ -27,6 +27,8 @@ __all__ = [
     "project",
     "refuse_wrapped",
     "resolve_module",
+    "spec_taps",
+    "tap_label",
     "to_bnc",
 ]
 
@@ -228,3 +230,19 @@ def project(model: nn.Module, paths: str | tuple[str, ...] | None, value: Tensor
             raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model")
         value = value @ matrix.to(value.dtype)
     return value
+
+
+def spec_taps(spec: HookSpec, modalities: list[str]) -> list[tuple[str, Tap]]:
+    """Every ``Tap`` of ``spec`` with its role: ``"logits"``, ``"<modality>.tokens"``,
+    ``"<modality>.global_"``, ``"fused"`` (in that order; ``modalities`` are the declared ones)."""
+    taps: list[tuple[str, Tap]] = [("logits", spec.logits)] if isinstance(spec.logits, Tap) else []
+    for m in modalities:
+        part = spec.modality(m)
+        taps += [(f"{m}.{name}", t) for name, t in (("tokens", part.tokens), ("global_", part.global_)) if t is not None]
+    return taps + ([("fused", spec.fused)] if spec.fused is not None else [])
+
+
+def tap_label(key: tuple[str, str], roles: list[str]) -> str:
+    """How the wrap-time report names one hooked tap site, e.g. ``"neck (input) [image.tokens, text.global_]"``."""
+    module, kind = key
+    return f"{module or '<model>'}{' (input)' if kind == 'input' else ''} [{', '.join(roles)}]"
