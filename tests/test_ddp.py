@@ -59,6 +59,11 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
         # Different initialisation per rank on purpose: DDP must broadcast rank 0's state.
         torch.manual_seed(100 + rank)
         wrapper = _build(backend, rank, ratio).train()
+        fusion = None
+        if backend == "hooks":  # the wrap-time report, before DDP (it restores what it touches)
+            images, ids, target = hook_models.make_batch(4, seed=rank)
+            report = wrapper.check(images, ids, target=target)
+            fusion = (report.fusion, report.passes, report.ddp_find_unused_parameters)
         model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
         start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -86,6 +91,7 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
                 "losses": losses,
                 "masked": masked,
                 "num_params": flat.numel(),
+                "report": fusion,
             }
             Path(result_dir, "result.json").write_text(json.dumps(result))
         else:
@@ -108,6 +114,10 @@ def test_ddp_parameters_stay_identical(tmp_path, ratio, backend):
     assert all(loss == loss and abs(loss) < 1e6 for loss in result["losses"])
     other = json.loads((tmp_path / "losses_1.json").read_text())
     assert other != result["losses"], "ranks should have seen different data"
+    if backend == "hooks":  # the report says late fusion: each branch reuses the other modality
+        fusion, passes, find_unused = result["report"]
+        assert fusion == "late" and not find_unused
+        assert "skips ['text_encoder']" in passes["lmvsd"] and "skips ['backbone']" in passes["vmlsd"]
     if ratio == 0.0:
         assert result["masked"] == 0
     else:
