@@ -30,10 +30,7 @@ DEPENDS = {  # declared fusion -> (image depends on text, text depends on image)
 
 
 def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
-    return {v: k for k, v in DEPENDS.items()}[(image_on_text, text_on_image)]
-
-
-def _fusion_name(image_on_text: bool, text_on_image: bool) -> str:
+    """The ``HookSpec.fusion`` name of a dependency pair (the inverse of ``DEPENDS``)."""
     return {v: k for k, v in DEPENDS.items()}[(image_on_text, text_on_image)]
 
 
