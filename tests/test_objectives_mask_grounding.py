@@ -16,6 +16,7 @@ from objective_models import (
     WIDTH,
     all_objectives,
     assert_all_grads,
+    fused_spec,
     hooks_batch,
     hooks_wrapper,
     towers_batch,
@@ -23,7 +24,8 @@ from objective_models import (
     train_step,
 )
 
-from masksd import MaskGrounding, MaskGroundingConfig
+from masksd import Maskable, MaskGrounding, MaskGroundingConfig
+from masksd.objectives._common import trailing_padding
 from masksd.objectives.mask_grounding import mask_centers, select_words
 
 SMALL = dict(width=16, layers=1, heads=2, ffn=32, dropout=0.0)
@@ -150,6 +152,51 @@ def test_changing_a_masked_words_id_does_not_change_its_logits(backend):
     assert not torch.equal(first.logits, second.logits)  # the main branch did see the change
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_never_changes_the_masked_words_logits(backend):
+    """The predictor masks the text's padding as keys: noise in the text features at padding
+    positions (towers: the tower's pad mask; hooks: derived from the ids) leaves the logits as they are."""
+    build, batch, _ = BACKENDS[backend]
+    mg = grounding(ratio=0.5)
+    calls = capture_head(mg)
+    wrapper = build([mg], lmvsd=None, vmlsd=None)
+    images, ids, target = batch()
+    pad = ids == 0  # both tiny models pad with id 0
+    assert pad.any() and (~pad).any()
+    noise = {"scale": 0.0, "values": torch.randn(*ids.shape, WIDTH, generator=torch.Generator().manual_seed(9))}
+    if backend == "towers":
+        tower = wrapper.unwrap().text_tower
+        encode = tower.encode
+
+        def noisy_encode(embedded):
+            encoded = encode(embedded)
+            where = encoded.features["pad_mask"][..., None]
+            return dataclasses.replace(encoded, tokens=encoded.tokens + where * noise["scale"] * noise["values"])
+
+        tower.encode = noisy_encode
+    else:
+        def noisy_output(module, args, output):
+            return output + pad[..., None] * noise["scale"] * noise["values"]
+
+        wrapper.unwrap().text_encoder.register_forward_hook(noisy_output, prepend=True)  # before masksd's tap
+    first = train_step(wrapper, (images, ids, target), seed=3)
+    noise["scale"] = 5.0
+    second = train_step(wrapper, (images, ids, target), seed=3)
+    selected = first.selections["mask_grounding"]["masked"]
+    assert selected.any() and torch.equal(second.selections["mask_grounding"]["masked"], selected)
+    torch.testing.assert_close(calls[1][2], calls[0][2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(second.losses["mask_grounding"], first.losses["mask_grounding"])
+
+
+def test_trailing_padding_rule():
+    ids = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 5, 6, 7, 8, 2], [5, 6, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                        [1, 5, 2, 2, 2, 2]])
+    maskable = (ids > 2)
+    expected = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 1], [1] * 6,
+                             [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(trailing_padding(ids, maskable), expected)  # a full row's EOT counts as padding
+
+
 # ------------------------------------------------------------------------- word masking
 
 
@@ -211,10 +258,15 @@ def test_every_added_parameter_gets_a_gradient_even_with_nothing_to_predict(back
     assert out.losses["mask_grounding"] == 0
     out.loss.backward()
     assert_all_grads(wrapper)
-    only_specials = torch.tensor([[1, 2, 0, 0]] * 4) if backend == "towers" else torch.zeros(4, 6, dtype=torch.long)
-    wrapper.zero_grad(set_to_none=True)
-    out = train_step(build([grounding()], vmlsd=None), (images, only_specials, batch()[2]))
+    # word-less but not empty sentences (SOT, EOT, padding): nothing maskable, nothing to predict
+    only_specials = torch.tensor([[1, 2] + [0] * (ids.shape[1] - 2)] * ids.shape[0])
+    options = {} if backend == "towers" else {"spec": fused_spec(text=dataclasses.replace(
+        fused_spec().text, maskable=Maskable(ids="ids", never=(0, 1, 2))))}  # TinyRIS: 1, 2 as SOT, EOT
+    wrapper = build([grounding()], vmlsd=None, **options)
+    out = train_step(wrapper, (images, only_specials, batch()[2]))
+    assert int(out.selections["mask_grounding"]["masked"].sum()) == 0 and out.losses["mask_grounding"] == 0
     out.loss.backward()
+    assert_all_grads(wrapper)
 
 
 def test_eval_is_the_bare_model_and_heads_are_saved_apart():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,9 @@ from einops import rearrange
 from torch import Tensor
 
 from masksd.towers import Encoded
+
+if TYPE_CHECKING:
+    from masksd.objectives.base import DistillContext
 
 __all__ = [
     "autocast_off",
@@ -21,6 +24,8 @@ __all__ = [
     "grid_of",
     "sine_positions",
     "target_on_grid",
+    "text_padding",
+    "trailing_padding",
 ]
 
 
@@ -106,3 +111,48 @@ def sine_positions(grid: tuple[int, int], width: int, device: torch.device) -> T
         parts += [angles.sin(), angles.cos()]
     out = torch.cat(parts, dim=1)
     return F.pad(out, (0, width - out.shape[1]))
+
+
+def trailing_padding(ids: Tensor, maskable: Tensor) -> Tensor:
+    """Padding of right-padded token ids: per row, the trailing run of non-maskable positions that
+    repeat the row's last id.
+
+    Args:
+        ids: ``[B, L]`` token ids.
+        maskable: ``[B, L]`` bool (False for padding and special tokens).
+
+    Returns:
+        ``[B, L]`` bool, True = padding. Every trailing pad token is included; a sentence that fills
+        the whole context and ends with a special token (EOT) has that token counted as padding too,
+        so the rule may hide one real token but never lets padding through.
+    """
+    if ids.shape != maskable.shape or ids.dim() != 2:
+        raise ValueError(f"ids {tuple(ids.shape)} and maskable {tuple(maskable.shape)} must both be [B, L]")
+    repeats_last = (ids == ids[:, -1:]) & ~maskable
+    return repeats_last.flip(1).int().cumprod(dim=1).flip(1).bool()
+
+
+def text_padding(context: DistillContext, *encoded: Encoded | None) -> Tensor:
+    """The text's padding ``[B, L]`` bool (True = padding), lined up with ``context.text_embedded``.
+
+    Taken from the first of ``encoded`` (then ``context.text_encoded``) whose ``features["pad_mask"]``
+    is a ``[B, L]`` bool tensor (the open_clip and HF CLIP adapters set it); otherwise derived from
+    the token ids (``context.token_ids()``; hooks: ``HookSpec.text.maskable.ids``) with
+    :func:`trailing_padding`.
+
+    Raises:
+        TypeError: neither a pad mask nor token ids are available (the message names both).
+    """
+    maskable = context.embedded("text").maskable
+    for source in (*encoded, context.text_encoded):
+        pad = source.features.get("pad_mask") if source is not None else None
+        if isinstance(pad, Tensor) and pad.dtype == torch.bool and pad.shape == maskable.shape:
+            return pad.to(maskable.device)
+    try:
+        ids = context.token_ids()
+    except TypeError as error:
+        raise TypeError(
+            "the text's padding is needed but unknown: give Encoded.features['pad_mask'] [B, L] bool from the "
+            f"text tower, or token ids ({error})"
+        ) from error
+    return trailing_padding(ids, maskable)

@@ -7,13 +7,19 @@ Per step (training only; the main branch is untouched)::
     replaced  = selected & (u < p_mask)                              # the others stay as they are
     O, P      = encode_masked("text", replaced, e_[M])               # text re-encoded, no decoder
     C         = MLP(centre of the GT mask)   (or e_∅ for an empty mask)
-    H         = Transformer([LN(O)W_t + τ_t ; LN(P)W_v + pos2d + τ_v ; C + τ_c])[:L]
+    H         = Transformer([LN(O)W_t + τ_t ; LN(P)W_v + pos2d + τ_v ; C + τ_c],
+                            text padding masked as keys)[:L]
     z_i       = LN(GELU(H_i W_h + b_h)) · Eᵀ       for i ∈ selected   (E: the model's own word table)
     loss      = mean_i CE(z_i, id_i)
 
 Sources and decisions are in ``MaskGroundingConfig`` and docs/objectives.md. The output layer is
 *tied*: ``E`` is fetched from the model at every step (``context.word_embedding()``) and never
 registered here, so it is trained by both the model and this head and saved once.
+
+Padding never influences a prediction: the text's padding positions are masked as attention keys
+in the predictor (``text_padding``: the text tower's ``features["pad_mask"]``, else the trailing
+pad run of the token ids), so changing what sits at a padding position leaves every masked word's
+logits unchanged (tests/test_objectives_mask_grounding.py).
 
 Leak safety: the labels are the words' original ids; the selected words' embeddings are replaced
 *before* the text is re-encoded, and (hooks, early fusion) image features that depend on the text
@@ -39,6 +45,7 @@ from masksd.objectives._common import (
     check_width,
     grid_of,
     sine_positions,
+    text_padding,
 )
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
 
@@ -211,10 +218,17 @@ class _Predictor(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
 
     def forward(
-        self, words: Tensor, image: Tensor, grid: tuple[int, int] | None, centers: Tensor | None, present: Tensor | None
+        self,
+        words: Tensor,
+        image: Tensor,
+        grid: tuple[int, int] | None,
+        centers: Tensor | None,
+        present: Tensor | None,
+        padding: Tensor | None = None,
     ) -> Tensor:
-        """``words [B, L, D_t]``, ``image [B, N, D_v]``, ``centers [B, 2]``, ``present [B]`` →
-        ``[B, L, d]``."""
+        """``words [B, L, D_t]``, ``image [B, N, D_v]``, ``centers [B, 2]``, ``present [B]``,
+        ``padding [B, L]`` bool (True = text padding, masked as attention keys; the image and mask
+        keys never are, so no row is all-masked) → ``[B, L, d]``."""
         text = self.text_in(words) + self.types[0]
         visual = self.image_in(image) + self.types[1]
         if grid is not None:
@@ -225,7 +239,13 @@ class _Predictor(nn.Module):
             encoded = self.center_in(centers.to(text.dtype))  # [B, d]
             mask = torch.where(present[:, None], encoded, self.no_mask.to(encoded.dtype)) + self.types[2]
             parts.append(mask[:, None])
-        return self.encoder(torch.cat(parts, dim=1))[:, : words.shape[1]]
+        tokens = torch.cat(parts, dim=1)  # [B, L + N (+ 1), d]
+        keys = None
+        if padding is not None:
+            visible = torch.zeros(tokens.shape[0], tokens.shape[1] - words.shape[1], dtype=torch.bool,
+                                  device=tokens.device)
+            keys = torch.cat([padding.to(device=tokens.device, dtype=torch.bool), visible], dim=1)
+        return self.encoder(tokens, src_key_padding_mask=keys)[:, : words.shape[1]]
 
 
 class MaskGrounding(Objective):
@@ -243,7 +263,9 @@ class MaskGrounding(Objective):
     Needs from the model (first training step raises a TypeError naming what is missing): token
     ids, the input-embedding matrix, per-word text features and image features (see
     docs/objectives.md). Parameters (training only, under ``objectives.<name>.``): the mask token
-    ``[C]``, the predictor and the head's transform; never the word table.
+    ``[C]``, the predictor and the head's transform; never the word table. The text's padding
+    (``features["pad_mask"]`` of the text features, else the trailing pad run of the ids) is masked
+    as keys in the predictor, so padding never influences a prediction.
 
     ``info``: ``masked`` ``[B, L]`` (the words predicted), ``replaced`` ``[B, L]`` (those whose
     embedding was the mask token), ``predictions`` ``[B, L]`` (argmax ids, -1 elsewhere),
@@ -319,7 +341,8 @@ class MaskGrounding(Objective):
         visual = image.tokens.detach() if self.config.detach_image else image.tokens
         image_embedded = context.image_embedded
         grid = grid_of(image, image_embedded.grid if image_embedded is not None else None)
-        hidden = self.predictor(words.tokens, visual, grid, centers, present)  # [B, L, d]
+        padding = text_padding(context, words)  # [B, L], masked as keys
+        hidden = self.predictor(words.tokens, visual, grid, centers, present, padding)  # [B, L, d]
         rows, cols = selected.nonzero(as_tuple=True)
         count = int(rows.numel())
         if count == 0:  # nothing to predict: one zero-weighted position keeps every parameter in the graph
