@@ -59,7 +59,7 @@ def selection_precision(kept: Tensor, target: Tensor, grid: tuple[int, int]) -> 
     return {
         "kept": kept.sum().float(),
         "on_target": on_target,
-        "units": torch.tensor(float(kept.numel()), device=kept.device),
+        "units": torch.full((), float(kept.numel()), device=kept.device),  # a fill, not a host copy
         "target_units": share.sum(),
         "covered": on_target,
     }
@@ -79,11 +79,12 @@ def kept_by_role(kept: Tensor, roles: Tensor, num_roles: int) -> dict[str, Tenso
     """
     if roles.shape != kept.shape:
         raise ValueError(f"roles {tuple(roles.shape)} must match kept {tuple(kept.shape)}")
-    valid = roles >= 0
-    index = roles.clamp(min=0).to(kept.device)[valid.to(kept.device)]
-    present = torch.bincount(index, minlength=num_roles).float()
-    chosen = torch.bincount(index, weights=kept[valid.to(kept.device)].float(), minlength=num_roles)
-    return {"present": present[:num_roles], "kept": chosen[:num_roles]}
+    if roles.device.type == "cpu" and roles.numel() and int(roles.max()) >= num_roles:  # no sync: on the host
+        raise ValueError(f"roles holds id {int(roles.max())}, but num_roles is {num_roles}")
+    roles = roles.to(kept.device, non_blocking=True)
+    # one-hot sums instead of boolean indexing: no data-dependent shape, no host sync
+    onehot = F.one_hot(roles.clamp(min=0), num_roles).float() * (roles >= 0)[..., None]
+    return {"present": onehot.sum(dim=(0, 1)), "kept": (onehot * kept[..., None]).sum(dim=(0, 1))}
 
 
 @dataclass

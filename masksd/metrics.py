@@ -222,12 +222,14 @@ class RISMetrics:
                         f"list element {i}: pred and target must be [H, W] masks, got "
                         f"{tuple(getattr(p, 'shape', ()))} and {tuple(getattr(t, 'shape', ()))}"
                     )
-                inter, union = intersection_union(p, t)
-                inters.append(inter.cpu())
-                unions.append(union.cpu())
+                inter, union = intersection_union(p, t)  # counted where the masks are
+                inters.append(inter)
+                unions.append(union)
             if not inters:
                 return torch.zeros(0, dtype=torch.float64)
-            inter_t, union_t = torch.cat(inters), torch.cat(unions)
+            at = inters[0].device  # one device→host read per batch, not per sample
+            inter_t = torch.cat([x.to(at) for x in inters]).cpu()
+            union_t = torch.cat([x.to(at) for x in unions]).cpu()
         else:
             inter_t, union_t = intersection_union(pred, target)
             inter_t, union_t = inter_t.cpu(), union_t.cpu()

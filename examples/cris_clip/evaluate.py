@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from config import Config, add_flags, apply_flags, context_length
+from config import Config, add_flags, apply_flags, context_length, extra_objectives
 from data import TEST_SPLITS, DataConfig, RISDataset, eval_loader, raw_dataset, unletterbox
-from model import build_model
+from model import build_model, build_objectives
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -106,7 +106,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(ckpt["config"])
     model = build_model(replace(cfg.model, pretrained=None))
-    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill)  # masksd
+    extras = build_objectives(extra_objectives(cfg), model, cfg.model)  # the run's --objectives heads
+    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill,  # masksd
+                                extra_objectives=extras)
     wrapper.load_state_dict(ckpt["model"])
     return wrapper.to(device).eval(), cfg, ckpt
 
