@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def test_training_writes_metrics_and_checkpoints(tiny_run: tuple[Path, str]) -> 
     assert set(metrics["history"][0]["train"]) == {"seg", "lmvsd", "vmlsd"}
     selection = metrics["history"][0]["lmvsd_selection"]  # kept patches on the target vs random
     assert set(selection) == {"precision", "random", "recall"} and all(0 <= v <= 1 for v in selection.values())
+    words = metrics["history"][0]["vmlsd_selection"]  # VMLSD's kept rate per word role
+    assert set(words) == {"target_attribute", "target_noun", "relation", "anchor", "function"}
+    assert all(0 <= v <= 1 for v in words.values() if not math.isnan(v))
     assert "whole_image (val)" in stdout and "kept on target" in stdout
 
     last, best = load(out / "last.pt"), load(out / "best.pt")
@@ -60,8 +64,10 @@ def test_training_writes_metrics_and_checkpoints(tiny_run: tuple[Path, str]) -> 
     assert {"model.decoder.head.projector.txt.weight", "objectives.lmvsd.mask_token",
             "objectives.vmlsd.mask_token"} <= set(last["model"])
     assert last["config"]["method"] == "masksd" and last["config"]["optim"]["lr"] == 4e-3
-    if metrics["best_epoch"] == 2:  # a new best is written once: best.pt is a link to last.pt
-        assert (out / "best.pt").stat().st_ino == (out / "last.pt").stat().st_ino
+    # a new best is written once: best.pt is a link to that epoch's last.pt, which the next epoch
+    # replaces by a new file
+    same_file = (out / "best.pt").stat().st_ino == (out / "last.pt").stat().st_ino
+    assert same_file == (metrics["best_epoch"] == 2)
 
 
 def test_evaluate_reproduces_the_number_train_printed(tiny_run: tuple[Path, str], tmp_path: Path) -> None:

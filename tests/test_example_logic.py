@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
-from examples.cris_clip import data, model, synthetic  # noqa: E402
+from examples.cris_clip import data, model, roles, synthetic  # noqa: E402
 
 
 # ------------------------------------------------------------------------------- letterbox
@@ -143,6 +143,33 @@ def _head_and_inputs(b: int = 3, length: int = 9):
     sentence, words = torch.randn(b, 20, generator=g), torch.randn(b, length, 12, generator=g)
     pad = torch.arange(length)[None, :] >= torch.tensor([length - 2 - i for i in range(b)])[:, None]
     return head, levels, sentence, words, pad
+
+
+def test_word_roles_follow_the_expression_structure() -> None:
+    """Each word's role, derived from the sentence text, agrees with the structured expression."""
+    names = roles.ROLE_NAMES
+    for index in range(300):
+        sample = synthetic.generate_sample("train", index)
+        expr, words = sample.expression, sample.sentence.split()
+        got = [names[r] for r in roles.word_roles(sample.sentence)]
+        assert len(got) == len(words) and got.count("target_noun") == 1
+        target_words = [w for w in (expr.target.size, expr.target.colour) if w]
+        assert sorted(w for w, r in zip(words, got) if r == "target_attribute") == sorted(target_words)
+        anchor = [] if expr.anchor is None else expr.anchor.text().split()
+        assert [w for w, r in zip(words, got) if r == "anchor"] == anchor
+        assert all(r == "function" for w, r in zip(words, got) if w == "the")
+
+
+def test_token_roles_cover_exactly_the_word_tokens() -> None:
+    tokenizer = data.open_clip.get_tokenizer("ViT-B-16", context_length=17)
+    for index in range(100):
+        sentence = synthetic.generate_sample("val", index).sentence
+        ids = tokenizer([sentence])[0]
+        by_token = roles.token_roles(sentence, tokenizer, 17)
+        is_word = (ids != 0) & (ids != ids[0]) & (ids != ids[ids.nonzero().max()])  # not SOT, EOT, padding
+        assert torch.equal(by_token >= 0, is_word)
+    with pytest.raises(ValueError, match="'banana'"):
+        roles.word_roles("the banana")
 
 
 def test_cris_head_ignores_padded_words() -> None:

@@ -7,8 +7,9 @@
   (the padding is the CLIP mean, 0 after normalisation); :func:`unletterbox` maps a map
   predicted on the square back onto the original image (evaluation at the original size, CRIS).
 * :class:`RISDataset` turns raw items into model inputs: a training item is only the tuple
-  ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)`` (the default collate stacks it);
-  an evaluation item is a dict that also carries the letterbox geometry and the original mask.
+  ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)`` (the default collate stacks it),
+  plus ``roles [L] int64`` when given a ``roles`` function (the synthetic set's word roles, for
+  VMLSD's selection diagnostic); an evaluation item is a dict that also carries the letterbox geometry and the original mask.
   No horizontal flips: they would break "left" / "right".
 * :func:`train_loader` shuffles by ``seed + epoch``, shards over ranks and can start mid-epoch
   (exact resume); :func:`eval_loader` gives rank ``r`` the samples ``r, r + world, ...``.
@@ -19,7 +20,7 @@ dataset's module), so tests can import it as ``examples.cris_clip.data``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,13 +140,15 @@ def unletterbox(prob: Tensor, info: LetterboxInfo) -> Tensor:
 class RISDataset(Dataset):
     """Model-ready items from a raw dataset: letterboxed image and mask, CLIP token ids.
 
-    ``train=True``: ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)``.
+    ``train=True``: ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)``, and
+    ``roles(sentence)`` (``[L]`` int64, e.g. ``roles.token_roles``) last when ``roles`` is given.
     ``train=False``: a dict with those three plus ``info`` (:class:`LetterboxInfo`) and
     ``orig_mask`` (bool ``[H, W]``, the mask at the original image size).
     """
 
-    def __init__(self, base: Dataset, *, image_size: int, context_length: int, train: bool) -> None:
-        self.base, self.image_size, self.train = base, image_size, train
+    def __init__(self, base: Dataset, *, image_size: int, context_length: int, train: bool,
+                 roles: Callable[[str], Tensor] | None = None) -> None:
+        self.base, self.image_size, self.train, self.roles = base, image_size, train, roles
         # open_clip's BPE tokenizer (ships with open_clip): SOT, words, EOT, zero padding; a
         # truncated sentence keeps its EOT
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=context_length)
@@ -153,14 +156,14 @@ class RISDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor] | dict[str, Any]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...] | dict[str, Any]:
         item = self.base[index]
         image, info = letterbox(np.asarray(item["image"]), self.image_size)
         orig_mask = np.asarray(item["mask"]).astype(bool)
         mask = letterbox_mask(orig_mask, info)
         text = self.tokenizer([item["sentence"]])[0]
         if self.train:
-            return image, text, mask
+            return (image, text, mask) if self.roles is None else (image, text, mask, self.roles(item["sentence"]))
         return {"image": image, "text": text, "mask": mask, "info": info, "orig_mask": torch.from_numpy(orig_mask)}
 
 

@@ -35,6 +35,7 @@ from config import context_length, extra_objectives, parse_args, trajectory_chan
 from data import RISDataset, eval_loader, raw_dataset, train_loader
 from evaluate import THRESHOLD, autocast, evaluate, format_table
 from model import build_model, build_objectives
+from roles import ROLE_NAMES, token_roles
 from torch import nn
 
 from masksd import MaskedSelfDistill
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data ------------------------------------------------------------------------------------
     size, ctx, pin = cfg.model.image_size, context_length(cfg), device.type == "cuda"
     train_set = RISDataset(raw_dataset(cfg.data, "train"), image_size=size, context_length=ctx, train=True)
+    if cfg.data.dataset == "synthetic":  # word roles for VMLSD's selection diagnostic
+        train_set.roles = functools.partial(token_roles, tokenizer=train_set.tokenizer, context_length=ctx)
     loader = train_loader(train_set, batch_size=o.batch_size, rank=rank, world_size=world, seed=o.seed,
                           workers=r.workers, pin_memory=pin)
 
@@ -178,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
 
             bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, dynamic_ncols=True)
         sums, steps = None, 0  # loss terms summed on the device; read at log intervals only
-        selection = SelectionStats()  # masksd: are LMVSD's kept patches on the referent? (read per epoch)
-        for images, texts, masks in loader:
+        selection = SelectionStats(role_names=ROLE_NAMES)  # masksd: what do the branches keep? (read per epoch)
+        for images, texts, masks, *roles in loader:
             if steps >= remaining:
                 break
             generator = torch.Generator(device).manual_seed(step_seed(o.seed, rank, state["global_step"]))
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             if "lmvsd" in result.selections:
                 kept = result.selections["lmvsd"]
                 selection.add_image(kept["kept"], masks, kept["grid"])
+            if "vmlsd" in result.selections and roles:
+                selection.add_words(result.selections["vmlsd"]["kept"], roles[0])
             sums = terms if sums is None else sums + terms
             steps += 1
             state["global_step"] += 1
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         if state["step_in_epoch"] >= steps_per_epoch:
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         train_terms = dict(zip(result.losses, (sums / steps).tolist())) if steps else {}
-        kept_on_target = selection.summary()  # precision of the kept patches vs random (= target area)
+        summary = selection.summary()
+        kept_on_target = {k: v for k, v in summary.items() if "/" not in k}  # vs random (= target area)
+        kept_words = {k.split("/")[1]: v for k, v in summary.items() if k.startswith("kept_rate/")}
         seconds = time.perf_counter() - epoch_start
 
         # ---- validate (rank 0's BatchNorm statistics on every rank; DDP keeps them per rank) ----
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 1),
             "train": {k: round(v, 5) for k, v in train_terms.items()},
             "lmvsd_selection": {k: round(v, 4) for k, v in kept_on_target.items()},
+            "vmlsd_selection": {k: round(v, 4) for k, v in kept_words.items()},  # kept rate per word role
             "eval": {split: {res: by[res]["prediction"] for res in resolutions} for split, by in results.items()},
         })
 
@@ -247,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         terms = " ".join(f"{k} {v:.4f}" for k, v in train_terms.items())
         if kept_on_target:
             terms += f" | kept on target {kept_on_target['precision']:.3f} (random {kept_on_target['random']:.3f})"
+        if kept_words:
+            terms += " | words kept " + " ".join(f"{k} {v:.2f}" for k, v in kept_words.items())
         log(f"epoch {epoch + 1:>3}/{o.epochs} step {state['global_step']:>6} | {terms} | {first} mIoU "
             f"{m['miou']:.2f} oIoU {m['oiou']:.2f} P@0.5 {m['prec@0.5']:.2f} P@0.9 {m['prec@0.9']:.2f}"
             f"{' *' if improved else ''} | {seconds:.0f}s")
