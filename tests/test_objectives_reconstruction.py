@@ -107,6 +107,33 @@ def test_in_the_wrapper_fused_from_the_main_pass_and_every_parameter_trained(bac
     assert_all_grads(wrapper)
 
 
+@pytest.mark.parametrize("backend", ["towers", "hooks"])
+def test_all_positions_means_every_non_pad_position(backend):
+    """``positions="all"``: SOT/EOT and words, never padding (towers: the tower's pad mask; hooks:
+    the ids' trailing pad run)."""
+    build, batch = (towers_wrapper, towers_batch) if backend == "towers" else (hooks_wrapper, hooks_batch)
+    images, ids, target = batch()
+    pad = ids == 0  # both tiny models pad with id 0
+    assert pad.any()
+    out = train_step(build([reconstruction(positions="all")], lmvsd=None, vmlsd=None), (images, ids, target))
+    assert torch.equal(out.selections["lang_rec"]["supervised"], ~pad)
+    assert torch.isfinite(out.selections["lang_rec"]["cosine"])
+
+
+def test_nothing_supervised_reports_no_cosine():
+    """A word-less batch with ``positions="words"``: loss 0 in the graph, cosine NaN (not a perfect 1)."""
+    images, ids, target = towers_batch()
+    ids = torch.zeros_like(ids)
+    ids[:, :2] = torch.tensor([1, 2])  # SOT, EOT
+    wrapper = towers_wrapper([reconstruction()], vmlsd=None)
+    out = train_step(wrapper, (images, ids, target))
+    info = out.selections["lang_rec"]
+    assert not info["supervised"].any() and out.losses["lang_rec"] == 0
+    assert torch.isnan(info["cosine"])
+    out.loss.backward()
+    assert_all_grads(wrapper)
+
+
 def test_towers_fused_is_the_main_pass_not_a_masked_one():
     rec = reconstruction()
     seen = {}

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masksd.objectives._common import autocast_off, check_choice, check_fraction, check_int, check_width
+from masksd.objectives._common import (
+    autocast_off,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_width,
+    text_padding,
+)
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
 
 __all__ = ["LanguageReconstruction", "LanguageReconstructionConfig", "reconstruction_loss"]
@@ -44,7 +51,9 @@ class LanguageReconstructionConfig:
         max_len: number of learned position queries (the longest sentence, in tokens). [ours] 77
             (CLIP's context).
         positions: which word positions are supervised: ``"words"`` (``Embedded.maskable``: no
-            padding or special tokens) or ``"all"``. [ours] ``"words"``.
+            padding or special tokens) or ``"all"`` (every non-pad position, SOT/EOT included, as
+            the research note's "non-pad positions"; the padding comes from the text features'
+            ``features["pad_mask"]``, else from the token ids). [ours] ``"words"``.
     """
 
     weight: float = 0.1
@@ -104,7 +113,8 @@ class LanguageReconstruction(Objective):
     D]`` ``HookSpec.text.tokens`` tap). Parameters: the source projection, the queries, the
     decoder layers and the output projection.
 
-    ``info``: ``cosine`` (mean over supervised positions) and ``supervised`` ``[B, L]`` (detached).
+    ``info``: ``cosine`` (mean over supervised positions; NaN when the batch supervises nothing, as
+    there is nothing to average) and ``supervised`` ``[B, L]`` (detached).
     """
 
     def __init__(
@@ -157,7 +167,9 @@ class LanguageReconstruction(Objective):
         prediction = self.reconstruct(fused.tokens, int(words.tokens.shape[1]))
         if self.config.positions == "words":
             supervised = embedded.maskable
-        else:
-            supervised = torch.ones_like(embedded.maskable)
+        else:  # every non-pad position
+            supervised = ~text_padding(context, words)
         loss = reconstruction_loss(prediction, words.tokens, supervised)
-        return ObjectiveOutput(loss=loss, info={"cosine": 1.0 - loss.detach(), "supervised": supervised})
+        with torch.no_grad():  # no device sync: NaN rather than a perfect-looking 1 when nothing is supervised
+            cosine = torch.where(supervised.any(), 1.0 - loss, torch.full_like(loss, float("nan")))
+        return ObjectiveOutput(loss=loss, info={"cosine": cosine, "supervised": supervised})
