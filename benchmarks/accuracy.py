@@ -1,33 +1,51 @@
-"""What distillation buys: baseline vs. masksd and the paper's ablations on the synthetic dataset.
+"""What distillation buys: baseline vs. masksd on the synthetic dataset, paired by seed.
 
-Every variant is trained by the reference training script (``examples/cris_clip/train.py``,
-demo preset, its default hyper-parameters) with one fixed schedule and several seeds; the script
-selects the best epoch on ``val`` and evaluates that checkpoint on ``val``, ``test`` and the
-``compositional`` split (target colour/shape combinations never seen as training targets).
-This benchmark only runs the script and aggregates its ``metrics.json`` files.
+Every run is the reference training script (``examples/cris_clip/train.py``, demo preset) with one
+schedule per study and several seeds; the script selects the best epoch on ``val`` and evaluates
+that checkpoint on ``val``, ``test`` and ``compositional`` (target colour/shape combinations never
+seen as training targets). This benchmark runs the script and aggregates its ``metrics.json``.
 
-The settings below were fixed before any comparison was run; nothing here is tuned on the test
-splits.
+Studies:
+
+* ``v2`` (default, issue 8): the demo's full schedule (8000 samples × 4 epochs = 2000 steps), from
+  the CLIP pretrained on the synthetic caption world (``examples/cris_clip/pretrain_clip.py
+  --preset demo``, run once and cached in the work dir) and from random init. The learning rate
+  of each setting is **tuned for the baseline** on val first (seed 0, ``LR_GRID``) and then used
+  by every variant: any bias runs against masksd. Reports mean ± std and the paired difference
+  to the baseline with a 95 % t interval; plots val mIoU and LMVSD's selection precision per epoch.
+* ``v1``: the first table (random init, one epoch, lr 3e-3, the paper's ablations).
 
 Usage::
 
-    python benchmarks/accuracy.py --quick               # baseline vs masksd, 2 seeds (~6 min)
-    python benchmarks/accuracy.py --out-dir docs/benchmarks   # full table (~30 min on 2 cores)
+    python -m benchmarks.accuracy --out-dir docs/benchmarks             # study v2 (hours on 2 cores)
+    python -m benchmarks.accuracy --quick                               # v2, pretrained, 1 seed pair
+    python -m benchmarks.accuracy --study v1 --out-dir docs/benchmarks  # the first table
+
+Finished runs are reused from ``--work-dir``, so an interrupted study continues where it stopped.
+``--jobs 2 --threads 1`` (default) trains two runs at once with one torch thread each, which on a
+2-core machine finishes sooner than one run on two threads; every run of a study uses the same
+thread count, so paired runs stay comparable.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import statistics
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import accuracy_report as report
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "cris_clip" / "train.py"
+PRETRAIN = ROOT / "examples" / "cris_clip" / "pretrain_clip.py"
 
 # variant name -> extra flags of train.py (paper Tables V-VII, further objectives)
 VARIANTS: dict[str, list[str]] = {
@@ -38,164 +56,177 @@ VARIANTS: dict[str, list[str]] = {
     "no_masking": ["--no-lmvsd-masking", "--no-vmlsd-masking"],
     "ground_truth": ["--supervision", "ground_truth"],
     "unshared": ["--no-share-decoder"],
+    "prediction_scorer": ["--lmvsd-scorer", "prediction"],
+    "hard_targets": ["--hard-targets"],
     # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
     "mask_grounding": ["--objectives", "mask_grounding"],
     "cal": ["--objectives", "cal"],
     "lang_rec": ["--objectives", "lang_rec"],
     "masksd_all": ["--objectives", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"],
 }
-QUICK_VARIANTS = ["baseline", "masksd"]
-SPLITS = ("val", "test", "compositional")
-KEYS = ("miou", "oiou", "prec@0.5", "prec@0.7", "prec@0.9")
-
-# The fixed schedule, the same for every variant, pinned here so that later changes of the demo
-# defaults do not change the benchmark: demo model, 8000 training samples, batch 16, Adam lr 3e-3
-# (pinned here; the demo preset has since moved to 4e-3), a quarter-epoch warm-up then cosine decay, one epoch
-# (500 steps) so that the full table (21 runs) fits in about half an hour on 2 cores.
-SCHEDULE = ["--num-train", "8000", "--num-val", "500", "--batch-size", "16", "--lr", "3e-3",
-            "--warmup-epochs", "0.25"]
-FULL = {"epochs": 1, "seeds": (0, 1, 2)}
-QUICK = {"epochs": 1, "seeds": (0, 1)}
 
 
-def run_variant(name: str, seed: int, *, epochs: int, work_dir: Path, extra: list[str]) -> dict[str, Any]:
-    """Train one variant with one seed; return its metrics.json (cached in ``work_dir``)."""
-    out = work_dir / f"{name}-seed{seed}"
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
-    command = [
-        sys.executable, str(TRAIN), "--preset", "demo", "--epochs", str(epochs), "--seed", str(seed),
-        "--eval-split", "val", "--test-split", "test", "compositional",
-        "--no-progress", "--out", str(out), *SCHEDULE, *VARIANTS[name], *extra,
-    ]
+@dataclass(frozen=True)
+class Study:
+    """One fixed protocol: schedule flags, seeds, CLIP initialisations, variants, lr grid."""
+
+    schedule: tuple[str, ...]
+    epochs: int
+    seeds: tuple[int, ...]
+    clips: tuple[str, ...]  # "pretrained" and/or "random"
+    variants: tuple[str, ...]
+    lr_grid: tuple[float, ...]  # the baseline's lr is chosen on val (seed 0) from these; one value: fixed
+    pretrain_steps: int | None = None  # None: pretrain_clip.py's demo preset as it is
+
+
+# Pinned here so that later changes of the demo defaults do not change a study.
+STUDIES: dict[str, Study] = {
+    # the demo's full schedule; weight decay 0 and warm-up 0.25 epoch as the demo preset
+    "v2": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
+                          "--warmup-epochs", "0.25"),
+                epochs=4, seeds=(0, 1, 2), clips=("pretrained", "random"),
+                variants=("baseline", "masksd", "lmvsd_only", "vmlsd_only"), lr_grid=(2e-3, 4e-3, 8e-3)),
+    # one seed pair from a shorter pretraining and one epoch: the whole study's path in minutes
+    "quick": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
+                             "--warmup-epochs", "0.25"),
+                   epochs=1, seeds=(0,), clips=("pretrained",), variants=("baseline", "masksd"),
+                   lr_grid=(4e-3,), pretrain_steps=250),
+    # the first table: random init, one epoch (500 steps), lr 3e-3 (the demo's val tuning with masksd)
+    "v1": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
+                          "--warmup-epochs", "0.25"),
+                epochs=1, seeds=(0, 1, 2), clips=("random",),
+                variants=("baseline", "masksd", "lmvsd_only", "vmlsd_only", "no_masking", "ground_truth",
+                          "unshared"), lr_grid=(3e-3,)),
+}
+
+
+def run(command: list[str], *, threads: int, label: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    print(f"  {name:13s} seed {seed}: {time.perf_counter() - started:6.1f} s", flush=True)
-    return json.loads(metrics_path.read_text())
+        raise RuntimeError(f"{label} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    print(f"  {label}: {time.perf_counter() - started:6.1f} s", flush=True)
 
 
-def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean and sample std over seeds of every split/metric, per variant."""
-    table: dict[str, Any] = {}
-    for name, results in runs.items():
-        table[name] = {}
-        for split in SPLITS:
-            table[name][split] = {}
-            for key in KEYS:
-                values = [r["splits"][split][key] for r in results]
-                table[name][split][key] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "values": values,
-                }
-        table[name]["wall_time_s"] = statistics.fmean(r["wall_time_s"] for r in results)
-    return table
+def pretrained_clip(work_dir: Path, steps: int | None, threads: int) -> dict[str, Any]:
+    """The pretrained demo CLIP (pretrain_clip.py --preset demo, cached): its file and sha256."""
+    out = work_dir / ("pretrain-clip" if steps is None else f"pretrain-clip-{steps}")
+    path = out / "open_clip_pytorch_model.bin"
+    if not path.is_file():
+        extra = [] if steps is None else ["--steps", str(steps)]
+        run([sys.executable, str(PRETRAIN), "--preset", "demo", "--no-progress", "--threads", str(threads),
+             "--out", str(out), *extra], threads=threads, label=f"pretrain CLIP -> {out}")
+    figures = json.loads((out / "metrics.json").read_text())
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "steps": steps, "final_eval": figures.get("final", figures.get("eval"))}
 
 
-def markdown(table: dict[str, Any], trivial: dict[str, Any], settings: dict[str, Any]) -> str:
-    """The comparison as markdown tables (percent, mean ± std over seeds)."""
-    lines = [
-        f"Demo preset, {settings['epochs']} epochs, seeds {list(settings['seeds'])}, "
-        "best epoch chosen on val; percent, mean ± std over seeds.",
-        "",
-    ]
-    for split in SPLITS:
-        lines += [f"**{split}**", "", "| variant | " + " | ".join(KEYS) + " | run time (s) |",
-                  "|---|" + "---|" * (len(KEYS) + 1)]
-        for name, row in table.items():
-            cells = [f"{row[split][k]['mean']:.2f} ± {row[split][k]['std']:.2f}" for k in KEYS]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['wall_time_s']:.0f} |")
-        lines.append("")
-    if trivial:
-        lines += ["Trivial predictors on val (percent):", "",
-                  "| predictor | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
-        for name, row in trivial.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in KEYS) + " |")
-        lines.append("")
-    if "baseline" in table and "masksd" in table:
-        delta = {s: table["masksd"][s]["miou"]["mean"] - table["baseline"][s]["miou"]["mean"] for s in SPLITS}
-        lines.append("masksd − baseline, mIoU: " + ", ".join(f"{s} {d:+.2f}" for s, d in delta.items()))
-    return "\n".join(lines) + "\n"
+def train_command(study: Study, name: str, seed: int, lr: float, clip: str | None, out: Path) -> list[str]:
+    return [sys.executable, str(TRAIN), "--preset", "demo", "--epochs", str(study.epochs), "--seed", str(seed),
+            "--lr", str(lr), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
+            "--out", str(out), *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
 
 
-def plot(table: dict[str, Any], path: Path) -> None:
-    """Bar chart of mIoU (mean ± std) per variant on val and compositional."""
-    import matplotlib
+class Runner:
+    """Runs (or reuses) train.py runs, ``jobs`` at a time."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, study: Study, work_dir: Path, *, jobs: int, threads: int) -> None:
+        self.study, self.work_dir, self.jobs, self.threads = study, work_dir, jobs, threads
 
-    names = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for ax, split in zip(axes, ("val", "compositional")):
-        means = [table[n][split]["miou"]["mean"] for n in names]
-        stds = [table[n][split]["miou"]["std"] for n in names]
-        colours = ["#888888" if n == "baseline" else "#3b75af" for n in names]
-        ax.bar(names, means, yerr=stds, color=colours, capsize=4)
-        low = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(max(0.0, low - 5), max(m + s for m, s in zip(means, stds)) + 2)
-        ax.set_title(f"mIoU on {split} (mean ± std over seeds)")
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def out(self, setting: str, name: str, seed: int, lr: float) -> Path:
+        return self.work_dir / setting / f"{name}-lr{lr:g}-seed{seed}"
+
+    def many(self, jobs: list[tuple[str, str | None, str, int, float]]) -> list[dict[str, Any]]:
+        """``(setting, clip file or None, variant, seed, lr)`` each → its metrics.json."""
+        def one(job: tuple[str, str | None, str, int, float]) -> dict[str, Any]:
+            setting, clip, name, seed, lr = job
+            out = self.out(setting, name, seed, lr)
+            if not (out / "metrics.json").is_file():
+                run(train_command(self.study, name, seed, lr, clip, out), threads=self.threads,
+                    label=f"{setting:10s} {name:13s} lr {lr:g} seed {seed}")
+            return json.loads((out / "metrics.json").read_text())
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            return list(pool.map(one, jobs))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"baseline vs masksd only, {len(QUICK['seeds'])} seeds, {QUICK['epochs']} epochs")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="v2")
+    parser.add_argument("--quick", action="store_true", help="the 'quick' study (pretrained, 1 seed pair, 1 epoch)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
-                        help="variants to run (default: all, or baseline+masksd with --quick)")
-    parser.add_argument("--work-dir", default="runs/accuracy",
-                        help="where each run's output goes; finished runs are reused, so an interrupted "
-                             "benchmark continues where it stopped")
-    parser.add_argument("--out-dir", default=None,
-                        help="write accuracy.json, accuracy.md and accuracy.png here (default: --work-dir)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds (default: 3, or 2 with --quick); runs already finished "
-                             "in --work-dir are reused, so a smaller number aggregates a partial benchmark")
-    parser.add_argument("--train-arg", action="append", default=[],
-                        help="extra flag passed to train.py (repeatable, e.g. --train-arg=--amp=bf16)")
+                        help="variants to run (default: the study's)")
+    parser.add_argument("--clips", nargs="+", choices=("pretrained", "random"), default=None,
+                        help="CLIP initialisations to run (default: the study's)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the study's)")
+    parser.add_argument("--work-dir", default="runs/accuracy", help="run outputs; finished runs are reused")
+    parser.add_argument("--out-dir", default=None, help="write accuracy_<study>.{json,md} and plots here "
+                                                        "(default: the work dir)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args(argv)
 
-    settings = dict(QUICK if args.quick else FULL)
-    if args.seeds is not None:
-        if args.seeds < 1:
-            parser.error("--seeds must be >= 1")
-        settings["seeds"] = tuple(range(args.seeds))
-    names = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
-    work_dir = Path(args.work_dir) / ("quick" if args.quick else "full")
+    name = "quick" if args.quick else args.study
+    study = STUDIES[name]
+    seeds = study.seeds if args.seeds is None else tuple(range(args.seeds))
+    variants = tuple(args.variants or study.variants)
+    clips = tuple(args.clips or study.clips)
+    work_dir = Path(args.work_dir) / name
     out_dir = Path(args.out_dir) if args.out_dir else work_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-
+    runner = Runner(study, work_dir, jobs=args.jobs, threads=args.threads)
     started = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for seed in settings["seeds"]:  # seeds outermost: a partial run still compares all variants
-        for name in names:
-            runs.setdefault(name, []).append(
-                run_variant(name, seed, epochs=settings["epochs"], work_dir=work_dir, extra=args.train_arg))
-    table = aggregate(runs)
-    first = next(iter(runs.values()))[0]
-    trivial = first.get("trivial", {}).get("val", {})
-    report = markdown(table, trivial, settings)
-    print("\n" + report)
-    result = {
-        "settings": {**settings, "seeds": list(settings["seeds"]), "variants": names, "schedule": SCHEDULE,
-                     "flags": {n: VARIANTS[n] for n in names}, "extra_train_args": args.train_arg},
-        "units": "percent",
-        "table": table,
-        "trivial_val": trivial,
-        "benchmark_wall_time_s": round(time.perf_counter() - started, 1),
+
+    pretrain = pretrained_clip(work_dir, study.pretrain_steps, args.threads) if "pretrained" in clips else None
+    clip_file = {"pretrained": pretrain["path"] if pretrain else None, "random": None}
+
+    # 1. the baseline's learning rate per setting, on val, seed 0 (before any comparison)
+    tuning: dict[str, Any] = {}
+    for clip in clips:
+        grid = runner.many([(clip, clip_file[clip], "baseline", seeds[0], lr) for lr in study.lr_grid])
+        val = {f"{lr:g}": m["splits"]["val"]["miou"] for lr, m in zip(study.lr_grid, grid, strict=True)}
+        tuning[clip] = {"val_miou": val, "lr": max(study.lr_grid, key=lambda lr: val[f"{lr:g}"])}
+        print(f"{clip}: baseline val mIoU by lr {val} -> lr {tuning[clip]['lr']:g}", flush=True)
+
+    # 2. every variant at that lr: baseline and masksd for every seed first, then the other
+    #    variants (a partial study still has the headline pairs)
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {clip: {v: {} for v in variants} for clip in clips}
+    first = [v for v in variants if v in ("baseline", "masksd")]
+    groups = (first, [v for v in variants if v not in first])
+    jobs = [(clip, clip_file[clip], v, seed, tuning[clip]["lr"])
+            for group in groups for seed in seeds for clip in clips for v in group]
+    for job, metrics in zip(jobs, runner.many(jobs), strict=True):
+        runs[job[0]][job[2]][job[3]] = metrics
+
+    result: dict[str, Any] = {
+        "study": name, "units": "percent",
+        "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants), "clips": list(clips),
+                     "schedule": list(study.schedule), "lr_grid": list(study.lr_grid),
+                     "flags": {v: VARIANTS[v] for v in variants}, "threads_per_run": args.threads},
+        "pretrained_clip": pretrain, "lr_tuning": tuning, "tables": {}, "differences": {}, "curves": {},
     }
-    (out_dir / "accuracy.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "accuracy.md").write_text(report)
-    plot(table, out_dir / "accuracy.png")
-    print(f"wrote {out_dir / 'accuracy.json'}, accuracy.md, accuracy.png "
-          f"({result['benchmark_wall_time_s']:.0f} s)")
+    text = [f"Study `{name}`: demo preset, {study.epochs} epoch(s), seeds {list(seeds)}, best epoch chosen on "
+            "val; percent, mean ± std over seeds. Learning rate tuned for the baseline on val (seed 0): "
+            + "; ".join(f"{c} {t['val_miou']} → {t['lr']:g}" for c, t in tuning.items()) + ".", ""]
+    for clip in clips:
+        table, diffs = report.aggregate(runs[clip]), report.differences(runs[clip])
+        result["tables"][clip], result["differences"][clip] = table, diffs
+        result["curves"][clip] = report.curves(runs[clip])
+        text.append(report.markdown(f"{clip} CLIP", table, diffs, f"lr {tuning[clip]['lr']:g}"))
+    headline = clips[0]
+    if "masksd" in result["differences"][headline]:
+        result["masksd_minus_baseline"] = {s: {k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}
+                                           for s, d in result["differences"][headline]["masksd"].items()}
+        result["masksd_minus_baseline_setting"] = headline
+    result["benchmark_wall_time_s"] = round(time.perf_counter() - started, 1)
+    md = "\n".join(text)
+    print("\n" + md)
+    stem = f"accuracy_{name}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(md)
+    report.plot_curves(result["curves"], out_dir / f"{stem}_curves.png")
+    print(f"wrote {out_dir / stem}.json, .md, _curves.png ({result['benchmark_wall_time_s']:.0f} s)")
     return result
 
 

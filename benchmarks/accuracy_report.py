@@ -1,0 +1,158 @@
+"""Aggregation, paired statistics, tables and plots of ``benchmarks/accuracy.py``.
+
+Every function takes the ``metrics.json`` dictionaries that ``examples/cris_clip/train.py`` writes
+(``splits`` → split → metric, ``history`` → one entry per epoch) and returns plain data; nothing
+here runs a model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("val", "test", "compositional")
+KEYS = ("miou", "oiou", "prec@0.5", "prec@0.7", "prec@0.9")
+
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (scipy.stats.t.ppf(0.975, df))
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table, conservative between rows)."""
+    if df < 1:
+        raise ValueError(f"a confidence interval needs at least 2 pairs (df >= 1), got df={df}")
+    rows = [d for d in T975 if d <= df]
+    return T975[max(rows)] if df <= 30 else 1.960
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def paired_difference(treated: list[float], control: list[float]) -> dict[str, Any]:
+    """Mean of ``treated[i] - control[i]`` over seeds with a 95 % t interval (nan bounds for one pair)."""
+    if len(treated) != len(control):
+        raise ValueError(f"paired runs differ in number: {len(treated)} vs {len(control)}")
+    diffs = [a - b for a, b in zip(treated, control, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95_low": math.nan, "ci95_high": math.nan, "values": diffs, "n": len(diffs)}
+    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "values": diffs, "n": len(diffs)}
+
+
+Runs = dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> metrics.json
+
+
+def aggregate(runs: Runs) -> dict[str, Any]:
+    """Mean and sample std over seeds of every split/metric, per variant."""
+    table: dict[str, Any] = {}
+    for name, by_seed in runs.items():
+        results = list(by_seed.values())
+        table[name] = {split: {key: mean_std([r["splits"][split][key] for r in results]) for key in KEYS}
+                       for split in SPLITS}
+        table[name]["wall_time_s"] = statistics.fmean(r["wall_time_s"] for r in results)
+    return table
+
+
+def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
+    """Per variant (other than ``control``) and split: the paired mIoU difference to ``control``
+    over the seeds both have run."""
+    if control not in runs:
+        return {}
+    out = {}
+    for name, by_seed in runs.items():
+        seeds = sorted(set(by_seed) & set(runs[control]))
+        if name == control or not seeds:
+            continue
+        out[name] = {split: {**paired_difference([by_seed[s]["splits"][split]["miou"] for s in seeds],
+                                                 [runs[control][s]["splits"][split]["miou"] for s in seeds]),
+                             "seeds": seeds}
+                     for split in SPLITS}
+    return out
+
+
+def curves(runs: Runs, split: str = "val") -> dict[str, Any]:
+    """Per variant: val mIoU and LMVSD selection precision per epoch, one list per seed; VMLSD's
+    kept rate per word role per epoch, one dict per seed."""
+    out: dict[str, Any] = {}
+    for name, by_seed in runs.items():
+        results = list(by_seed.values())
+        miou, precision, chance = [], [], []
+        for r in results:
+            miou.append([h["eval"][split][r["protocol"]["resolution"]]["miou"] for h in r["history"]])
+            sel = [h.get("lmvsd_selection", {}) for h in r["history"]]
+            if all("precision" in s for s in sel):
+                precision.append([s["precision"] for s in sel])
+                chance.append([s["random"] for s in sel])
+        out[name] = {"epochs": [h["epoch"] for h in results[0]["history"]], "miou": miou,
+                     "lmvsd_precision": precision, "lmvsd_random": chance,
+                     "vmlsd_kept_rate": [[h.get("vmlsd_selection", {}) for h in r["history"]] for r in results]}
+    return out
+
+
+def _fmt(cell: dict[str, Any]) -> str:
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def _fmt_ci(d: dict[str, Any]) -> str:
+    if math.isnan(d["ci95_low"]):
+        return f"{d['mean']:+.2f} (1 pair)"
+    return f"{d['mean']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]"
+
+
+def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header: str) -> str:
+    """One setting's comparison: mIoU and P@0.5 per split, then the paired differences."""
+    lines = [f"**{setting}** — {header}", "", "| variant | " + " | ".join(
+        f"{s} mIoU | {s} P@0.5" for s in SPLITS) + " | run time (s) |", "|---|" + "---|" * (2 * len(SPLITS) + 1)]
+    for name, row in table.items():
+        cells = [f"{_fmt(row[s]['miou'])} | {_fmt(row[s]['prec@0.5'])}" for s in SPLITS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['wall_time_s']:.0f} |")
+    if diffs:
+        lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order), mean "
+                  "[95 % t interval]:", "", "| variant | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+        for name, by_split in diffs.items():
+            lines.append(f"| {name} − baseline | " + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
+    """Val mIoU over epochs (mean, seed range shaded) and LMVSD selection precision vs random."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(by_setting)
+    fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 7.5), squeeze=False)
+    for col, setting in enumerate(settings):
+        top, bottom = axes[0][col], axes[1][col]
+        for name, c in by_setting[setting].items():
+            seeds = c["miou"]
+            epochs = c["epochs"][:min(map(len, seeds))]
+            cols = [[s[i] for s in seeds] for i in range(len(epochs))]
+            top.plot(epochs, [statistics.fmean(v) for v in cols], marker="o", label=name)
+            top.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], alpha=0.15)
+            if c["lmvsd_precision"]:
+                prec = [[s[i] for s in c["lmvsd_precision"]] for i in range(len(epochs))]
+                bottom.plot(epochs, [statistics.fmean(v) for v in prec], marker="o", label=f"{name}: kept on target")
+                bottom.fill_between(epochs, [min(v) for v in prec], [max(v) for v in prec], alpha=0.15)
+                rand = [statistics.fmean(s[i] for s in c["lmvsd_random"]) for i in range(len(epochs))]
+                bottom.plot(epochs, rand, linestyle="--", color="grey", label="random (target area share)")
+        top.set_title(f"{setting}: val mIoU per epoch (seed range shaded)")
+        top.set_xlabel("epoch")
+        top.set_ylabel("mIoU (%)")
+        top.legend(fontsize=8)
+        bottom.set_title(f"{setting}: LMVSD kept patches on the target")
+        bottom.set_xlabel("epoch")
+        bottom.set_ylabel("precision")
+        handles, labels = bottom.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        bottom.legend(unique.values(), unique.keys(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""The accuracy benchmark's statistics on hand-computed cases (benchmarks/accuracy_report.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.accuracy_report import aggregate, differences, paired_difference, t975
+
+
+def _metrics(miou: float) -> dict:
+    split = {"miou": miou, "oiou": miou, "prec@0.5": 0.0, "prec@0.7": 0.0, "prec@0.9": 0.0}
+    return {"splits": {s: split for s in ("val", "test", "compositional")}, "wall_time_s": 1.0}
+
+
+def test_paired_difference_hand_computed() -> None:
+    d = paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])  # differences 1, 2, 3: mean 2, sd 1
+    half = 4.303 / math.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)
+    assert d["mean"] == pytest.approx(2.0) and d["values"] == [1.0, 2.0, 3.0] and d["n"] == 3
+    assert d["ci95_low"] == pytest.approx(2.0 - half) and d["ci95_high"] == pytest.approx(2.0 + half)
+
+
+def test_one_pair_has_no_interval_and_mismatched_pairs_are_refused() -> None:
+    d = paired_difference([1.5], [1.0])
+    assert d["mean"] == 0.5 and math.isnan(d["ci95_low"]) and math.isnan(d["ci95_high"])
+    with pytest.raises(ValueError, match="paired runs differ"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        t975(0)
+
+
+def test_t_table_is_conservative_between_rows_and_normal_beyond() -> None:
+    assert t975(2) == 4.303 and t975(11) == t975(10) and t975(100) == 1.960
+
+
+def test_differences_pair_by_seed_over_the_seeds_both_ran() -> None:
+    runs = {"baseline": {0: _metrics(10.0), 1: _metrics(20.0), 2: _metrics(30.0)},
+            "masksd": {2: _metrics(33.0), 0: _metrics(11.0)}}  # seed 1 not run yet
+    d = differences(runs)["masksd"]["test"]
+    assert d["seeds"] == [0, 2] and d["values"] == [1.0, 3.0] and d["mean"] == pytest.approx(2.0)
+    table = aggregate(runs)
+    assert table["masksd"]["val"]["miou"]["mean"] == pytest.approx(22.0)
+    assert table["baseline"]["val"]["miou"]["std"] == pytest.approx(10.0)
