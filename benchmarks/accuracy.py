@@ -125,7 +125,8 @@ def pretrained_clip(work_dir: Path, steps: int | None, threads: int) -> dict[str
 def train_command(study: Study, name: str, seed: int, lr: float, clip: str | None, out: Path) -> list[str]:
     return [sys.executable, str(TRAIN), "--preset", "demo", "--epochs", str(study.epochs), "--seed", str(seed),
             "--lr", str(lr), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
-            "--out", str(out), *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
+            "--out", str(out), "--resume", "auto",  # an interrupted run continues from its last epoch
+            *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
 
 
 class Runner:
