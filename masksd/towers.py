@@ -51,7 +51,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores"]
+__all__ = ["Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes"]
+
+_WRAPPER_PREFIXES = ("model.", "objectives.")  # masksd.checkpoints.MODEL_PREFIX / ADDED_PREFIX
 
 
 @dataclass
@@ -220,6 +222,39 @@ def _check_tower(tower: Any, argument: str) -> None:
         )
 
 
+def check_batch_sizes(images: int, texts: int) -> None:
+    """Refuse image and text batches of different sizes (shapes only: no device sync).
+
+    Args:
+        images: ``B`` of the image tokens ``[B, N, C]``.
+        texts: ``B`` of the text tokens ``[B, L, C]``.
+    """
+    if int(images) != int(texts):
+        raise ValueError(
+            f"images and texts have different batch sizes ({int(images)} vs {int(texts)}); "
+            "give one sentence per image (repeat an image for each of its sentences)"
+        )
+
+
+def _refuse_training_state_dict(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """``load_state_dict`` pre-hook of ``RISModel``: refuse a wrapper's state dict.
+
+    With ``strict=False`` such a dict would load nothing (every key "unexpected"), silently.
+    """
+    keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+    if keys and all(k.startswith(_WRAPPER_PREFIXES) for k in keys):
+        where = f" under {prefix!r}" if prefix else ""
+        raise ValueError(
+            f"state_dict{where} is a MaskedSelfDistill training state dict (every key starts with "
+            f"'model.' or 'objectives.', e.g. {keys[0]!r}), not a RISModel's: loading it would load "
+            "nothing (with strict=False, silently). Use "
+            "masksd.checkpoints.load_bare_state_dict(bare_model, state_dict), or "
+            "bare_model.load_state_dict(masksd.checkpoints.bare_state_dict(state_dict))"
+        )
+
+
 def align_scores(tower: Any, scores: Tensor, embedded: Embedded) -> Tensor:
     """Map scores over encoded tokens ``[B, N_enc]`` onto embedded tokens ``[B, N]``.
 
@@ -242,6 +277,8 @@ class RISModel(nn.Module):
     """The bare model: ``decoder(image_tower.encode(embed(x)), text_tower.encode(embed(t)))``.
 
     This is exactly what ``MaskedSelfDistill`` runs at inference, and what ``unwrap()`` returns.
+    ``load_state_dict`` refuses a wrapper's state dict (keys ``model.*`` / ``objectives.*``) with a
+    ``ValueError`` pointing to ``masksd.checkpoints.load_bare_state_dict``.
 
     Args:
         image_tower: a ``Tower`` for images (an ``nn.Module``).
@@ -259,6 +296,11 @@ class RISModel(nn.Module):
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.decoder = decoder
+        # public from torch 2.5 (pytorch/pytorch#131690); the private one, with the module, before
+        if hasattr(nn.Module, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(_refuse_training_state_dict)
+        else:  # pragma: no cover - torch < 2.5
+            self._register_load_state_dict_pre_hook(_refuse_training_state_dict, with_module=True)
 
     def encode(self, images: Any, texts: Any) -> tuple[Encoded, Encoded]:
         """Embed and encode both modalities (the main branch without the decoder)."""
@@ -267,6 +309,11 @@ class RISModel(nn.Module):
         return image, text
 
     def forward(self, images: Any, texts: Any) -> Tensor:
-        """Segmentation logits ``[B, 1, h, w]`` (or whatever shape the decoder returns)."""
+        """Segmentation logits ``[B, 1, h, w]`` (or whatever shape the decoder returns).
+
+        Raises:
+            ValueError: the image and text batch sizes differ (``Encoded.tokens.shape[0]``).
+        """
         image, text = self.encode(images, texts)
+        check_batch_sizes(image.tokens.shape[0], text.tokens.shape[0])
         return self.decoder(image, text)

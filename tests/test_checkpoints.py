@@ -75,6 +75,23 @@ def test_bare_state_dict_where_a_training_one_is_expected_is_refused():
         load_bare_state_dict(RISModel(*make_model(3)), bare)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_bare_model_load_state_dict_refuses_a_training_state_dict(strict):
+    """``strict=False`` used to load nothing (every key unexpected), silently."""
+    wrapper = _trained_wrapper()
+    fresh = RISModel(*make_model(3))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training state dict.*'model.image_tower.*load_bare_state_dict"):
+        fresh.load_state_dict(wrapper.state_dict(), strict=strict)
+    with pytest.raises(ValueError, match="load_bare_state_dict"):  # the training-only part alone
+        fresh.load_state_dict(wrapper.added_state_dict(), strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    # the wrapper itself (RISModel under 'model.') and the bare state dict still load
+    MaskedSelfDistill(*make_model(4)).load_state_dict(wrapper.state_dict())
+    fresh.load_state_dict(wrapper.unwrap().state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), wrapper.unwrap().state_dict().values()))
+
+
 def test_other_wrong_inputs_name_the_fix():
     wrapper = _trained_wrapper()
     training = wrapper.state_dict()

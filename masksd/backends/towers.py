@@ -3,19 +3,29 @@
 The main branch calls ``embed`` and ``encode`` of each tower and the decoder once; a masked
 branch re-encodes only the masked modality and decodes it with the other modality's main-branch
 features (late fusion by construction, as in the paper).
+
+Hidden decoder parameters: on the first training step (eager, not while ``torch.compile``
+traces) the main branch's decoder call runs under ``decoder_foreign_parameters``, which names
+every module with trainable parameters outside the bare model that ran, and every such
+``nn.Parameter`` the logits depend on; ``run_main`` refuses them with a ``ValueError``.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from masksd.backends.base import Backend, MainBranch, Modality, check_ids, check_logits
 from masksd.masking import replace_tokens
-from masksd.towers import Embedded, Encoded, Fused, RISModel
+from masksd.towers import Embedded, Encoded, Fused, RISModel, check_batch_sizes
 
-__all__ = ["TowerBackend"]
+__all__ = ["TowerBackend", "decoder_foreign_parameters", "decoder_parameters_hidden"]
 
 
 def _tower_name(modality: Modality) -> str:
@@ -33,6 +43,7 @@ class TowerBackend(Backend):
         self.model = model
         self._main: MainBranch | None = None
         self._checked_widths = False
+        self._checked_decoder = False
 
     def embed_width(self, modality: Modality) -> int:
         return int(getattr(self.model, _tower_name(modality)).embed_dim)
@@ -100,20 +111,22 @@ class TowerBackend(Backend):
     def run_main(self, args, kwargs, target):  # type: ignore[override]
         images, texts = args
         embedded = {"image": self._embed("image", images), "text": self._embed("text", texts)}
-        sizes = {m: int(e.tokens.shape[0]) for m, e in embedded.items()}
-        if sizes["image"] != sizes["text"]:
-            raise ValueError(
-                f"images and texts have different batch sizes ({sizes['image']} vs {sizes['text']}); "
-                "give one sentence per image (repeat an image for each of its sentences)"
-            )
+        check_batch_sizes(embedded["image"].tokens.shape[0], embedded["text"].tokens.shape[0])
         if not self._checked_widths:
             self._check_widths(embedded)
         encoded = {m: self._encode(m, e) for m, e in embedded.items()}  # type: ignore[arg-type]
         fused = None
-        if callable(getattr(self.model.decoder, "forward_with_fused", None)):
-            logits, fused = self._decode_with_fused(encoded["image"], encoded["text"])
-        else:
-            logits = self._decode(self.model.decoder, encoded["image"], encoded["text"])
+        check = not self._checked_decoder and not _compiling()
+        with decoder_foreign_parameters(self.model) if check else nullcontext() as foreign:
+            if callable(getattr(self.model.decoder, "forward_with_fused", None)):
+                logits, fused = self._decode_with_fused(encoded["image"], encoded["text"])
+            else:
+                logits = self._decode(self.model.decoder, encoded["image"], encoded["text"])
+            if foreign is not None:
+                foreign.add_graph(logits)
+        if foreign is not None:
+            foreign.refuse(self.model.decoder)
+            self._checked_decoder = True
         self._main = MainBranch(
             logits=logits, target=target, output=logits, embedded=embedded, encoded=encoded, fused=fused
         )
@@ -249,3 +262,93 @@ def decoder_parameters_hidden(decoder: Any) -> list[str]:
         for default in getattr(target, "__defaults__", None) or ():
             visit("default argument", default)
     return found
+
+
+def _compiling() -> bool:
+    """Whether dynamo is tracing (``torch.compiler.is_compiling``; ``torch._dynamo``'s before 2.3)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:
+        is_compiling = torch._dynamo.is_compiling
+    return bool(is_compiling())
+
+
+class ForeignParameters:
+    """What ran in a decoder call with trainable parameters outside the bare model.
+
+    Attributes:
+        modules: outermost modules (not the bare model's) with such parameters that ran.
+        parameters: further such ``nn.Parameter`` objects the logits depend on (used without a
+            module call, e.g. ``F.linear(x, head["w"])``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._own_modules = {id(m) for m in model.modules()}
+        self._own_parameters = {id(p) for p in model.parameters()}
+        self._thread = threading.get_ident()
+        self.modules: list[nn.Module] = []
+        self.parameters: list[nn.Parameter] = []
+
+    def _foreign(self, module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad and id(p) not in self._own_parameters]
+
+    def record(self, module: nn.Module, args: Any) -> None:
+        """Global forward pre-hook: note ``module`` if it is foreign (outermost call only)."""
+        if threading.get_ident() != self._thread or id(module) in self._own_modules:
+            return
+        if any(module is inner for found in self.modules for inner in found.modules()):
+            return
+        if self._foreign(module):
+            self.modules.append(module)
+
+    def add_graph(self, logits: Tensor) -> None:
+        """Add the foreign ``nn.Parameter`` leaves of the autograd graph of ``logits [B, 1, h, w]``
+        that no recorded module holds (one walk over the graph)."""
+        covered = {id(p) for module in self.modules for p in module.parameters()}
+        seen: set[Any] = set()
+        stack = [logits.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if (
+                isinstance(variable, nn.Parameter)
+                and id(variable) not in self._own_parameters
+                and id(variable) not in covered
+            ):
+                covered.add(id(variable))
+                self.parameters.append(variable)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def refuse(self, decoder: Any) -> None:
+        """Raise the ``ValueError`` that names what was found (nothing found: return)."""
+        found = [f"{type(m).__name__} ({sum(p.numel() for p in self._foreign(m)):,} parameters)" for m in self.modules]
+        found += [f"an nn.Parameter of shape {list(p.shape)} ({p.numel():,} values)" for p in self.parameters]
+        if not found:
+            return
+        name = getattr(decoder, "__qualname__", None) or type(decoder).__name__
+        raise ValueError(
+            f"decoder ({name}) uses trainable parameters that are not part of the wrapper: "
+            f"{', '.join(found)}. They would be neither trained (wrapper.parameters()) nor saved "
+            "(wrapper.state_dict()). Pass an nn.Module as decoder: wrap the callable in an nn.Module "
+            "that holds them as submodules (a dict or list of modules hides them: use nn.ModuleDict / "
+            "nn.ModuleList, and nn.Parameter attributes or nn.ParameterDict for raw parameters)"
+        )
+
+
+@contextmanager
+def decoder_foreign_parameters(model: nn.Module) -> Iterator[ForeignParameters]:
+    """Record, while the block runs, the modules outside ``model`` with trainable parameters.
+
+    A process-wide forward pre-hook (``register_module_forward_pre_hook``) is installed for the
+    block only (it records calls from this thread); call ``add_graph(logits)`` inside the block
+    for raw parameters and ``refuse(decoder)`` after it. Frozen modules (no parameter with
+    ``requires_grad``) are allowed: a fixed pretrained helper loaded by your own code.
+    """
+    found = ForeignParameters(model)
+    handle = register_module_forward_pre_hook(found.record)
+    try:
+        yield found
+    finally:
+        handle.remove()
