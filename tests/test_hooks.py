@@ -285,7 +285,8 @@ def test_syncbatchnorm_after_wrapping_keeps_main_branch_statistics():
 
 
 def test_dataparallel_replica_is_refused():
-    wrapper = wrapped()
-    wrapper._is_replica = True  # what nn.DataParallel's replicate() sets on each copy
+    # nn.DataParallel's replicate() makes each copy with this call (torch.nn.parallel.replicate
+    # itself needs devices): if torch renames its replica marker, this test fails instead of users
+    replica = wrapped()._replicate_for_data_parallel()
     with pytest.raises(TypeError, match="DistributedDataParallel"):
-        train_step(wrapper)
+        train_step(replica)
