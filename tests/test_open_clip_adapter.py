@@ -170,6 +170,41 @@ def test_wrapped_training_step_gradients(tokenizer):
     assert wrapper.model.image_tower.visual is clip.visual
 
 
+class LevelsWordsDecoder(nn.Module):
+    """Reads only ``features["levels"]`` and ``features["words"]`` (issue 10's DDP failure)."""
+
+    def __init__(self, width: int = 32, hidden: int = 16) -> None:
+        super().__init__()
+        self.level_in = nn.Conv2d(width, hidden, kernel_size=1)
+        self.words_in = nn.Linear(width, hidden)
+        self.out = nn.Conv2d(hidden, 1, kernel_size=1)
+
+    def forward(self, image, text):
+        f = sum(self.level_in(level) for level in image.features["levels"])  # [B, h, gh, gw]
+        words = self.words_in(text.features["words"]).mean(1)  # [B, h]
+        return self.out(f * words[:, :, None, None])  # [B, 1, gh, gw]
+
+
+def test_check_names_projections_without_gradient_for_a_levels_words_decoder(tokenizer):
+    """DDP with find_unused_parameters=False fails on these; the wrap-time check names them."""
+    image_tower, text_tower = towers_from_open_clip(tiny_clip(), image_layers=(1,))  # the last layer
+    wrapper = MaskedSelfDistill(image_tower, text_tower, LevelsWordsDecoder())
+    ids = tokenizer(SENTENCES, context_length=17)
+    target = torch.zeros(3, 32, 32)
+    target[:, 8:24, 4:20] = 1
+    report = wrapper.check(images(3), ids, target, generator=torch.Generator().manual_seed(0))
+    # the projections into CLIP's joint space only feed the (detached) correlation scores
+    assert sorted(report.no_grad) == [
+        "model.image_tower.visual.ln_post.bias",
+        "model.image_tower.visual.ln_post.weight",
+        "model.image_tower.visual.proj",
+        "model.text_tower.text_projection",
+    ]
+    text = str(report)
+    assert "4 trainable parameter(s) got no gradient" in text and "find_unused_parameters=True" in text
+    assert all(name in text for name in report.no_grad)
+
+
 def test_layers_before_open_clip_2_32_are_refused_clearly(monkeypatch):
     """open_clip < 2.32 has no Transformer.forward_intermediates: say so instead of AttributeError."""
     clip = tiny_clip()
