@@ -9,8 +9,10 @@ isolated build, which needs the package index).
 from __future__ import annotations
 
 import ast
+import datetime
 import email
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -26,6 +28,7 @@ except ImportError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE_REQUIREMENTS = {"torch", "einops", "numpy"}
+RELEASE_HEADING = re.compile(r"^## \[(\d+\.\d+\.\d+)\] - (\d{4}-\d{2}-\d{2})\s*$", re.MULTILINE)
 
 
 def _source_version() -> str:
@@ -71,7 +74,15 @@ def test_version_lives_in_one_place():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "masksd.__version__"}
-    assert _source_version() == "0.2.0"
+    import masksd
+
+    releases = [(datetime.date.fromisoformat(day), version)
+                for version, day in RELEASE_HEADING.findall((ROOT / "CHANGELOG.md").read_text())]
+    assert releases, "CHANGELOG.md has no dated release heading '## [x.y.z] - YYYY-MM-DD'"
+    newest = max(releases, key=lambda release: release[0])[1]  # a tie: the upper one
+    assert masksd.__version__ == _source_version() == newest, (
+        f"masksd.__version__ is {masksd.__version__} but the newest dated CHANGELOG section is {newest}"
+    )
 
 
 def test_wheel_holds_only_the_package_and_its_metadata(dist):
