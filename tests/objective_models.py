@@ -4,7 +4,8 @@
   (the sentence-gated image map plus the word context, before upsampling) through the optional
   ``forward_with_fused`` protocol; it counts its passes.
 * ``fused_spec``: ``hook_models.tiny_spec`` plus ``HookSpec.fused`` on the input of ``TinyRIS.decoder``.
-* ``all_objectives``: one of each objective, sized for both tiny models (every width is 16).
+* ``all_objectives``: one of each objective (CAL on the encoders' and on the fused features),
+  sized for both tiny models (every width is 16).
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def fused_spec(**changes: object) -> masksd.HookSpec:
     return hook_models.tiny_spec(fused=fused, **changes)
 
 
+ALL_OBJECTIVES = ("mask_grounding", "cal", "lang_rec", "cal_fused")  # names of all_objectives(), in order
+
+
 def all_objectives(
-    *, mg: dict | None = None, cal: dict | None = None, rec: dict | None = None, seed: int = 7
+    *, mg: dict | None = None, cal: dict | None = None, rec: dict | None = None, cal_fused: dict | None = None,
+    seed: int = 7,
 ) -> list[masksd.Objective]:
-    """``[MaskGrounding, CrossModalAlignment, LanguageReconstruction]`` for the tiny models."""
+    """``[MaskGrounding, CrossModalAlignment, LanguageReconstruction, CrossModalAlignment(features=
+    "fused", name="cal_fused")]`` for the tiny models (both expose fused features)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return [
@@ -73,6 +79,8 @@ def all_objectives(
             CrossModalAlignment(config=CrossModalAlignmentConfig(**(cal or {}))),
             LanguageReconstruction(fused_dim=WIDTH, text_dim=WIDTH,
                                    config=LanguageReconstructionConfig(**{**SMALL, "dropout": 0.0, **(rec or {})})),
+            CrossModalAlignment(config=CrossModalAlignmentConfig(**{"features": "fused", **(cal_fused or {})}),
+                                text_dim=WIDTH, fused_dim=WIDTH, name="cal_fused"),
         ]
 
 

@@ -1,4 +1,5 @@
-"""Two-process DDP (gloo, CPU) with LMVSD, VMLSD and all three auxiliary objectives, without
+"""Two-process DDP (gloo, CPU) with LMVSD, VMLSD and all the auxiliary objectives (Mask Grounding,
+CAL on the encoders' and on the fused features, language reconstruction), without
 ``find_unused_parameters`` (the pattern of ``test_ddp.py``).
 
 DDP raises on the next forward if a parameter got no gradient in the previous backward (a head
@@ -18,7 +19,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from objective_models import all_objectives, hooks_batch, hooks_wrapper, towers_batch, towers_wrapper
+from objective_models import (
+    ALL_OBJECTIVES,
+    all_objectives,
+    hooks_batch,
+    hooks_wrapper,
+    towers_batch,
+    towers_wrapper,
+)
 from tiny_models import EOT, SOT
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,6 +82,9 @@ def _worker(rank: int, port: int, result_dir: str, backend: str) -> None:
                 "losses": losses,
                 "predicted": predicted,
                 "added": sum(p.numel() for p in wrapper.added_parameters().values()),
+                "objectives": list(wrapper.objectives),
+                "cal_fused_params": sum(p.numel() for k, p in wrapper.added_parameters().items()
+                                        if k.startswith("objectives.cal_fused.")),
             }
             Path(result_dir, "result.json").write_text(json.dumps(result))
     finally:
@@ -86,6 +97,7 @@ def test_ddp_with_all_objectives(tmp_path, backend):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], "parameters differ across ranks"
     assert result["finite"] and result["moved"] and result["added"] > 0
+    assert result["objectives"] == ["lmvsd", "vmlsd", *ALL_OBJECTIVES] and result["cal_fused_params"] > 0
     assert len(result["losses"]) == STEPS and all(abs(v) < 1e6 for v in result["losses"])
     assert result["predicted"][0] > 0 and result["predicted"][2] > 0
     if backend == "towers":

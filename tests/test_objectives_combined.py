@@ -1,10 +1,11 @@
-"""All three auxiliary objectives together with LMVSD/VMLSD, on both backends."""
+"""All the auxiliary objectives (CAL on both feature sources) together with LMVSD/VMLSD, on both backends."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from objective_models import (
+    ALL_OBJECTIVES,
     all_objectives,
     assert_all_grads,
     hooks_batch,
@@ -15,7 +16,7 @@ from objective_models import (
 )
 from tiny_models import EOT, SOT
 
-from masksd import CrossModalAlignment, CrossModalAlignmentConfig, LMVSDConfig, VMLSDConfig
+from masksd import LMVSDConfig, VMLSDConfig
 
 BACKENDS = {"towers": (towers_wrapper, towers_batch), "hooks": (hooks_wrapper, hooks_batch)}
 BRANCHES = dict(lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5))
@@ -27,7 +28,7 @@ def test_objectives_do_not_change_the_lmvsd_vmlsd_masks(backend):
     build, batch = BACKENDS[backend]
     plain = build([], **BRANCHES)
     full = build(all_objectives(), **BRANCHES)
-    assert list(full.objectives) == ["lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"]
+    assert list(full.objectives) == ["lmvsd", "vmlsd", *ALL_OBJECTIVES]
     data = batch()
     for seed in range(3):
         a, b = train_step(plain, data, seed=seed), train_step(full, data, seed=seed)
@@ -48,8 +49,9 @@ def test_all_objectives_train_every_parameter_and_eval_is_bit_identical(backend)
     wrapper = build(all_objectives())
     images, ids, target = batch()
     out = train_step(wrapper, (images, ids, target))
-    assert set(out.losses) == {"seg", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"}
-    weights = {"seg": 1.0, "lmvsd": 0.75, "vmlsd": 0.1, "mask_grounding": 0.1, "cal": 0.1, "lang_rec": 0.1}
+    assert set(out.losses) == {"seg", "lmvsd", "vmlsd", *ALL_OBJECTIVES}
+    weights = {"seg": 1.0, "lmvsd": 0.75, "vmlsd": 0.1, "mask_grounding": 0.1, "cal": 0.1, "lang_rec": 0.1,
+               "cal_fused": 0.1}
     torch.testing.assert_close(out.loss, sum(w * out.losses[k] for k, w in weights.items()))
     out.loss.backward()
     assert_all_grads(wrapper)
@@ -78,9 +80,7 @@ def test_added_state_round_trip_with_all_objectives():
 def test_nothing_to_supervise_still_reaches_every_added_parameter(backend):
     """Empty masks (no alignment sample, no mask centre) and, for towers, sentences without a word."""
     build, batch = BACKENDS[backend]
-    fused_cal = CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=16, fused_dim=16,
-                                    name="cal_fused")
-    wrapper = build([*all_objectives(), fused_cal])
+    wrapper = build(all_objectives())
     images, ids, target = batch()
     if backend == "towers":
         ids = torch.zeros_like(ids)
