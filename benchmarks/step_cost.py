@@ -11,7 +11,8 @@ Variants (each = forward + backward + ``Adam.step()`` + ``zero_grad``, one share
     baseline  bare ``RISModel`` + BCE segmentation loss (no wrapper)
     off / visual / textual / both / both_unmasked   ``MaskedSelfDistill`` with the keyword
               arguments in :data:`VARIANTS` (add a line there to time another configuration)
-    mask_grounding / cal / lang_rec   each further objective alone (LMVSD/VMLSD off)
+    mask_grounding / cal / cal_fused / lang_rec   each further objective alone (LMVSD/VMLSD off;
+              cal_fused: CAL on the decoder's fused features)
     hooks     ``both`` through ``masksd.wrap(copy, hook_spec())``: ``ratio_hooks_vs_towers = hooks / both``
     naive     a reference written here: three full passes of the bare model (main; masked
               image + text; image + masked text), re-running both towers and the decoder per
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 
 from benchmarks import _common as cm
 from benchmarks.activations import saved_activation_bytes
-from benchmarks.step_cost_report import markdown, table
+from benchmarks.step_cost_report import markdown, paired_spread, ratios, table
 from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model, build_objectives, hook_spec
 from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss, wrap
 
@@ -80,6 +81,7 @@ VARIANTS: dict[str, dict] = {
     "both_unmasked": dict(lmvsd=replace(LMVSD, masking=False), vmlsd=replace(VMLSD, masking=False)),
     "mask_grounding": dict(lmvsd=None, vmlsd=None, objectives=("mask_grounding",)),
     "cal": dict(lmvsd=None, vmlsd=None, objectives=("cal",)),
+    "cal_fused": dict(lmvsd=None, vmlsd=None, objectives=("cal_fused",)),
     "lang_rec": dict(lmvsd=None, vmlsd=None, objectives=("lang_rec",)),
 }
 # "hooks" (both branches through masksd.wrap on a copy of the model) is timed beside "both".
@@ -244,28 +246,6 @@ class Bench:
         return {n: (lambda n=n: self.wrapped_step(n)) if n in VARIANTS else getattr(self, n) for n in names}
 
 
-def ratios(stats: dict) -> dict:
-    med = {k: v["median"] for k, v in stats.items()}
-    base, img, txt, dec = med["baseline"], med["floor_image"], med["floor_text"], med["floor_decoder"]
-    out = {f"ratio_{k}": med[k] / base for k in RATIO_KEYS if k in med}
-    out["ratio_floor"] = (base + img + txt + 2 * dec) / base
-    if "hooks" in med and "both" in med:
-        out["ratio_hooks_vs_towers"] = med["hooks"] / med["both"]
-    out["ratio_floor_visual"] = (base + img + dec) / base
-    out["ratio_floor_textual"] = (base + txt + dec) / base
-    return out
-
-
-def paired_spread(times: dict) -> dict:
-    """Per-round ratios X_r / baseline_r (rounds are interleaved, so pairs share conditions)."""
-    out = {}
-    for k in RATIO_KEYS:
-        if k in times:
-            r = cm.summarize([a / b for a, b in zip(times[k], times["baseline"])])
-            out[k] = {key: r[key] for key in ("median", "q1", "q3", "min", "max")}
-    return out
-
-
 def run(args) -> dict:
     cfg = dict(CONFIGS[args.config], **(QUICK if args.quick else {}))
     if args.repeats:
@@ -310,7 +290,7 @@ def run(args) -> dict:
         "amp_bf16": amp, "repeats": len(times["baseline"]), "warmup": cfg["warmup"],
         "budget_s": args.budget, "image_tokens": tokens_main,
         "preset": asdict(cfg["preset"]),
-        **ratios(stats),
+        **ratios(stats, RATIO_KEYS),
         "ratio_hooks_vs_towers_spread": cm.summarize([a / b for a, b in zip(times["hooks"], times["both"])]),
         "activation_bytes": activations,
         "activation_ratio_both": activations["both"] / activations["baseline"],
@@ -329,7 +309,7 @@ def run(args) -> dict:
         "masking_s": mask_s,
         "medians_s": med,
         "spread_s": {k: {q: v[q] for q in ("q1", "q3", "min", "max", "n")} for k, v in stats.items()},
-        "ratio_spread": paired_spread(times),
+        "ratio_spread": paired_spread(times, RATIO_KEYS),
         "peak_mem_mib": peaks if device.type == "cuda" else None,
         "part_share": {k: v / sum(parts.values()) for k, v in parts.items()},
         "part_over_baseline": {k: v / med["baseline"] for k, v in parts.items()},
@@ -350,7 +330,7 @@ def run(args) -> dict:
         del bench
         cm.free_memory()
         s = {k: cm.summarize(v) for k, v in t_sweep.items()}
-        row = {"tokens": n, "image_size": preset.image_size, "rounds": len(t_sweep["baseline"]), **ratios(s),
+        row = {"tokens": n, "image_size": preset.image_size, "rounds": len(t_sweep["baseline"]), **ratios(s, RATIO_KEYS),
                "medians_s": {k: v["median"] for k, v in s.items()},
                "peak_mem_mib": p_sweep if device.type == "cuda" else None}
         sweep.append(row)

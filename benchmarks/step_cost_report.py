@@ -1,8 +1,37 @@
-"""Tables of ``benchmarks.step_cost``'s result: the console table and the markdown report."""
+"""Ratios and tables of ``benchmarks.step_cost``'s result: ``ratio_*`` from the medians, their
+paired spread, the console table and the markdown report."""
 
 from __future__ import annotations
 
-__all__ = ["markdown", "table"]
+from collections.abc import Sequence
+
+from benchmarks import _common as cm
+
+__all__ = ["markdown", "paired_spread", "ratios", "table"]
+
+
+def ratios(stats: dict, keys: Sequence[str]) -> dict:
+    """``ratio_<k> = median_k / median_baseline`` for each timed ``k`` in ``keys``, the floor's
+    ratios (baseline + the parts timed alone) and ``ratio_hooks_vs_towers = hooks / both``."""
+    med = {k: v["median"] for k, v in stats.items()}
+    base, img, txt, dec = med["baseline"], med["floor_image"], med["floor_text"], med["floor_decoder"]
+    out = {f"ratio_{k}": med[k] / base for k in keys if k in med}
+    out["ratio_floor"] = (base + img + txt + 2 * dec) / base
+    if "hooks" in med and "both" in med:
+        out["ratio_hooks_vs_towers"] = med["hooks"] / med["both"]
+    out["ratio_floor_visual"] = (base + img + dec) / base
+    out["ratio_floor_textual"] = (base + txt + dec) / base
+    return out
+
+
+def paired_spread(times: dict, keys: Sequence[str]) -> dict:
+    """Per-round ratios X_r / baseline_r (rounds are interleaved, so pairs share conditions)."""
+    out = {}
+    for k in keys:
+        if k in times:
+            r = cm.summarize([a / b for a, b in zip(times[k], times["baseline"])])
+            out[k] = {key: r[key] for key in ("median", "q1", "q3", "min", "max")}
+    return out
 
 
 def table(r: dict) -> str:
@@ -20,7 +49,7 @@ def table(r: dict) -> str:
     lines += ["", "| quantity | value |", "|---|---:|"]
     for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
               "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "ratio_hooks_vs_towers",
-              "ratio_mask_grounding", "ratio_cal", "ratio_lang_rec", "activation_ratio_both",
+              "ratio_mask_grounding", "ratio_cal", "ratio_cal_fused", "ratio_lang_rec", "activation_ratio_both",
               "activation_ratio_hooks", "activation_ratio_naive", "activation_ratio_floor", "eval_ratio",
               "masking_share", "masking_share_insitu"):
         lines.append(f"| {k} | {r[k]:.4f} |")
