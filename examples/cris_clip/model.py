@@ -139,8 +139,10 @@ def hook_spec() -> HookSpec:
 
     The decoder is called as a module with the two towers' outputs, so its inputs carry the
     CLIP-space scoring features; the ViT blocks and the text transformer are reused across
-    branches (late fusion). Through hooks the model selects and scores exactly as through its
-    towers (tests/test_hooks_reference.py).
+    branches (late fusion). ``fused`` is the vision-language decoder's output ``fq [B, dim, gh, gw]``,
+    the same tensor ``CRISDecoder.forward_with_fused`` returns (for ``lang_rec`` and ``cal_fused``).
+    Through hooks the model selects, scores and computes every objective's loss exactly as through
+    its towers (tests/test_hooks_reference.py).
     """
     return HookSpec(
         image=ModalitySpec(
@@ -156,6 +158,7 @@ def hook_spec() -> HookSpec:
             global_=Tap("decoder", kind="input", select="[1].global_feature"),
             reuse=("text_tower.transformer",),
         ),
+        fused=Tap("decoder.head.decoder", layout="bchw"),  # VisionLanguageDecoder: one call per forward
     )
 
 
