@@ -40,7 +40,7 @@ def device_name(device: torch.device) -> str:
 
 def synthetic_batch(batch: int, image_size: int, context: int, device: torch.device, seed: int = 0):
     """Random images ``[B,3,S,S]``, CLIP-style token ids ``[B,L]`` (SOT, words, EOT, padding)
-    with 3..L-2 words per sample, and a binary target mask ``[B,S,S]``."""
+    with 3..L-2 words per sample, and a binary target mask ``[B,S,S]`` (one rectangle)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, image_size, image_size, generator=g)
     ids = torch.full((batch, context), PAD, dtype=torch.long)
@@ -49,7 +49,14 @@ def synthetic_batch(batch: int, image_size: int, context: int, device: torch.dev
     for b, n in enumerate(lengths.tolist()):
         ids[b, 1 : 1 + n] = torch.randint(1, SOT, (n,), generator=g)
         ids[b, 1 + n] = EOT
-    target = (torch.rand(batch, image_size, image_size, generator=g) > 0.7).float()
+    # one object per sample, as a referring mask: a random rectangle of 10-40 % of the side, so
+    # that the objectives that need background and foreground (CAL) have both
+    target = torch.zeros(batch, image_size, image_size)
+    for b in range(batch):
+        h, w = (torch.randint(image_size // 10, 2 * image_size // 5 + 1, (2,), generator=g)).tolist()
+        top, left = torch.randint(0, image_size - h + 1, (1,), generator=g).item(), \
+            torch.randint(0, image_size - w + 1, (1,), generator=g).item()
+        target[b, top:top + h, left:left + w] = 1.0
     return images.to(device), ids.to(device), target.to(device)
 
 
