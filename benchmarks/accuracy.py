@@ -56,7 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "no_masking": ["--no-lmvsd-masking", "--no-vmlsd-masking"],
     "ground_truth": ["--supervision", "ground_truth"],
     "unshared": ["--no-share-decoder"],
-    "prediction_scorer": ["--lmvsd-scorer", "prediction"],
+    "prediction_scorer": ["--lmvsd-scorer", "prediction"],  # LMVSD keeps the main prediction's patches
+    "random_scorer": ["--lmvsd-scorer", "random", "--vmlsd-scorer", "random"],  # top-K = a random subset
     "hard_targets": ["--hard-targets"],
     # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
     "mask_grounding": ["--objectives", "mask_grounding"],
