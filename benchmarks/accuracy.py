@@ -10,8 +10,9 @@ Studies:
 * ``v2`` (default, issue 8): the demo's full schedule (8000 samples × 4 epochs = 2000 steps), from
   the CLIP pretrained on the synthetic caption world (``examples/cris_clip/pretrain_clip.py
   --preset demo``, run once and cached in the work dir) and from random init. The learning rate
-  of each setting is **tuned for the baseline** on val first (seed 0, ``LR_GRID``) and then used
-  by every variant: any bias runs against masksd. Reports mean ± std and the paired difference
+  of each setting is **tuned for the baseline** on val first (seed 0: ``lr_grid``, and for the
+  pretrained CLIP also the towers' lr multiplier, 0.1 as CRIS or 1) and then used by every
+  variant: any bias runs against masksd. Reports mean ± std and the paired difference
   to the baseline with a 95 % t interval; plots val mIoU and LMVSD's selection precision per epoch.
 * ``v1``: the first table (random init, one epoch, lr 3e-3, the paper's ablations).
 
@@ -77,6 +78,9 @@ class Study:
     clips: tuple[str, ...]  # "pretrained" and/or "random"
     variants: tuple[str, ...]
     lr_grid: tuple[float, ...]  # the baseline's lr is chosen on val (seed 0) from these; one value: fixed
+    # lr multipliers of the CLIP towers tried with the pretrained CLIP (None: train.py's default,
+    # 0.1 as CRIS); the random-init CLIP always trains at the full lr (train.py's default, 1)
+    pretrained_backbone_grid: tuple[float | None, ...] = (None,)
     pretrain_steps: int | None = None  # None: pretrain_clip.py's demo preset as it is
 
 
@@ -86,7 +90,8 @@ STUDIES: dict[str, Study] = {
     "v2": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
                           "--warmup-epochs", "0.25"),
                 epochs=4, seeds=(0, 1, 2), clips=("pretrained", "random"),
-                variants=("baseline", "masksd", "lmvsd_only", "vmlsd_only"), lr_grid=(2e-3, 4e-3, 8e-3)),
+                variants=("baseline", "masksd", "lmvsd_only", "vmlsd_only"), lr_grid=(2e-3, 4e-3, 8e-3),
+                pretrained_backbone_grid=(None, 1.0)),
     # one seed pair from a shorter pretraining and one epoch: the whole study's path in minutes
     "quick": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
@@ -123,9 +128,16 @@ def pretrained_clip(work_dir: Path, steps: int | None, threads: int) -> dict[str
             "steps": steps, "final_eval": figures.get("final", figures.get("eval"))}
 
 
-def train_command(study: Study, name: str, seed: int, lr: float, clip: str | None, out: Path) -> list[str]:
+LR = tuple[float, float | None]  # (peak lr, CLIP towers' lr multiplier or None for train.py's default)
+
+
+def lr_name(lr: LR) -> str:
+    return f"lr{lr[0]:g}" + ("" if lr[1] is None else f"-bb{lr[1]:g}")
+
+
+def train_command(study: Study, name: str, seed: int, lr: LR, clip: str | None, out: Path) -> list[str]:
     return [sys.executable, str(TRAIN), "--preset", "demo", "--epochs", str(study.epochs), "--seed", str(seed),
-            "--lr", str(lr), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
+            "--lr", str(lr[0]), *([] if lr[1] is None else ["--backbone-lr-mult", str(lr[1])]), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
             "--out", str(out), "--resume", "auto",  # an interrupted run continues from its last epoch
             *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
 
@@ -136,17 +148,17 @@ class Runner:
     def __init__(self, study: Study, work_dir: Path, *, jobs: int, threads: int) -> None:
         self.study, self.work_dir, self.jobs, self.threads = study, work_dir, jobs, threads
 
-    def out(self, setting: str, name: str, seed: int, lr: float) -> Path:
-        return self.work_dir / setting / f"{name}-lr{lr:g}-seed{seed}"
+    def out(self, setting: str, name: str, seed: int, lr: LR) -> Path:
+        return self.work_dir / setting / f"{name}-{lr_name(lr)}-seed{seed}"
 
-    def many(self, jobs: list[tuple[str, str | None, str, int, float]]) -> list[dict[str, Any]]:
+    def many(self, jobs: list[tuple[str, str | None, str, int, LR]]) -> list[dict[str, Any]]:
         """``(setting, clip file or None, variant, seed, lr)`` each → its metrics.json."""
-        def one(job: tuple[str, str | None, str, int, float]) -> dict[str, Any]:
+        def one(job: tuple[str, str | None, str, int, LR]) -> dict[str, Any]:
             setting, clip, name, seed, lr = job
             out = self.out(setting, name, seed, lr)
             if not (out / "metrics.json").is_file():
                 run(train_command(self.study, name, seed, lr, clip, out), threads=self.threads,
-                    label=f"{setting:10s} {name:13s} lr {lr:g} seed {seed}")
+                    label=f"{setting:10s} {name:13s} {lr_name(lr)} seed {seed}")
             return json.loads((out / "metrics.json").read_text())
 
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -186,17 +198,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. the baseline's learning rate per setting, on val, seed 0 (before any comparison)
     tuning: dict[str, Any] = {}
     for clip in clips:
-        grid = runner.many([(clip, clip_file[clip], "baseline", seeds[0], lr) for lr in study.lr_grid])
-        val = {f"{lr:g}": m["splits"]["val"]["miou"] for lr, m in zip(study.lr_grid, grid, strict=True)}
-        tuning[clip] = {"val_miou": val, "lr": max(study.lr_grid, key=lambda lr: val[f"{lr:g}"])}
-        print(f"{clip}: baseline val mIoU by lr {val} -> lr {tuning[clip]['lr']:g}", flush=True)
+        backbone = study.pretrained_backbone_grid if clip == "pretrained" else (None,)
+        lrs = [(lr, bb) for bb in backbone for lr in study.lr_grid]
+        grid = runner.many([(clip, clip_file[clip], "baseline", seeds[0], lr) for lr in lrs])
+        val = {lr_name(lr): m["splits"]["val"]["miou"] for lr, m in zip(lrs, grid, strict=True)}
+        best = max(lrs, key=lambda lr: val[lr_name(lr)])
+        tuning[clip] = {"val_miou": val, "lr": best[0], "backbone_lr_mult": best[1], "chosen": lr_name(best)}
+        print(f"{clip}: baseline val mIoU by lr {val} -> {lr_name(best)}", flush=True)
 
     # 2. every variant at that lr: baseline and masksd for every seed first, then the other
     #    variants (a partial study still has the headline pairs)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {clip: {v: {} for v in variants} for clip in clips}
     first = [v for v in variants if v in ("baseline", "masksd")]
     groups = (first, [v for v in variants if v not in first])
-    jobs = [(clip, clip_file[clip], v, seed, tuning[clip]["lr"])
+    jobs = [(clip, clip_file[clip], v, seed, (tuning[clip]["lr"], tuning[clip]["backbone_lr_mult"]))
             for group in groups for seed in seeds for clip in clips for v in group]
     for job, metrics in zip(jobs, runner.many(jobs), strict=True):
         runs[job[0]][job[2]][job[3]] = metrics
@@ -205,17 +220,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "study": name, "units": "percent",
         "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants), "clips": list(clips),
                      "schedule": list(study.schedule), "lr_grid": list(study.lr_grid),
+                     "pretrained_backbone_grid": list(study.pretrained_backbone_grid),
                      "flags": {v: VARIANTS[v] for v in variants}, "threads_per_run": args.threads},
         "pretrained_clip": pretrain, "lr_tuning": tuning, "tables": {}, "differences": {}, "curves": {},
     }
     text = [f"Study `{name}`: demo preset, {study.epochs} epoch(s), seeds {list(seeds)}, best epoch chosen on "
             "val; percent, mean ± std over seeds. Learning rate tuned for the baseline on val (seed 0): "
-            + "; ".join(f"{c} {t['val_miou']} → {t['lr']:g}" for c, t in tuning.items()) + ".", ""]
+            + "; ".join(f"{c} {t['val_miou']} → {t['chosen']}" for c, t in tuning.items())
+            + " (bb: lr multiplier of the CLIP towers; none: 0.1 pretrained, 1 random init).", ""]
     for clip in clips:
         table, diffs = report.aggregate(runs[clip]), report.differences(runs[clip])
         result["tables"][clip], result["differences"][clip] = table, diffs
         result["curves"][clip] = report.curves(runs[clip])
-        text.append(report.markdown(f"{clip} CLIP", table, diffs, f"lr {tuning[clip]['lr']:g}"))
+        text.append(report.markdown(f"{clip} CLIP", table, diffs, tuning[clip]["chosen"]))
+        text.append(report.selection_markdown(f"{clip} CLIP", result["curves"][clip]))
     headline = clips[0]
     if "masksd" in result["differences"][headline]:
         result["masksd_minus_baseline"] = {s: {k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}
