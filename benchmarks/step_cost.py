@@ -60,6 +60,7 @@ CPU_PRESET = ModelConfig(  # ViT-B/16 proportions (head width 64, patch 16), sca
         vision_cfg=dict(image_size=224, patch_size=16, width=192, layers=6, head_width=64),
         text_cfg=dict(context_length=17, vocab_size=49408, width=128, heads=2, layers=4),
     ),
+    image_size=224,  # 196 image tokens, as ViT-B/16 at 224 px (ModelConfig's default is the demo's 64)
     image_layers=(1, 3),
     head_dim=64, head_layers=1, head_heads=4, head_ffn=256, head_proj_dim=32, dropout=0.1,
 )
