@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from masksd import DistillOutput, MaskedSelfDistill
 from masksd.towers import Embedded, Encoded
 
 PAD, SOT, EOT = 0, 1, 2
@@ -180,3 +181,34 @@ def make_model(
         decoder_cls = TinyBNDecoder if batch_norm else TinyDecoder
         decoder = decoder_cls(image_dim=WIDTH, text_dim=text_dim)
     return image_tower, text_tower, decoder
+
+
+def tiny_wrapper(seed: int = 0, *, text_dim: int = 16, batch_norm: bool = False, **kwargs) -> MaskedSelfDistill:
+    """``MaskedSelfDistill`` over ``make_model(seed)``; the mask tokens drawn from a forked RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1000)  # mask tokens are drawn from the global RNG
+        image_tower, text_tower, decoder = make_model(seed, text_dim=text_dim, batch_norm=batch_norm)
+        return MaskedSelfDistill(image_tower, text_tower, decoder, **kwargs)
+
+
+def tiny_batch(size: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return make_batch(size, torch.Generator().manual_seed(seed))
+
+
+def tiny_step(wrapper: MaskedSelfDistill, data=None, seed: int = 0) -> DistillOutput:
+    """One training forward with a fixed mask generator."""
+    images, ids, target = data if data is not None else tiny_batch()
+    wrapper.train()
+    out = wrapper(images, ids, target, generator=torch.Generator().manual_seed(seed))
+    assert isinstance(out, DistillOutput)
+    return out
+
+
+def assert_all_grads(module: nn.Module, prefix: str = "") -> None:
+    """Every parameter (whose name starts with ``prefix``) has a finite gradient."""
+    named = [(n, p) for n, p in module.named_parameters() if n.startswith(prefix)]
+    assert named, f"no parameters under {prefix!r}"
+    missing = [n for n, p in named if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
