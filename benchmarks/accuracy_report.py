@@ -120,6 +120,28 @@ def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header:
     return "\n".join(lines) + "\n"
 
 
+def selection_markdown(setting: str, by_variant: dict[str, Any]) -> str:
+    """What the branches kept in the last epoch, mean over seeds: LMVSD's kept patches on the
+    target against the target's area share (random), VMLSD's kept rate per word role."""
+    lines = [f"**{setting}**: what the branches keep (last epoch, mean over seeds)", "",
+             "| variant | LMVSD kept on target | random (target area) | VMLSD kept rate by word role |",
+             "|---|---:|---:|---|"]
+    for name, c in by_variant.items():
+        prec = [s[-1] for s in c["lmvsd_precision"]]
+        rand = [s[-1] for s in c["lmvsd_random"]]
+        roles: dict[str, list[float]] = {}
+        for seed in c["vmlsd_kept_rate"]:
+            for role, rate in (seed[-1] if seed else {}).items():
+                if not math.isnan(rate):
+                    roles.setdefault(role, []).append(rate)
+        if not prec and not roles:
+            continue
+        words = ", ".join(f"{r} {statistics.fmean(v):.2f}" for r, v in roles.items()) or "—"
+        lines.append(f"| {name} | {statistics.fmean(prec):.3f} | {statistics.fmean(rand):.3f} | {words} |"
+                     if prec else f"| {name} | — | — | {words} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
     """Val mIoU over epochs (mean, seed range shaded) and LMVSD selection precision vs random."""
     import matplotlib
