@@ -145,18 +145,21 @@ def train_command(study: Study, name: str, seed: int, lr: LR, clip: str | None, 
 class Runner:
     """Runs (or reuses) train.py runs, ``jobs`` at a time."""
 
-    def __init__(self, study: Study, work_dir: Path, *, jobs: int, threads: int) -> None:
-        self.study, self.work_dir, self.jobs, self.threads = study, work_dir, jobs, threads
+    def __init__(self, study: Study, work_dir: Path, *, jobs: int, threads: int, train: bool = True) -> None:
+        self.study, self.work_dir, self.jobs, self.threads, self.train = study, work_dir, jobs, threads, train
 
     def out(self, setting: str, name: str, seed: int, lr: LR) -> Path:
         return self.work_dir / setting / f"{name}-{lr_name(lr)}-seed{seed}"
 
-    def many(self, jobs: list[tuple[str, str | None, str, int, LR]]) -> list[dict[str, Any]]:
-        """``(setting, clip file or None, variant, seed, lr)`` each → its metrics.json."""
-        def one(job: tuple[str, str | None, str, int, LR]) -> dict[str, Any]:
+    def many(self, jobs: list[tuple[str, str | None, str, int, LR]]) -> list[dict[str, Any] | None]:
+        """``(setting, clip file or None, variant, seed, lr)`` each → its metrics.json (None: not
+        run, with ``train=False``)."""
+        def one(job: tuple[str, str | None, str, int, LR]) -> dict[str, Any] | None:
             setting, clip, name, seed, lr = job
             out = self.out(setting, name, seed, lr)
             if not (out / "metrics.json").is_file():
+                if not self.train:
+                    return None
                 run(train_command(self.study, name, seed, lr, clip, out), threads=self.threads,
                     label=f"{setting:10s} {name:13s} {lr_name(lr)} seed {seed}")
             return json.loads((out / "metrics.json").read_text())
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                         "(default: the work dir)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="train nothing: report the finished runs of the work dir (a partial study)")
     args = parser.parse_args(argv)
 
     name = "quick" if args.quick else args.study
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work_dir = Path(args.work_dir) / name
     out_dir = Path(args.out_dir) if args.out_dir else work_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(study, work_dir, jobs=args.jobs, threads=args.threads)
+    runner = Runner(study, work_dir, jobs=args.jobs, threads=args.threads, train=not args.aggregate_only)
     started = time.perf_counter()
 
     pretrain = pretrained_clip(work_dir, study.pretrain_steps, args.threads) if "pretrained" in clips else None
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone = study.pretrained_backbone_grid if clip == "pretrained" else (None,)
         lrs = [(lr, bb) for bb in backbone for lr in study.lr_grid]
         grid = runner.many([(clip, clip_file[clip], "baseline", seeds[0], lr) for lr in lrs])
+        if any(m is None for m in grid):
+            raise SystemExit(f"--aggregate-only: the {clip} lr tuning runs are not all finished in {work_dir}")
         val = {lr_name(lr): m["splits"]["val"]["miou"] for lr, m in zip(lrs, grid, strict=True)}
         best = max(lrs, key=lambda lr: val[lr_name(lr)])
         tuning[clip] = {"val_miou": val, "lr": best[0], "backbone_lr_mult": best[1], "chosen": lr_name(best)}
@@ -214,10 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [(clip, clip_file[clip], v, seed, (tuning[clip]["lr"], tuning[clip]["backbone_lr_mult"]))
             for group in groups for seed in seeds for clip in clips for v in group]
     for job, metrics in zip(jobs, runner.many(jobs), strict=True):
-        runs[job[0]][job[2]][job[3]] = metrics
+        if metrics is not None:
+            runs[job[0]][job[2]][job[3]] = metrics
+    runs = {clip: {v: by_seed for v, by_seed in by_v.items() if by_seed} for clip, by_v in runs.items()}
 
     result: dict[str, Any] = {
         "study": name, "units": "percent",
+        "partial": args.aggregate_only,
+        "seeds_run": {c: {v: sorted(s) for v, s in by_v.items()} for c, by_v in runs.items()},
         "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants), "clips": list(clips),
                      "schedule": list(study.schedule), "lr_grid": list(study.lr_grid),
                      "pretrained_backbone_grid": list(study.pretrained_backbone_grid),

@@ -56,6 +56,7 @@ def aggregate(runs: Runs) -> dict[str, Any]:
         table[name] = {split: {key: mean_std([r["splits"][split][key] for r in results]) for key in KEYS}
                        for split in SPLITS}
         table[name]["wall_time_s"] = statistics.fmean(r["wall_time_s"] for r in results)
+        table[name]["seeds"] = sorted(by_seed)
     return table
 
 
@@ -108,10 +109,12 @@ def _fmt_ci(d: dict[str, Any]) -> str:
 def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header: str) -> str:
     """One setting's comparison: mIoU and P@0.5 per split, then the paired differences."""
     lines = [f"**{setting}** — {header}", "", "| variant | " + " | ".join(
-        f"{s} mIoU | {s} P@0.5" for s in SPLITS) + " | run time (s) |", "|---|" + "---|" * (2 * len(SPLITS) + 1)]
+        f"{s} mIoU | {s} P@0.5" for s in SPLITS) + " | seeds | run time (s) |",
+             "|---|" + "---|" * (2 * len(SPLITS) + 2)]
     for name, row in table.items():
         cells = [f"{_fmt(row[s]['miou'])} | {_fmt(row[s]['prec@0.5'])}" for s in SPLITS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['wall_time_s']:.0f} |")
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {row['wall_time_s']:.0f} |")
     if diffs:
         lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order), mean "
                   "[95 % t interval]:", "", "| variant | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
