@@ -160,12 +160,15 @@ def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
             seeds = c["miou"]
             epochs = c["epochs"][:min(map(len, seeds))]
             cols = [[s[i] for s in seeds] for i in range(len(epochs))]
-            top.plot(epochs, [statistics.fmean(v) for v in cols], marker="o", label=name)
-            top.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], alpha=0.15)
+            (line,) = top.plot(epochs, [statistics.fmean(v) for v in cols], marker="o", label=name)
+            top.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], alpha=0.15,
+                             color=line.get_color())
             if c["lmvsd_precision"]:
                 prec = [[s[i] for s in c["lmvsd_precision"]] for i in range(len(epochs))]
-                bottom.plot(epochs, [statistics.fmean(v) for v in prec], marker="o", label=f"{name}: kept on target")
-                bottom.fill_between(epochs, [min(v) for v in prec], [max(v) for v in prec], alpha=0.15)
+                bottom.plot(epochs, [statistics.fmean(v) for v in prec], marker="o", label=f"{name}: kept on target",
+                            color=line.get_color())
+                bottom.fill_between(epochs, [min(v) for v in prec], [max(v) for v in prec], alpha=0.15,
+                                    color=line.get_color())
                 rand = [statistics.fmean(s[i] for s in c["lmvsd_random"]) for i in range(len(epochs))]
                 bottom.plot(epochs, rand, linestyle="--", color="grey", label="random (target area share)")
         top.set_title(f"{setting}: val mIoU per epoch (seed range shaded)")
