@@ -141,14 +141,16 @@ class RISDataset(Dataset):
     """Model-ready items from a raw dataset: letterboxed image and mask, CLIP token ids.
 
     ``train=True``: ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)``, and
-    ``roles(sentence)`` (``[L]`` int64, e.g. ``roles.token_roles``) last when ``roles`` is given.
+    ``roles(sentence, tokenizer, context_length)`` (``[L]`` int64, e.g. ``roles.token_roles``)
+    last when ``roles`` is given.
     ``train=False``: a dict with those three plus ``info`` (:class:`LetterboxInfo`) and
     ``orig_mask`` (bool ``[H, W]``, the mask at the original image size).
     """
 
     def __init__(self, base: Dataset, *, image_size: int, context_length: int, train: bool,
-                 roles: Callable[[str], Tensor] | None = None) -> None:
+                 roles: Callable[[str, Any, int], Tensor] | None = None) -> None:
         self.base, self.image_size, self.train, self.roles = base, image_size, train, roles
+        self.context_length = context_length
         # open_clip's BPE tokenizer (ships with open_clip): SOT, words, EOT, zero padding; a
         # truncated sentence keeps its EOT
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=context_length)
@@ -163,7 +165,7 @@ class RISDataset(Dataset):
         mask = letterbox_mask(orig_mask, info)
         text = self.tokenizer([item["sentence"]])[0]
         if self.train:
-            return (image, text, mask) if self.roles is None else (image, text, mask, self.roles(item["sentence"]))
+            return (image, text, mask) if self.roles is None else (image, text, mask, self.roles(item["sentence"], self.tokenizer, self.context_length))
         return {"image": image, "text": text, "mask": mask, "info": info, "orig_mask": torch.from_numpy(orig_mask)}
 
 

@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- data ------------------------------------------------------------------------------------
     size, ctx, pin = cfg.model.image_size, context_length(cfg), device.type == "cuda"
-    train_set = RISDataset(raw_dataset(cfg.data, "train"), image_size=size, context_length=ctx, train=True)
-    if cfg.data.dataset == "synthetic":  # word roles for VMLSD's selection diagnostic
-        train_set.roles = functools.partial(token_roles, tokenizer=train_set.tokenizer, context_length=ctx)
+    train_set = RISDataset(raw_dataset(cfg.data, "train"), image_size=size, context_length=ctx, train=True,
+                           roles=token_roles if cfg.data.dataset == "synthetic" else None)  # VMLSD diagnostic
     loader = train_loader(train_set, batch_size=o.batch_size, rank=rank, world_size=world, seed=o.seed,
                           workers=r.workers, pin_memory=pin)
 
