@@ -67,6 +67,22 @@ VARIANTS: dict[str, list[str]] = {
     "masksd_all": ["--objectives", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"],
 }
 
+# The paper's hyper-parameter grids (Tables III and IV: α = ratio, TopK = top_k, λ = weight), each
+# on its branch alone as in the paper, the other two settings at the paper's best (the defaults).
+# Variant ``<branch>_only-<key><value>``, e.g. ``lmvsd_only-top_k1`` (no correlation filtering).
+# Run on one seed and read on val only: they are for finding out why, not for the comparison.
+GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
+    "lmvsd": {"weight": (0.1, 0.25, 0.5, 1.0), "ratio": (0.1, 0.5, 0.75), "top_k": (0.25, 0.75, 1.0)},
+    "vmlsd": {"weight": (0.05, 0.25, 0.5, 0.75, 1.0), "ratio": (0.05, 0.25, 0.5, 0.75), "top_k": (0.25, 0.75, 1.0)},
+}
+GRID_VARIANTS: dict[str, tuple[str, str, float]] = {}  # variant -> (branch, key, value)
+for _branch, _grid in GRIDS.items():
+    for _key, _values in _grid.items():
+        for _value in _values:
+            _name = f"{_branch}_only-{_key}{_value:g}"
+            GRID_VARIANTS[_name] = (_branch, _key, _value)
+            VARIANTS[_name] = [*VARIANTS[f"{_branch}_only"], f"--{_branch}-{_key.replace('_', '-')}", str(_value)]
+
 
 @dataclass(frozen=True)
 class Study:
@@ -177,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clips", nargs="+", choices=("pretrained", "random"), default=None,
                         help="CLIP initialisations to run (default: the study's)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the study's)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed + seeds - 1: more pairs for a study, e.g. on "
+                             "another machine (float results differ across CPU models, so a pair must share one)")
     parser.add_argument("--work-dir", default="runs/accuracy", help="run outputs; finished runs are reused")
     parser.add_argument("--out-dir", default=None, help="write accuracy_<study>.{json,md} and plots here "
                                                         "(default: the work dir)")
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     name = "quick" if args.quick else args.study
     study = STUDIES[name]
-    seeds = study.seeds if args.seeds is None else tuple(range(args.seeds))
+    count = len(study.seeds) if args.seeds is None else args.seeds
+    seeds = tuple(range(args.first_seed, args.first_seed + count))
     variants = tuple(args.variants or study.variants)
     clips = tuple(args.clips or study.clips)
     work_dir = Path(args.work_dir) / name
@@ -205,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for clip in clips:
         backbone = study.pretrained_backbone_grid if clip == "pretrained" else (None,)
         lrs = [(lr, bb) for bb in backbone for lr in study.lr_grid]
-        grid = runner.many([(clip, clip_file[clip], "baseline", seeds[0], lr) for lr in lrs])
+        grid = runner.many([(clip, clip_file[clip], "baseline", study.seeds[0], lr) for lr in lrs])
         if any(m is None for m in grid):
             raise SystemExit(f"--aggregate-only: the {clip} lr tuning runs are not all finished in {work_dir}")
         val = {lr_name(lr): m["splits"]["val"]["miou"] for lr, m in zip(lrs, grid, strict=True)}
@@ -245,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["curves"][clip] = report.curves(runs[clip])
         text.append(report.markdown(f"{clip} CLIP", table, diffs, tuning[clip]["chosen"]))
         text.append(report.selection_markdown(f"{clip} CLIP", result["curves"][clip]))
+        grid = {v: GRID_VARIANTS[v] for v in runs[clip] if v in GRID_VARIANTS}
+        if grid:
+            result.setdefault("grids", {})[clip] = report.grid(runs[clip], grid)
+            text.append(report.grid_markdown(f"{clip} CLIP", result["grids"][clip]))
     headline = clips[0]
     if "masksd" in result["differences"][headline]:
         result["masksd_minus_baseline"] = {s: {k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}

@@ -145,6 +145,43 @@ def selection_markdown(setting: str, by_variant: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid(runs: Runs, variants: dict[str, tuple[str, str, float]], split: str = "val") -> dict[str, Any]:
+    """The hyper-parameter grids: ``variants`` maps a grid variant to ``(branch, key, value)``; its
+    centre is the run ``<branch>_only`` (the default value, read from its config). Per branch and key:
+    ``split`` mIoU by value on the first seed the grid ran, next to the baseline on that seed."""
+    out: dict[str, Any] = {}
+    for name, (branch, key, value) in variants.items():
+        seed = min(runs[name])
+        centre = runs.get(f"{branch}_only", {}).get(seed)
+        row = out.setdefault(branch, {}).setdefault(key, {"seed": seed, "miou": {}, "default": None,
+                                                         "baseline": None, "branch_only": f"{branch}_only"})
+        row["miou"][f"{value:g}"] = runs[name][seed]["splits"][split]["miou"]
+        if centre is not None:
+            default = centre["config"]["distill"][branch][key]
+            row["default"] = f"{default:g}"
+            row["miou"][row["default"]] = centre["splits"][split]["miou"]
+        if seed in runs.get("baseline", {}):
+            row["baseline"] = runs["baseline"][seed]["splits"][split]["miou"]
+    for by_key in out.values():
+        for row in by_key.values():
+            row["miou"] = dict(sorted(row["miou"].items(), key=lambda kv: float(kv[0])))
+    return out
+
+
+def grid_markdown(setting: str, grids: dict[str, Any]) -> str:
+    """One line per branch and hyper-parameter: val mIoU by value, the default in bold."""
+    lines = [f"**{setting}**: the paper's grids (Tables III, IV), one branch alone, val mIoU, one seed", "",
+             "| branch | hyper-parameter | val mIoU by value (**default**) | baseline, same seed |", "|---|---|---|---:|"]
+    label = {"weight": "λ (loss weight)", "ratio": "α (mask ratio)", "top_k": "TopK"}
+    for branch, by_key in grids.items():
+        for key, row in by_key.items():
+            cells = ", ".join(f"**{v}: {m:.2f}**" if v == row["default"] else f"{v}: {m:.2f}"
+                              for v, m in row["miou"].items())
+            base = "—" if row["baseline"] is None else f"{row['baseline']:.2f}"
+            lines.append(f"| {branch.upper()} (seed {row['seed']}) | {label.get(key, key)} | {cells} | {base} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
     """Val mIoU over epochs (mean, seed range shaded) and LMVSD selection precision vs random."""
     import matplotlib

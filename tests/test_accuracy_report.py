@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from benchmarks.accuracy_report import aggregate, differences, paired_difference, t975
+from benchmarks.accuracy import GRID_VARIANTS, VARIANTS
+from benchmarks.accuracy_report import aggregate, differences, grid, grid_markdown, paired_difference, t975
 
 
 def _metrics(miou: float) -> dict:
@@ -42,3 +43,21 @@ def test_differences_pair_by_seed_over_the_seeds_both_ran() -> None:
     table = aggregate(runs)
     assert table["masksd"]["val"]["miou"]["mean"] == pytest.approx(22.0)
     assert table["baseline"]["val"]["miou"]["std"] == pytest.approx(10.0)
+
+
+def test_grid_reads_values_around_the_branch_alone_run_and_names_the_default() -> None:
+    def run(miou: float, top_k: float) -> dict:
+        return {**_metrics(miou), "config": {"distill": {"lmvsd": {"top_k": top_k}}}}
+
+    runs = {"baseline": {0: _metrics(30.0)}, "lmvsd_only": {0: run(31.0, 0.5)},
+            "lmvsd_only-top_k1": {0: run(29.0, 1.0)}, "lmvsd_only-top_k0.25": {0: run(32.5, 0.25)}}
+    rows = grid(runs, {v: GRID_VARIANTS[v] for v in ("lmvsd_only-top_k1", "lmvsd_only-top_k0.25")})
+    row = rows["lmvsd"]["top_k"]
+    assert row["miou"] == {"0.25": 32.5, "0.5": 31.0, "1": 29.0}  # sorted by value, the default read from config
+    assert row["default"] == "0.5" and row["baseline"] == 30.0 and row["seed"] == 0
+    assert "**0.5: 31.00**" in grid_markdown("pretrained", rows)
+
+
+def test_grid_variants_set_one_hyper_parameter_on_one_branch() -> None:
+    assert VARIANTS["lmvsd_only-top_k1"] == ["--no-vmlsd", "--lmvsd-top-k", "1.0"]
+    assert VARIANTS["vmlsd_only-weight0.5"] == ["--no-lmvsd", "--vmlsd-weight", "0.5"]

@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -71,6 +72,17 @@ def link(src: Path, dst: Path) -> None:
     except OSError:  # no hard links on this file system
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """Where the run trained: CPU (or GPU) model, torch version, intra-op threads."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         "best_metric": {"split": first, "name": "miou", "value": state["best_miou"]},
         "global_step": state["global_step"], "splits": splits, "trivial": {first: trivial},
         "history": state["history"], "wall_time_s": round(wall, 1), "world_size": world, "config": cfg.to_dict(),
+        "machine": machine(device),  # float results differ across CPU models: compare runs of one machine
     }
     if len(resolutions) == 2:
         metrics["splits_model_resolution"] = {split: by["model"]["prediction"] for split, by in final.items()}
