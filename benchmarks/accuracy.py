@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["masksd_minus_baseline"] = {s: {k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}
                                            for s, d in result["differences"][headline]["masksd"].items()}
         result["masksd_minus_baseline_setting"] = headline
+    # where each pair ran: a pair shares one machine and one pretrained file, pairs may differ
+    result["provenance"] = {clip: {str(seed): {"machine": m.get("machine", {}).get("cpu", "not recorded"),
+                                               "pretrained_sha256": m.get("pretrained_sha256", "not recorded")}
+                                   for seed, m in sorted(runs[clip].get("baseline", {}).items())} for clip in clips}
     result["benchmark_wall_time_s"] = round(time.perf_counter() - started, 1)
     md = "\n".join(text)
     print("\n" + md)

@@ -20,6 +20,7 @@ global generator and is not replayed).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         "history": state["history"], "wall_time_s": round(wall, 1), "world_size": world, "config": cfg.to_dict(),
         "machine": machine(device),  # float results differ across CPU models: compare runs of one machine
     }
+    if cfg.model.pretrained and Path(cfg.model.pretrained).is_file():  # which weights, not only which path
+        metrics["pretrained_sha256"] = hashlib.sha256(Path(cfg.model.pretrained).read_bytes()).hexdigest()
     if len(resolutions) == 2:
         metrics["splits_model_resolution"] = {split: by["model"]["prediction"] for split, by in final.items()}
         metrics["trivial_model_resolution"] = {first: {k: final[first]["model"][k] for k in trivial}}
