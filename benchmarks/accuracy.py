@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     "unshared": ["--no-share-decoder"],
     "prediction_scorer": ["--lmvsd-scorer", "prediction"],  # LMVSD keeps the main prediction's patches
     "random_scorer": ["--lmvsd-scorer", "random", "--vmlsd-scorer", "random"],  # top-K = a random subset
+    # each token against the other modality's tokens (MaxSim) instead of its global feature
+    "late_interaction_scorer": ["--lmvsd-scorer", "late_interaction", "--vmlsd-scorer", "late_interaction"],
     "hard_targets": ["--hard-targets"],
     # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
     "mask_grounding": ["--objectives", "mask_grounding"],

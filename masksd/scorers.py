@@ -9,6 +9,11 @@ modality's *units* (``[B, N_u]``, higher = keep first):
 * ``"prediction"``: the main branch's own foreground probability ``sigmoid(M_seg)``, average
   pooled onto the image unit grid: a model-agnostic stand-in for models without a shared
   space (images only).
+* ``"late_interaction"``: each token's best match among the other modality's *tokens*
+  (ColBERT's / FILIP's MaxSim: a patch scores ``max_j v_i · w_j`` over the real words, a word
+  ``max_i w_j · v_i`` over the patches) instead of against one global feature; needs both
+  modalities' tokens in one space. For a CLIP whose global sentence feature does not point at
+  the referent's patches while its words do (``docs/benchmarks.md`` §2).
 * ``"random"``: uniform scores (an ablation: top-K becomes a random subset).
 * any callable ``scorer(context, modality) -> [B, N_u]``.
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCORERS", "Units", "score", "units_of"]
 
-SCORERS = ("correlation", "prediction", "random")
+SCORERS = ("correlation", "late_interaction", "prediction", "random")
 Scorer = Callable[["DistillContext", str], Tensor]
 
 
@@ -95,6 +100,37 @@ def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
     return scores
 
 
+def _late_interaction(context: DistillContext, modality: str, metric: str) -> Tensor:
+    other = "text" if modality == "image" else "image"
+    mine, theirs = context.encoded(modality), context.encoded(other)
+    if mine is None or theirs is None or not all(
+        not (isinstance(e, Encoded) and isinstance(e.features, dict) and e.features.get("declared_tokens") is False)
+        for e in (mine, theirs)
+    ):
+        raise ValueError(
+            "scorer 'late_interaction' needs the token features of both modalities in one space "
+            "(towers provide them; for a hooked model declare HookSpec.image.tokens and "
+            "HookSpec.text.tokens), or choose scorer='correlation', 'prediction' or 'random'"
+        )
+    with torch.autocast(mine.tokens.device.type, enabled=False):
+        ours, others = mine.tokens.detach().float(), theirs.tokens.detach().float()
+        if metric == "cosine":
+            ours, others = F.normalize(ours, dim=-1), F.normalize(others, dim=-1)
+        similarity = torch.einsum("bnd,bmd->bnm", ours, others)
+    # the other side's real tokens: words that may be masked (no SOT/EOT/padding); every patch
+    embedded = context.embedded(other)
+    if other == "text" and embedded.maskable.shape[1] == others.shape[1]:
+        valid = embedded.maskable
+    else:
+        valid = torch.ones(others.shape[:2], dtype=torch.bool, device=others.device)
+    similarity = similarity.masked_fill(~valid[:, None, :], float("-inf"))
+    scores = torch.where(valid.any(dim=1, keepdim=True), similarity.amax(dim=-1), similarity.new_zeros(()))
+    own = context.embedded(modality)
+    if scores.shape[1] != own.tokens.shape[1] and units_of(context, modality).coarse is False:
+        scores = align_scores(getattr(context.model, f"{modality}_tower", None), scores, own)
+    return scores
+
+
 def _prediction(context: DistillContext, modality: str) -> Tensor:
     units = units_of(context, modality)
     if modality != "image" or units.grid is None:
@@ -118,6 +154,8 @@ def score(context: DistillContext, modality: str, scorer: str | Scorer, *, metri
         scores: Any = scorer(context, modality)
     elif scorer == "correlation":
         scores = _correlation(context, modality, metric)
+    elif scorer == "late_interaction":
+        scores = _late_interaction(context, modality, metric)
     elif scorer == "prediction":
         scores = _prediction(context, modality)
     elif scorer == "random":

@@ -208,6 +208,14 @@ class MaskedSelfDistill(nn.Module):
                     f"HookSpec.{other}.global_ (or .tokens) in one shared space; declare them, or choose "
                     f"{type(branch).__name__}(scorer='prediction') or 'random'"
                 )
+        if branch.scorer == "late_interaction":
+            mine, theirs = getattr(spec, modality), getattr(spec, other)
+            if mine.tokens is None or theirs is None or theirs.tokens is None:
+                raise ValueError(
+                    f"{name} uses scorer='late_interaction', which needs HookSpec.image.tokens and "
+                    f"HookSpec.text.tokens in one shared space; declare them, or choose "
+                    f"{type(branch).__name__}(scorer='correlation'), 'prediction' or 'random'"
+                )
 
     # ------------------------------------------------------------------------------ access
     @property

@@ -41,7 +41,7 @@ LIBRARY_HELP = {
     "weight": "loss weight λ",
     "masking": "mask the kept tokens (off: the Table V ablation, the branch re-encodes unmasked tokens)",
     "metric": "correlation: dot (paper) or cosine",
-    "scorer": "how tokens are ranked before top-K: correlation (paper), prediction or random",
+    "scorer": "how tokens are ranked before top-K: correlation (paper), late_interaction, prediction or random",
     "supervision": "branch targets: the main prediction (distill, paper) or the ground truth (Table VI)",
     "share_decoder": "the branches use the model's decoder (off: each its own copy, Table VII ablation)",
     "hard_targets": "binarise the teacher prediction at --threshold instead of soft probabilities",
