@@ -3,6 +3,7 @@ resume, and the checkpoint loading through open_clip's own loader into the refer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -96,3 +97,18 @@ def test_resume_takes_the_same_steps(tiny_run: tuple[Path, dict], tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = run_script("--out", str(tmp_path), "--resume", "auto", "--lr", "1e-3", check=False)
     assert changed.returncode != 0 and "lr" in changed.stderr
+
+
+def test_train_py_records_which_pretrained_weights_and_machine_it_ran_on(tiny_run: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:
+    out, _ = tiny_run
+    weights = out / "open_clip_pytorch_model.bin"
+    done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "demo", "--pretrained", str(weights),
+                           "--num-train", "32", "--num-val", "16", "--batch-size", "16", "--epochs", "1",
+                           "--no-progress", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert metrics["machine"]["torch"] == torch.__version__ and metrics["machine"]["threads"] >= 1
+    assert metrics["machine"]["cpu"] and metrics["machine"]["gpu"] is None
