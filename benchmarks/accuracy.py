@@ -23,6 +23,11 @@ Usage::
     python -m benchmarks.accuracy --study v1 --out-dir docs/benchmarks  # the first table
 
 Finished runs are reused from ``--work-dir``, so an interrupted study continues where it stopped.
+``--first-seed 3`` adds seed pairs 3, 4, ... to a study (the lr tuned at seed 0 is reused): the way
+to grow a study on another machine, since float results differ across CPU models and a pair must
+be trained on one machine (each run's ``metrics.json`` names its CPU; the JSON's ``provenance``
+lists them per seed). The grid variants (``lmvsd_only-top_k1``, ...; ``GRIDS``) are the paper's
+Tables III/IV, run on one seed and reported on val next to the branch-alone run.
 ``--jobs 2 --threads 1`` (default) trains two runs at once with one torch thread each, which on a
 2-core machine finishes sooner than one run on two threads; every run of a study uses the same
 thread count, so paired runs stay comparable.
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = f"accuracy_{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(md)
-    report.plot_curves(result["curves"], out_dir / f"{stem}_curves.png")
+    plotted = {c: {v: x for v, x in by_v.items() if v not in GRID_VARIANTS} for c, by_v in result["curves"].items()}
+    report.plot_curves(plotted, out_dir / f"{stem}_curves.png")  # the grids are tabulated only
     print(f"wrote {out_dir / stem}.json, .md, _curves.png ({result['benchmark_wall_time_s']:.0f} s)")
     return result
 
