@@ -70,10 +70,12 @@ def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
         seeds = sorted(set(by_seed) & set(runs[control]))
         if name == control or not seeds:
             continue
-        out[name] = {split: {**paired_difference([by_seed[s]["splits"][split]["miou"] for s in seeds],
-                                                 [runs[control][s]["splits"][split]["miou"] for s in seeds]),
-                             "seeds": seeds}
-                     for split in SPLITS}
+        out[name] = {}
+        for split in SPLITS:
+            treated = [by_seed[s]["splits"][split]["miou"] for s in seeds]
+            untreated = [runs[control][s]["splits"][split]["miou"] for s in seeds]
+            out[name][split] = {**paired_difference(treated, untreated), "seeds": seeds,
+                                "treated_mean": statistics.fmean(treated), "control_mean": statistics.fmean(untreated)}
     return out
 
 
@@ -101,9 +103,10 @@ def _fmt(cell: dict[str, Any]) -> str:
 
 
 def _fmt_ci(d: dict[str, Any]) -> str:
+    means = f" ({d['control_mean']:.2f} → {d['treated_mean']:.2f})" if "control_mean" in d else ""
     if math.isnan(d["ci95_low"]):
-        return f"{d['mean']:+.2f} (1 pair)"
-    return f"{d['mean']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]"
+        return f"{d['mean']:+.2f} (1 pair){means}"
+    return f"{d['mean']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]{means}"
 
 
 def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header: str) -> str:
@@ -116,10 +119,13 @@ def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header:
         seeds = ",".join(map(str, row["seeds"]))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {row['wall_time_s']:.0f} |")
     if diffs:
-        lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order), mean "
-                  "[95 % t interval]:", "", "| variant | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+        lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order, machine), mean "
+                  "[95 % t interval] (baseline → variant, means over the paired seeds):", "",
+                  "| variant | pairs (seeds) | " + " | ".join(SPLITS) + " |", "|---|---|" + "---|" * len(SPLITS)]
         for name, by_split in diffs.items():
-            lines.append(f"| {name} − baseline | " + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
+            seeds = ",".join(map(str, by_split[SPLITS[0]]["seeds"]))
+            lines.append(f"| {name} − baseline | {len(by_split[SPLITS[0]]['seeds'])} ({seeds}) | "
+                         + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
     return "\n".join(lines) + "\n"
 
 

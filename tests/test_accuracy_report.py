@@ -40,6 +40,7 @@ def test_differences_pair_by_seed_over_the_seeds_both_ran() -> None:
             "masksd": {2: _metrics(33.0), 0: _metrics(11.0)}}  # seed 1 not run yet
     d = differences(runs)["masksd"]["test"]
     assert d["seeds"] == [0, 2] and d["values"] == [1.0, 3.0] and d["mean"] == pytest.approx(2.0)
+    assert d["control_mean"] == pytest.approx(20.0) and d["treated_mean"] == pytest.approx(22.0)  # seeds 0, 2 only
     table = aggregate(runs)
     assert table["masksd"]["val"]["miou"]["mean"] == pytest.approx(22.0)
     assert table["baseline"]["val"]["miou"]["std"] == pytest.approx(10.0)
