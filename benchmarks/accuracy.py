@@ -66,6 +66,9 @@ VARIANTS: dict[str, list[str]] = {
     "random_scorer": ["--lmvsd-scorer", "random", "--vmlsd-scorer", "random"],  # top-K = a random subset
     # each token against the other modality's tokens (MaxSim) instead of its global feature
     "late_interaction_scorer": ["--lmvsd-scorer", "late_interaction", "--vmlsd-scorer", "late_interaction"],
+    # the scorers that pick the referent in benchmarks/selection_probe.py: patches under the main
+    # prediction, words by cosine MaxSim against the patches
+    "guided_scorers": ["--lmvsd-scorer", "prediction", "--vmlsd-scorer", "late_interaction", "--vmlsd-metric", "cosine"],
     "hard_targets": ["--hard-targets"],
     # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
     "mask_grounding": ["--objectives", "mask_grounding"],
