@@ -83,9 +83,7 @@ def units_of(context: DistillContext, modality: str) -> Units:
 
 def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
     encoded, other = context.encoded(modality), context.encoded("text" if modality == "image" else "image")
-    declared = not (isinstance(encoded, Encoded) and isinstance(encoded.features, dict)
-                    and encoded.features.get("declared_tokens") is False)
-    if encoded is None or other is None or not declared:
+    if encoded is None or other is None or not _declared(encoded):
         raise ValueError(
             f"scorer 'correlation' needs scoring features: {modality} tokens and the other modality's "
             "global feature in one space (towers provide them; for a hooked model declare "
@@ -93,20 +91,27 @@ def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
             "scorer='prediction' or 'random'"
         )
     scores = correlation_scores(other.global_feature.detach(), encoded.tokens.detach(), metric=metric)
+    return _onto_units(context, modality, scores)
+
+
+def _declared(encoded: Any) -> bool:
+    """False when a hooked model's encoded tokens are a stand-in (no ``tokens`` tap declared)."""
+    return not (isinstance(encoded, Encoded) and isinstance(encoded.features, dict)
+                and encoded.features.get("declared_tokens") is False)
+
+
+def _onto_units(context: DistillContext, modality: str, scores: Tensor) -> Tensor:
+    """Scores over the encoded tokens → over the units (legacy towers: onto the embedded tokens)."""
     embedded = context.embedded(modality)
     if scores.shape[1] != embedded.tokens.shape[1] and units_of(context, modality).coarse is False:
-        tower = getattr(context.model, f"{modality}_tower", None)
-        scores = align_scores(tower, scores, embedded)  # legacy towers: scores onto embedded tokens
+        scores = align_scores(getattr(context.model, f"{modality}_tower", None), scores, embedded)
     return scores
 
 
 def _late_interaction(context: DistillContext, modality: str, metric: str) -> Tensor:
     other = "text" if modality == "image" else "image"
     mine, theirs = context.encoded(modality), context.encoded(other)
-    if mine is None or theirs is None or not all(
-        not (isinstance(e, Encoded) and isinstance(e.features, dict) and e.features.get("declared_tokens") is False)
-        for e in (mine, theirs)
-    ):
+    if mine is None or theirs is None or not (_declared(mine) and _declared(theirs)):
         raise ValueError(
             "scorer 'late_interaction' needs the token features of both modalities in one space "
             "(towers provide them; for a hooked model declare HookSpec.image.tokens and "
@@ -125,10 +130,7 @@ def _late_interaction(context: DistillContext, modality: str, metric: str) -> Te
         valid = torch.ones(others.shape[:2], dtype=torch.bool, device=others.device)
     similarity = similarity.masked_fill(~valid[:, None, :], float("-inf"))
     scores = torch.where(valid.any(dim=1, keepdim=True), similarity.amax(dim=-1), similarity.new_zeros(()))
-    own = context.embedded(modality)
-    if scores.shape[1] != own.tokens.shape[1] and units_of(context, modality).coarse is False:
-        scores = align_scores(getattr(context.model, f"{modality}_tower", None), scores, own)
-    return scores
+    return _onto_units(context, modality, scores)
 
 
 def _prediction(context: DistillContext, modality: str) -> Tensor:
