@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from masksd.backends.rng import DROPOUT_MODES, DropoutMode
 from masksd.objectives.guided_masking import BranchConfig, LMVSDConfig, VMLSDConfig
 from masksd.spec import _callable_from_str, _callable_to_str
 
@@ -45,6 +46,10 @@ class DistillConfig:
         hard_targets: binarise the teacher at ``threshold`` instead of soft probabilities.
         threshold: probability threshold for hard targets.
         seg_weight: weight of the main segmentation loss.
+        dropout: ``"fresh"`` (default): dropout and drop-path draw new masks in the masked
+            branches, as a plain implementation of the paper does; ``"replay"``: the branches
+            replay the main branch's draws, so the token mask is their only difference (see
+            ``masksd.backends.rng``).
     """
 
     lmvsd: BranchConfig | None = field(default_factory=LMVSDConfig)
@@ -54,6 +59,7 @@ class DistillConfig:
     hard_targets: bool = False
     threshold: float = 0.5
     seg_weight: float = 1.0
+    dropout: DropoutMode = "fresh"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lmvsd", _branch(self.lmvsd, LMVSDConfig(), "lmvsd"))
@@ -63,6 +69,8 @@ class DistillConfig:
         weight = self.seg_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"seg_weight must be a float >= 0, got {weight!r}")
+        if self.dropout not in DROPOUT_MODES:
+            raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {self.dropout!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 

@@ -55,6 +55,7 @@ __all__ = [
     "as_logit_map",
     "check_binary_target",
     "check_pending_targets",
+    "target_validity",
 ]
 
 
@@ -187,8 +188,8 @@ def _copy_to_host_async(stats: Tensor) -> tuple[Tensor, Any]:
 
 
 @torch.compiler.disable
-def _check_target_values(target: Tensor, name: str) -> Tensor | None:
-    """Check ``target``'s values (see the module docstring).
+def target_validity(target: Tensor, name: str = "target") -> Tensor | None:
+    """Check ``target``'s values as ``segmentation_loss`` does (see the module docstring).
 
     Returns:
         None when the check ran synchronously (it raised if needed), else a device bool scalar
@@ -248,7 +249,7 @@ def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
         )
     if target.is_complex():
         raise TypeError(f"target must be a bool, integer or float mask, got dtype {target.dtype}")
-    valid = _check_target_values(target, "target")
+    valid = target_validity(target, "target")
     with _autocast_off(logits):
         target = target.to(device=logits.device, dtype=torch.float32)
         if target.shape[-2:] != logits.shape[-2:]:

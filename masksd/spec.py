@@ -229,6 +229,14 @@ class ModalitySpec:
             or ``"embedding:<module path>:<row>"`` (e.g. BERT's ``[MASK]`` row:
             ``"embedding:text_encoder.embeddings.word_embeddings:103"``).
         width: width C of the embedded tokens when it cannot be read off the embed module.
+        argument: name of the model's forward argument that carries this modality's raw input
+            (the image tensor ``[B, 3, H, W]``; the token ids ``[B, L]``, default
+            ``maskable.ids``). masksd checks the batch sizes of both modalities against each
+            other before the model runs, and input-space objectives (``MaskRIS``) corrupt it.
+        units: ``(h_u, w_u)`` grid on which image tokens are selected and masked when no
+            scoring tap gives one (e.g. a CNN's or Swin's last-stage grid over a stride-4
+            stem, for ``scorer="prediction"`` or ``"random"``); masked units become solid blocks
+            of the embedded grid. None: the scoring tokens' grid, else the embedded grid.
     """
 
     embed: str
@@ -241,6 +249,8 @@ class ModalitySpec:
     reuse: tuple[str, ...] = ()
     mask_token: MaskTokenInit = "learned"
     width: int | None = None
+    argument: str | None = None
+    units: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.embed, str) or not self.embed:
@@ -249,8 +259,14 @@ class ModalitySpec:
         if isinstance(self.reuse, str):
             object.__setattr__(self, "reuse", (self.reuse,))
         object.__setattr__(self, "reuse", tuple(self.reuse))
-        if self.grid is not None:
-            object.__setattr__(self, "grid", tuple(self.grid))
+        for name in ("grid", "units"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(tuple(value)) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+                    raise ValueError(f"ModalitySpec.{name} must be a pair of positive ints (h, w), got {value!r}")
+                object.__setattr__(self, name, tuple(value))
+        if self.argument is not None and (not isinstance(self.argument, str) or not self.argument):
+            raise TypeError(f"ModalitySpec.argument must be a forward argument name, got {self.argument!r}")
         for name in ("tokens", "global_"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Tap):
@@ -352,7 +368,7 @@ class HookSpec:
                 if kind is None:
                     raise ValueError(f"unknown spec part {value['__type__']!r}")
                 kwargs = {k: decode(v) for k, v in value.items() if k != "__type__"}
-                for key in ("never", "reuse", "grid"):
+                for key in ("never", "reuse", "grid", "units"):
                     if isinstance(kwargs.get(key), list):
                         kwargs[key] = tuple(kwargs[key])
                 if kind is Tap:

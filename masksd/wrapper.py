@@ -29,15 +29,17 @@ wrapper with ``nn.SyncBatchNorm.convert_sync_batchnorm`` after wrapping is fine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.base import Backend, running_stats_frozen
+from masksd.backends.base import Backend, as_tensor_loss, running_stats_frozen
 from masksd.backends.hooks import HookBackend
+from masksd.backends.inputs import check_same_batch, check_step_target, missing_target_error
+from masksd.backends.rng import RngTape
 from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
 from masksd.checkpoints import ADDED_PREFIX
 from masksd.config import DistillConfig
@@ -47,7 +49,12 @@ from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillat
 from masksd.spec import HookSpec
 from masksd.towers import Decoder, RISModel
 
-__all__ = ["DistillOutput", "MaskedSelfDistill", "wrap"]
+__all__ = ["Criterion", "DistillOutput", "MaskedSelfDistill", "wrap"]
+
+#: A user's segmentation loss: ``criterion(logits, target) -> scalar``, given the logits as the
+#: model produces them (``HookSpec.logits``'s value before any two-class conversion, e.g. LAVT's
+#: ``[B, 2, H, W]``; the tower decoder's ``[B, 1, h, w]``) and the target as passed to the wrapper.
+Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
 
@@ -97,7 +104,11 @@ class MaskedSelfDistill(nn.Module):
         lmvsd / vmlsd / supervision / share_decoder / hard_targets / threshold / seg_weight:
             the fields of ``DistillConfig`` (paper defaults); or pass ``config=``.
         config: a ``DistillConfig`` holding all of the above.
+        dropout: ``"fresh"`` or ``"replay"`` dropout draws in the branches (``DistillConfig``).
         extra_objectives: further ``Objective`` plug-ins run after the two branches.
+        criterion: your own segmentation loss ``criterion(logits, target) -> scalar`` (see
+            ``masksd.wrap``); None: masksd's BCE (or the model's own loss, ``HookSpec.loss``).
+        backend: a ready ``Backend`` instead of the towers (``from_model`` passes a ``HookBackend``).
 
     Forward:
         Towers: ``forward(images, texts, target=None, *, generator=None)``. Hooked model:
@@ -107,9 +118,9 @@ class MaskedSelfDistill(nn.Module):
 
     def __init__(
         self,
-        image_tower: nn.Module,
-        text_tower: nn.Module,
-        decoder: Decoder,
+        image_tower: nn.Module | None = None,
+        text_tower: nn.Module | None = None,
+        decoder: Decoder | None = None,
         *,
         lmvsd: LMVSDConfig | BranchConfig | bool | None = True,
         vmlsd: VMLSDConfig | BranchConfig | bool | None = True,
@@ -118,21 +129,33 @@ class MaskedSelfDistill(nn.Module):
         hard_targets: bool = False,
         threshold: float = 0.5,
         seg_weight: float = 1.0,
+        dropout: Literal["fresh", "replay"] = "fresh",
         config: DistillConfig | None = None,
         extra_objectives: Sequence[Objective] = (),
+        criterion: Criterion | None = None,
+        backend: Backend | None = None,
     ) -> None:
         super().__init__()
-        hidden = decoder_parameters_hidden(decoder)
-        if hidden:
-            raise TypeError(
-                f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
-                "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
-                "that holds them as submodules"
-            )
         options = dict(lmvsd=lmvsd, vmlsd=vmlsd, supervision=supervision, share_decoder=share_decoder,
-                       hard_targets=hard_targets, threshold=threshold, seg_weight=seg_weight)
-        self._setup(TowerBackend(RISModel(image_tower, text_tower, decoder)),
-                    _config_from_kwargs(config, options), extra_objectives)
+                       hard_targets=hard_targets, threshold=threshold, seg_weight=seg_weight, dropout=dropout)
+        towers = (image_tower, text_tower, decoder)
+        if backend is None:
+            if any(part is None for part in towers):
+                raise TypeError(
+                    "MaskedSelfDistill needs image_tower, text_tower and decoder (the tower backend); "
+                    "to wrap an unchanged model use masksd.wrap(model, spec)"
+                )
+            hidden = decoder_parameters_hidden(decoder)  # type: ignore[arg-type]
+            if hidden:
+                raise TypeError(
+                    f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
+                    "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
+                    "that holds them as submodules"
+                )
+            backend = TowerBackend(RISModel(image_tower, text_tower, decoder))  # type: ignore[arg-type]
+        elif any(part is not None for part in towers) or not isinstance(backend, Backend):
+            raise TypeError("give either the towers (image_tower, text_tower, decoder) or backend=, not both")
+        self._setup(backend, _config_from_kwargs(config, options), extra_objectives, criterion)
 
     @classmethod
     def from_model(
@@ -142,27 +165,25 @@ class MaskedSelfDistill(nn.Module):
         *,
         config: DistillConfig | None = None,
         extra_objectives: Sequence[Objective] = (),
+        criterion: Criterion | None = None,
         **options: Any,
     ) -> MaskedSelfDistill:
         """Wrap an unchanged ``model`` described by ``spec`` (what ``masksd.wrap`` does)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        defaults = {"lmvsd": True, "vmlsd": True}
-        if spec.image is None:
-            defaults["lmvsd"] = None
-        if spec.text is None:
-            defaults["vmlsd"] = None
+        backend = HookBackend(model, spec)
         unknown = set(options) - {f.name for f in fields(DistillConfig)}
         if unknown:
             raise TypeError(f"unexpected options {sorted(unknown)}; see masksd.DistillConfig")
-        if config is None:
-            config = DistillConfig(**{**defaults, **options})
-        elif options:
+        if config is not None and options:
             raise TypeError(f"give either config= or the options {sorted(options)}, not both")
-        self._setup(HookBackend(model, spec), config, extra_objectives)
-        return self
+        if config is None:
+            defaults = {"lmvsd": True if spec.image is not None else None,
+                        "vmlsd": True if spec.text is not None else None}
+            config = DistillConfig(**{**defaults, **options})
+        return cls(backend=backend, config=config, extra_objectives=extra_objectives, criterion=criterion)
 
-    def _setup(self, backend: Backend, config: DistillConfig, extra_objectives: Sequence[Objective]) -> None:
+    def _setup(
+        self, backend: Backend, config: DistillConfig, extra_objectives: Sequence[Objective], criterion: Criterion | None
+    ) -> None:
         self.model = backend.model
         self.backend = backend
         self.config = config
@@ -194,6 +215,14 @@ class MaskedSelfDistill(nn.Module):
                 raise ValueError(f"objective name {objective.name!r} is used twice")
             objectives[objective.name] = objective
         self.objectives = nn.ModuleDict(objectives)
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"criterion must be callable as criterion(logits, target) -> loss, got {type(criterion).__name__}")
+        if criterion is not None and hooked and self.backend.spec.loss is not None:  # type: ignore[attr-defined]
+            raise ValueError(
+                "give either criterion= (your loss on the logits) or HookSpec.loss (the loss your model "
+                "returns), not both: both would be the main segmentation term"
+            )
+        self.criterion = criterion
 
     def _check_branch(self, name: str, modality: str, branch: BranchConfig) -> None:
         spec: HookSpec = self.backend.spec  # type: ignore[attr-defined]
@@ -273,22 +302,40 @@ class MaskedSelfDistill(nn.Module):
                     "and ignores it; call wrapper.train() for a training step, or drop the target"
                 )
             return backend.eval_forward(args, kwargs)
+        valid = self._check_inputs(args, kwargs, target)
+        backend.rng_tape = RngTape(self.model) if self.config.dropout == "replay" else None
         main = backend.run_main(args, kwargs, target)
         try:
-            return self._objectives(main, generator)
+            return self._objectives(main, generator, valid)
         finally:
             backend.release()
+            backend.rng_tape = None
 
-    def _objectives(self, main: Any, generator: torch.Generator | None) -> DistillOutput:
-        if main.model_loss is not None:
+    def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> Tensor | None:
+        """masksd's checks of a training step, before the model runs (``masksd.backends.inputs``);
+        returns the deferred target check's flag (CUDA) or None."""
+        backend = self.backend
+        batch = check_same_batch(backend.batch_sizes(args, kwargs, target))
+        if target is None:
+            needed_by = backend.target_needed_by()
+            if needed_by is None and self.criterion is not None:
+                needed_by = "criterion= computes the segmentation loss from it"
+            if needed_by is None and getattr(self.spec, "loss", None) is None:
+                needed_by = "masksd's segmentation loss"
+            if needed_by is not None:
+                raise missing_target_error(needed_by)
+            return None
+        return check_step_target(target, batch=batch)
+
+    def _objectives(self, main: Any, generator: torch.Generator | None, valid: Tensor | None) -> DistillOutput:
+        if self.criterion is not None:
+            seg = as_tensor_loss(self.criterion(main.raw_logits, main.target), "criterion(logits, target)")
+        elif main.model_loss is not None:
             seg = main.model_loss
-        elif main.target is None:
-            raise ValueError(
-                "target (the ground-truth mask [B, H, W]) is required in training mode: "
-                "wrapper(images, texts, target) or wrapper(..., target=mask)"
-            )
         else:
             seg = segmentation_loss(main.logits, main.target)
+        if valid is not None:  # a CUDA target whose check is still in flight: a bad one gives NaN
+            seg = torch.where(valid.to(seg.device), seg, torch.full_like(seg, float("nan")))
         context = DistillContext(
             model=self.model,
             image_embedded=main.embedded.get("image"),
@@ -324,6 +371,7 @@ def wrap(
     *,
     config: DistillConfig | None = None,
     extra_objectives: Sequence[Objective] = (),
+    criterion: Criterion | None = None,
     **options: Any,
 ) -> MaskedSelfDistill:
     """Wrap the RIS model you already have, unchanged, for CM-MaskSD training.
@@ -335,9 +383,15 @@ def wrap(
         config: a ``DistillConfig``; or pass its fields as keyword ``options``
             (``lmvsd=LMVSDConfig(...)``, ``vmlsd=None``, ``hard_targets=True``, ...).
         extra_objectives: further ``Objective`` plug-ins.
+        criterion: your own segmentation loss ``criterion(logits, target) -> scalar`` as the
+            main term (e.g. LAVT's cross-entropy weighted ``[0.9, 1.1]`` on its two-class
+            logits); it receives ``HookSpec.logits``'s value unconverted and the target as
+            given. None: the model's own loss (``HookSpec.loss``) or masksd's BCE.
 
     Returns:
         A ``MaskedSelfDistill`` whose ``unwrap()`` is ``model`` itself: its ``state_dict()``
         keys are untouched.
     """
-    return MaskedSelfDistill.from_model(model, spec, config=config, extra_objectives=extra_objectives, **options)
+    return MaskedSelfDistill.from_model(
+        model, spec, config=config, extra_objectives=extra_objectives, criterion=criterion, **options
+    )

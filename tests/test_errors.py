@@ -54,7 +54,7 @@ def test_decoder_that_returns_a_container(wrap_output):
 def test_image_and_text_batch_sizes_differ():
     wrapper = MaskedSelfDistill(*make_model()).train()
     images, ids, target = make_batch(3, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"different batch sizes \(3 vs 2\)"):
+    with pytest.raises(ValueError, match=r"different batch sizes \(images 3, texts 2, target 3\)"):
         wrapper(images, ids[:2], target)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from masksd.backends.rng import RngTape
 from masksd.towers import Embedded, Encoded, Fused
 
 __all__ = ["Backend", "MainBranch", "Modality", "running_stats_frozen"]
@@ -44,6 +45,8 @@ class MainBranch:
             grid) and the scoring features (``Encoded``; None when none were declared).
         fused: the decoder's fused features of this pass when the model provides them (the
             tower backend's ``decoder.forward_with_fused``), else None.
+        raw_logits: the logits as the model gives them (before a two-class conversion), what
+            a user ``criterion`` receives; None = ``logits``.
     """
 
     logits: Tensor
@@ -53,10 +56,21 @@ class MainBranch:
     embedded: dict[str, Embedded] = field(default_factory=dict)
     encoded: dict[str, Encoded | None] = field(default_factory=dict)
     fused: Fused | None = None
+    raw_logits: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.raw_logits is None:
+            self.raw_logits = self.logits
 
 
 class Backend(abc.ABC):
-    """Runs one kind of model for the engine (see the module docstring)."""
+    """Runs one kind of model for the engine (see the module docstring).
+
+    ``rng_tape`` is set by the engine when the branches replay the main branch's dropout draws
+    (``DistillConfig(dropout="replay")``, see ``masksd.backends.rng``); None means fresh draws.
+    """
+
+    rng_tape: RngTape | None = None
 
     model: nn.Module
 
@@ -92,6 +106,14 @@ class Backend(abc.ABC):
     ) -> Tensor:
         """Re-run the model with ``masked [B, N]`` embedded tokens of ``modality`` replaced by
         ``mask_token [C]`` (None: unmasked); returns the branch's logits ``[B, 1, h, w]``."""
+
+    def batch_sizes(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> dict[str, int]:
+        """Batch sizes of the step's inputs by name (checked against each other before the model runs)."""
+        return {}
+
+    def target_needed_by(self) -> str | None:
+        """Why the model itself needs the target in training (None: it does not)."""
+        return None
 
     def release(self) -> None:  # noqa: B027 - optional hook
         """Drop references to this step's tensors (called after every training forward)."""

@@ -31,8 +31,10 @@ from masksd.backends.base import (
     as_tensor_loss,
     check_logits,
 )
+from masksd.backends.hook_branches import MAIN_START, MaskedBranches
 from masksd.backends.hook_features import HookCapabilities
 from masksd.backends.hook_probe import DEPENDS, MODALITIES, OTHER, FusionProbe
+from masksd.backends.inputs import hook_batch_sizes
 from masksd.backends.taps import (
     Replay,
     expand_patterns,
@@ -54,7 +56,7 @@ from masksd.towers import Embedded, Encoded
 
 __all__ = ["HookBackend", "refuse_wrapped"]
 
-class HookBackend(FusionProbe, HookCapabilities, Backend):
+class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     """Backend of ``masksd.wrap(model, spec)`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, spec: HookSpec) -> None:
@@ -169,6 +171,8 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
         (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
         if self._mode in ("main", "probe"):
             self._cache.setdefault(path, []).append(output)
+        if self._mode == "main" or (self._mode == "masked" and replayed):
+            self._replay_rng_at_reuse(path, module, main=self._mode == "main")
         if self._mode == "main":
             self._watch += [(f"reuse module {path!r}", t, t._version) for t in flatten_tensors(output)]
 
@@ -222,6 +226,14 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
                 f"the wrapper's arguments do not fit {type(self.model).__name__}.forward{self._signature}: {error}"
             ) from None
 
+    def batch_sizes(self, args, kwargs, target):  # type: ignore[override]
+        return hook_batch_sizes(self.spec, self._bind(args, kwargs))
+
+    def target_needed_by(self) -> str | None:
+        if self.spec.target is None:
+            return None
+        return f"{type(self.model).__name__}.forward takes it as {self.spec.target!r}, HookSpec.target"
+
     def eval_forward(self, args, kwargs):  # type: ignore[override]
         return self.model(*args, **kwargs)
 
@@ -257,13 +269,17 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
         self._embedded.clear()
         self._watch.clear()
         self._main_inputs = (args, kwargs)
+        if self.rng_tape is not None:
+            self.rng_tape.clear()
+            self.rng_tape.record(MAIN_START)
         output = self._forward("main", args, kwargs)
         self._check_in_place()
         self._main_values = {key: list(values) for key, values in self._values.items()}
         arguments = self._bind(args, kwargs)
-        logits = self._logits(output, "the main branch")
+        raw_logits = self._tap(self.spec.logits, output, "HookSpec.logits")
+        logits = check_logits(raw_logits, two_class=self.spec.two_class, where="the main branch")
         model_loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss") if self.spec.loss else None
-        main = MainBranch(logits=logits, target=target, model_loss=model_loss, output=output)
+        main = MainBranch(logits=logits, target=target, model_loss=model_loss, output=output, raw_logits=raw_logits)
         for m in self._modalities:
             main.embedded[m] = self._embedded_view(m, arguments)
         for m in self._modalities:
@@ -323,46 +339,6 @@ class HookBackend(FusionProbe, HookCapabilities, Backend):
             if tokens is None:
                 tokens = pooled[:, None]
         return Encoded(tokens=tokens, global_feature=pooled, grid=grid, features={"declared_tokens": spec.tokens is not None})
-
-    def reuse_allowed(self, masked: Modality) -> bool:
-        """Whether the other modality's reuse modules may be skipped when ``masked`` is masked."""
-        other = OTHER[masked]
-        return other in self._modalities and bool(self._reuse[other]) and (self.depends or {}).get(other) is False
-
-    def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[override]
-        if decoder is not None:
-            raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
-        output = self._masked_forward(modality, masked, mask_token)
-        logits = self._logits(output, f"the masked-{modality} branch")
-        if torch.is_grad_enabled() and not logits.requires_grad:
-            raise ValueError(
-                f"HookSpec.logits gives a tensor with no gradient in the masked-{modality} branch (does the "
-                "model return a detached prediction in training?); tap the module that produces the "
-                "logits instead: HookSpec(logits=Tap('<module path>'))"
-            )
-        return logits
-
-    def _masked_forward(self, modality: Modality, masked: Tensor, mask_token: Tensor | None) -> Any:
-        """The model's forward with ``masked`` tokens of ``modality`` replaced, reusing the other
-        modality's modules where fusion allows; returns the model's output."""
-        if self._main is None:
-            raise RuntimeError("run_masked() called before run_main()")
-        args, kwargs = self._main_inputs
-        replays: list[tuple[nn.Module, Any]] = []
-        if self.reuse_allowed(modality):
-            for path, module in self._reuse[OTHER[modality]]:
-                replays.append((module, module.__dict__.get("forward")))
-                module.forward = Replay(path, self._cache.get(path, []))  # type: ignore[method-assign]
-        self._masked, self._mask, self._token = modality, masked, mask_token
-        try:
-            output = self._forward("masked", args, kwargs)
-        finally:
-            for module, saved in replays:
-                del module.forward
-                if saved is not None:
-                    module.forward = saved  # type: ignore[method-assign]
-            self._masked, self._mask, self._token = None, None, None
-        return output
 
     def release(self) -> None:
         self._main = None

@@ -64,6 +64,10 @@ class TowerBackend(Backend):
             raise TypeError(f"expected wrapper(images, texts[, target]), got {len(args)} positional arguments")
         return (images, texts), {}, target
 
+    def batch_sizes(self, args, kwargs, target):  # type: ignore[override]
+        named = {"images": args[0], "texts": args[1], "target": target}
+        return {name: int(v.shape[0]) for name, v in named.items() if isinstance(v, Tensor) and v.dim() > 0}
+
     def eval_forward(self, args, kwargs):  # type: ignore[override]
         return self.model(*args, **kwargs)
 
@@ -114,7 +118,16 @@ class TowerBackend(Backend):
         check_batch_sizes(embedded["image"].tokens.shape[0], embedded["text"].tokens.shape[0])
         if not self._checked_widths:
             self._check_widths(embedded)
-        encoded = {m: self._encode(m, e) for m, e in embedded.items()}  # type: ignore[arg-type]
+        tape = self.rng_tape
+        if tape is not None:
+            tape.clear()
+        encoded = {}
+        for m, e in embedded.items():
+            if tape is not None:
+                tape.record(f"encode {m}")
+            encoded[m] = self._encode(m, e)  # type: ignore[arg-type]
+        if tape is not None:
+            tape.record("decode")
         fused = None
         check = not self._checked_decoder and not _compiling()
         with decoder_foreign_parameters(self.model) if check else nullcontext() as foreign:
@@ -150,10 +163,14 @@ class TowerBackend(Backend):
         tokens = embedded.tokens
         if mask_token is not None:
             tokens = replace_tokens(tokens, masked, mask_token)
-        encoded = self._encode(modality, embedded.with_tokens(tokens))
-        other = main.encoded["text" if modality == "image" else "image"]
-        image, text = (encoded, other) if modality == "image" else (other, encoded)
-        return self._decode(decoder if decoder is not None else self.model.decoder, image, text)
+        tape = self.rng_tape
+        with tape.branch(f"encode {modality}") if tape is not None else nullcontext():
+            encoded = self._encode(modality, embedded.with_tokens(tokens))
+            other = main.encoded["text" if modality == "image" else "image"]
+            image, text = (encoded, other) if modality == "image" else (other, encoded)
+            if tape is not None:
+                tape.restore("decode")
+            return self._decode(decoder if decoder is not None else self.model.decoder, image, text)
 
     def release(self) -> None:
         self._main = None
