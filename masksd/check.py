@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from masksd.backends.base import rng_devices
 from masksd.backends.hooks import HookBackend
-
-if TYPE_CHECKING:
-    from masksd.wrapper import MaskedSelfDistill
 
 __all__ = ["WrapReport", "run_check"]
 
@@ -41,6 +39,8 @@ class WrapReport:
             tap); a tap the spec reads once (``call=None``) must fire once in the main branch.
         losses: the step's unweighted loss terms.
         no_grad: trainable parameters that received no gradient in the step.
+        warnings: problems found in the step that do not stop training, e.g. a degenerate
+            scorer (``masksd.scorer_health``), each with its fix.
     """
 
     backend: str
@@ -51,6 +51,7 @@ class WrapReport:
     taps: dict[str, dict[str, int]] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     no_grad: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ddp_find_unused_parameters(self) -> bool:
@@ -77,6 +78,7 @@ class WrapReport:
             )
         else:
             lines.append("  every trainable parameter got a gradient: DDP works with find_unused_parameters=False")
+        lines += [f"  warning: {text}" for text in self.warnings]
         return "\n".join(lines)
 
 
@@ -87,9 +89,14 @@ def _nested(counter: Any) -> dict[str, dict[str, int]]:
     return dict(out)
 
 
-def run_check(wrapper: MaskedSelfDistill, args: tuple[Any, ...], kwargs: dict[str, Any]) -> WrapReport:
-    """See the module docstring."""
+def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> WrapReport:
+    """One instrumented training step of ``wrapper`` (a ``MaskedSelfDistill``; see the module
+    docstring)."""
     backend = wrapper.backend
+    objectives = list(wrapper.objectives.values())  # type: ignore[union-attr]
+    for objective in objectives:
+        if callable(getattr(objective, "recheck_scores", None)):
+            objective.recheck_scores()
     was_training = wrapper.training
     grads = {name: p.grad for name, p in wrapper.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in wrapper.named_buffers()}
@@ -124,4 +131,5 @@ def run_check(wrapper: MaskedSelfDistill, args: tuple[Any, ...], kwargs: dict[st
         taps=_nested(backend.tap_log) if hooked else {},
         losses={k: float(v) for k, v in out.losses.items()},
         no_grad=no_grad,
+        warnings=[f"{o.name}: {o.score_warning}" for o in objectives if getattr(o, "score_warning", None)],
     )

@@ -145,17 +145,22 @@ def added_state_dict(training_state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     return split_training_state_dict(training_state_dict)[1]
 
 
-def _unwrapped(model: nn.Module, argument: str) -> nn.Module:
-    from masksd.wrapper import MaskedSelfDistill
+def _is_wrapper(model: object) -> bool:
+    """A ``MaskedSelfDistill`` (recognised by its interface: this module is imported by the
+    wrapper and must not import it back)."""
+    return isinstance(model, nn.Module) and callable(getattr(model, "unwrap", None)) and callable(
+        getattr(model, "added_state_dict", None))
 
+
+def _unwrapped(model: nn.Module, argument: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, MaskedSelfDistill):
-        return model.unwrap()
+    if _is_wrapper(model):
+        return model.unwrap()  # type: ignore[operator]
     for attribute in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
         inner = getattr(model, attribute, None)
-        if isinstance(inner, MaskedSelfDistill):
-            return inner.unwrap()
+        if _is_wrapper(inner):
+            return inner.unwrap()  # type: ignore[union-attr]
     return model
 
 

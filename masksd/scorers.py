@@ -74,6 +74,15 @@ def units_of(context: DistillContext, modality: str) -> Units:
     embedded = context.embedded(modality)
     encoded = context.encoded(modality)
     count = embedded.tokens.shape[1]
+    declared = embedded.extras.get("units") if isinstance(embedded.extras, dict) else None
+    if declared is not None and embedded.grid is not None and tuple(declared) != tuple(embedded.grid):
+        if encoded is not None and _declared(encoded) and encoded.grid is not None and encoded.grid != tuple(declared):
+            raise ValueError(
+                f"ModalitySpec.units is {tuple(declared)} but the {modality} scoring tokens lie on a "
+                f"{encoded.grid} grid; drop units= (the tokens' grid is used) or tap tokens on that grid"
+            )
+        grid = tuple(declared)
+        return Units(shrink_mask(embedded.maskable, embedded.grid, grid), grid, embedded.grid, coarse=True)  # type: ignore[arg-type]
     if encoded is not None and encoded.grid is not None and embedded.grid is not None:
         if encoded.grid != embedded.grid and encoded.tokens.shape[1] != count:
             maskable = shrink_mask(embedded.maskable, embedded.grid, encoded.grid)

@@ -41,6 +41,7 @@ from masksd.backends.hooks import HookBackend
 from masksd.backends.inputs import check_same_batch, check_step_target, missing_target_error
 from masksd.backends.rng import RngTape
 from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
+from masksd.check import WrapReport, run_check
 from masksd.checkpoints import ADDED_PREFIX
 from masksd.config import DistillConfig
 from masksd.losses import segmentation_loss
@@ -273,11 +274,9 @@ class MaskedSelfDistill(nn.Module):
         """Backend, fusion type and what each branch runs (see also ``check``)."""
         return self.backend.describe()
 
-    def check(self, *args: Any, **kwargs: Any) -> Any:
+    def check(self, *args: Any, **kwargs: Any) -> WrapReport:
         """Run one instrumented training step on a sample batch and return a ``WrapReport``;
         the model's parameters, gradients, buffers and RNG state are left as they were."""
-        from masksd.check import run_check
-
         return run_check(self, args, kwargs)
 
     # ----------------------------------------------------------------------------- forward

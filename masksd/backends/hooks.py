@@ -300,7 +300,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         tokens = to_bnc(raw, spec.layout)
         grid = layout_grid(raw, spec.layout, spec.grid, square=modality == "image")
         maskable = maskable_from_rule(spec.maskable, arguments, tokens, f"HookSpec.{modality}.maskable")
-        return Embedded(tokens=tokens, maskable=maskable, grid=grid, extras={"layout": spec.layout})
+        return Embedded(tokens=tokens, maskable=maskable, grid=grid, extras={"layout": spec.layout, "units": spec.units})
 
     def _check_in_place(self) -> None:
         for name, tensor, version in self._watch:

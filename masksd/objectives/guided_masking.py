@@ -16,6 +16,7 @@ The branch's logits are trained to reproduce the main branch's detached predicti
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from masksd.losses import consistency_loss, segmentation_loss
 from masksd.masking import sample_mask, select_top_k
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.scorer_health import MasksdWarning, score_problem
 from masksd.scorers import SCORERS, score, units_of
 from masksd.towers import Decoder
 
@@ -145,6 +147,12 @@ class GuidedMaskedDistillation(Objective):
             self.mask_token = nn.Parameter(torch.randn(embed_dim) * 0.02)
         else:
             self.register_parameter("mask_token", None)
+        self.score_warning: str | None = None  # what the last check of the scores found
+        self._check_scores = True  # check on the first training step (and on wrapper.check)
+
+    def recheck_scores(self) -> None:
+        """Check the scores again at the next step (``wrapper.check`` does), warning once per object."""
+        self._check_scores = True
 
     @classmethod
     def with_private_decoder(cls, decoder: Decoder, **kwargs: object) -> GuidedMaskedDistillation:
@@ -170,12 +178,23 @@ class GuidedMaskedDistillation(Objective):
         modality = self.masked_modality
         with torch.no_grad():
             scores = score(context, modality, self.config.scorer, metric=self.config.metric)
-            kept = select_top_k(scores, units_of(context, modality).maskable, top_k=self.config.top_k)
+            maskable = units_of(context, modality).maskable
+            if self._check_scores:
+                self._check_scores_now(context, scores, maskable)
+            kept = select_top_k(scores, maskable, top_k=self.config.top_k)
             if self.config.masking:
                 masked = sample_mask(kept, ratio=self.config.ratio, generator=context.generator)
             else:
                 masked = torch.zeros_like(kept)
         return kept, masked
+
+    @torch.compiler.disable
+    def _check_scores_now(self, context: DistillContext, scores: Tensor, maskable: Tensor) -> None:
+        warned = self.score_warning is not None
+        self.score_warning = score_problem(context, self.masked_modality, scores, maskable, self.config.scorer)
+        self._check_scores = False
+        if self.score_warning is not None and not warned:
+            warnings.warn(f"{self.name}: {self.score_warning}", MasksdWarning, stacklevel=2)
 
     def forward(self, context: DistillContext) -> ObjectiveOutput:
         """Run the masked branch and return its loss, the ``kept``/``masked`` units and logits."""
