@@ -112,3 +112,20 @@ def test_train_py_records_which_pretrained_weights_and_machine_it_ran_on(tiny_ru
     assert metrics["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert metrics["machine"]["torch"] == torch.__version__ and metrics["machine"]["threads"] >= 1
     assert metrics["machine"]["cpu"] and metrics["machine"]["gpu"] is None
+
+
+def test_world_v2_pretraining_adds_the_dense_terms_and_train_py_runs_on_world_v2(tmp_path: Path) -> None:
+    out = tmp_path / "clip"
+    run_script("--world", "v2", "--model", "v2", "--dense-weight", "1", "--steps", "4", "--eval-interval", "4",
+               "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = metrics["history"][-1]
+    assert {"dense_sentence", "dense_word"} <= set(last) and all(torch.isfinite(torch.tensor(v)) for v in last.values()
+                                                              if isinstance(v, float))
+    done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "v2", "--pretrained",
+                           str(out / "open_clip_pytorch_model.bin"), "--num-train", "16", "--num-val", "8",
+                           "--batch-size", "8", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "ris")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ris = json.loads((tmp_path / "ris" / "metrics.json").read_text())
+    assert ris["config"]["data"]["world"] == "v2" and ris["config"]["model"]["image_size"] == 96

@@ -123,6 +123,9 @@ PRESETS: dict[str, Config] = {
     # tuned on the synthetic val split to finish in minutes on 2 CPU cores (see docs/benchmarks.md)
     "demo": Config(preset="demo", model=MODEL_CONFIGS["demo"], data=DataConfig(num_train=8000),
                    optim=OptimConfig(epochs=4, batch_size=16, lr=4e-3, weight_decay=0.0, warmup_epochs=0.25)),
+    # world v2 (world_v2.py, issue 16): the demo's model and schedule at 96 px, 2000 samples per evaluation split
+    "v2": Config(preset="v2", model=MODEL_CONFIGS["v2"], data=DataConfig(num_train=8000, num_val=2000, world="v2"),
+                 optim=OptimConfig(epochs=4, batch_size=16, lr=4e-3, weight_decay=0.0, warmup_epochs=0.25)),
     # the paper's recipe (Sec. IV-B): 100 epochs, lr 1e-5, batch 32, weight decay 5e-4
     "vitb16": Config(preset="vitb16", model=MODEL_CONFIGS["vitb16"]),
     "vitl14": Config(preset="vitl14", model=MODEL_CONFIGS["vitl14"]),
@@ -187,8 +190,8 @@ SECTIONS = ("model", "distill", "data", "optim", "run")
 def build_parser(preset: str = "demo", description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
-                        help="demo: tiny random-init CLIP for a CPU; vitb16 / vitl14: the paper's backbones "
-                             "(the defaults shown below are the chosen preset's)")
+                        help="demo: tiny random-init CLIP for a CPU; v2: the same at 96 px on world v2 (world_v2.py); "
+                             "vitb16 / vitl14: the paper's backbones (the defaults shown below are the chosen preset's)")
     add_flags(parser, PRESETS[preset], "method")
     for section in SECTIONS:
         add_flags(parser, getattr(PRESETS[preset], section), section)

@@ -57,15 +57,19 @@ class DataConfig:
         "help": "synthetic: samples of each evaluation split (none: 500)"})
     synthetic_seed: int = field(default=0, metadata={
         "help": "seed of the synthetic data generator (independent of --seed)"})
+    world: Literal["v1", "v2"] = field(default="v1", metadata={
+        "help": "synthetic: v1 (synthetic.py, the demo's) or v2 (world_v2.py: large referents, short expressions)"})
 
 
 def raw_dataset(config: DataConfig, split: str) -> Dataset:
     """One split as ``{image uint8 [H,W,3], mask bool [H,W], sentence, id}`` items."""
     if config.dataset == "synthetic":
         from synthetic import SyntheticReferDataset
+        from world_v2 import WorldV2Dataset
 
         n = config.num_train if split == "train" else config.num_val
-        return SyntheticReferDataset(split, num_samples=n, seed=config.synthetic_seed)
+        world = WorldV2Dataset if config.world == "v2" else SyntheticReferDataset
+        return world(split, num_samples=n, seed=config.synthetic_seed)
     from refer import ReferDataset  # needs pycocotools
 
     if config.data_root is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import open_clip
@@ -79,6 +79,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     "vitb16": ModelConfig(clip_model="ViT-B-16", image_size=480, image_layers=(3, 7)),
     "vitl14": ModelConfig(clip_model="ViT-L-14", image_size=480, image_layers=(7, 15)),
 }
+MODEL_CONFIGS["v2"] = replace(MODEL_CONFIGS["demo"], image_size=96)  # world v2 (world_v2.py): 12×12 patches
 
 
 def build_model(config: ModelConfig) -> RISModel:

@@ -2,6 +2,7 @@
 
     python examples/cris_clip/pretrain_clip.py --preset demo           # ≤ 15 min on 2 CPU cores
     python examples/cris_clip/train.py --preset demo --pretrained runs/pretrain-clip/open_clip_pytorch_model.bin
+    python examples/cris_clip/pretrain_clip.py --preset v2   # world v2, dense terms (pretrain_dense.py)
 
 The CLIP is ``model.MODEL_CONFIGS[--model].clip_cfg`` at that config's image size, built as
 ``model.build_model`` builds it. Step ``s`` trains on the fresh scenes ``s * batch_size + i`` of the
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import open_clip
+import pretrain_dense as dense
 import torch
 import torch.nn.functional as F
 from captions import CaptionSample, caption_sample
@@ -47,6 +49,7 @@ from pretrain_metrics import coverage, hits, mean_of, recall
 from synthetic import generate_sample
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from world_v2 import generate_sample as generate_sample_v2
 
 from masksd import Encoded
 from masksd.adapters.open_clip import towers_from_open_clip
@@ -69,6 +72,8 @@ class PretrainConfig:
     warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
     min_lr_ratio: float = _help("final lr as a fraction of the peak", 0.05)
     token_weight: float = _help("weight of the word-patch MaxSim loss (0: CLIP's loss alone)", 1.0)
+    world: str = _help("v1: captions.py + synthetic.py (demo); v2: world_v2.py scenes, pretrain_dense.py captions", "v1")
+    dense_weight: float = _help("v2: weight of the dense sentence/word-to-patch terms on the objects' masks", 0.0)
     seed: int = _help("seed of the initial weights and of the caption world", 0)
     train_scenes: int | None = _help("cycle through this many training scenes (none: a fresh scene per sample)")
     val_scenes: int = _help("held-out captioned scenes for retrieval (the first --align-scenes for alignment)", 1000)
@@ -89,6 +94,9 @@ RUN_FIELDS = ("out", "resume", "max_steps", "workers", "progress", "threads", "e
 PRESETS: dict[str, PretrainConfig] = {
     # 12.8 min on 2 CPU cores shared with other jobs (median load 3.4): one for torch, one for the scenes
     "demo": PretrainConfig(threads=1),
+    "v2": PretrainConfig(preset="v2", model="v2", world="v2", dense_weight=1.0, steps=1500, eval_interval=250,
+                         threads=1, workers=0,
+                         out="runs/pretrain-clip-v2"),  # world v2: 96 px, dense alignment (issue 16)
     "smoke": PretrainConfig(preset="smoke", steps=20, batch_size=32, val_scenes=128, align_scenes=64,
                             refer_samples=32, eval_interval=10, log_interval=5, out="runs/pretrain-clip-smoke"),
 }
@@ -287,8 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif resume is not None and cfg.resume != "auto":
         raise SystemExit(f"--resume {resume}: no such file")
 
-    val = [caption_sample("val", i, seed=cfg.seed, image_size=size) for i in range(cfg.val_scenes)]
-    refer = [generate_sample("val", i, image_size=size) for i in range(cfg.refer_samples)]
+    captioned, referring = (dense.caption_sample, generate_sample_v2) if cfg.world == "v2" else (caption_sample,
+                                                                                               generate_sample)
+    val = [captioned("val", i, seed=cfg.seed, image_size=size) for i in range(cfg.val_scenes)]
+    refer = [referring("val", i, image_size=size) for i in range(cfg.refer_samples)]
     run_eval = lambda: evaluate(clip, towers, tokenizer, cfg, val, refer, size)  # noqa: E731
 
     def checkpoint() -> None:
@@ -311,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(report(state["evals"][-1]), flush=True)
 
     stop = min(cfg.steps, cfg.max_steps or cfg.steps)
-    stream = CaptionStream("train", seed=cfg.seed, size=size, context_length=context, scenes=cfg.train_scenes)
+    stream = dense.DenseCaptionStream("train", seed=cfg.seed, size=size, context_length=context, scenes=cfg.train_scenes,
+                                      grid=size // mcfg.clip_cfg["vision_cfg"]["patch_size"]) if cfg.world == "v2" \
+        else CaptionStream("train", seed=cfg.seed, size=size, context_length=context, scenes=cfg.train_scenes)
     loader = DataLoader(stream, batch_size=cfg.batch_size, sampler=range(state["step"] * cfg.batch_size,
                         stop * cfg.batch_size), num_workers=cfg.workers)
     bar = None
@@ -321,9 +333,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bar = tqdm(total=stop, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     clip.train()
     sums, count, tick = None, 0, time.perf_counter()
-    for images, ids in loader:
+    for images, ids, *targets in loader:  # v2: + the dense targets
         image, text = encode(towers, images, ids)
         terms = losses(image, text, word_mask(ids, tokenizer), clip.logit_scale.exp(), cfg.token_weight)
+        terms = dense.with_dense(terms, image, text, targets, clip.logit_scale.exp(), cfg.dense_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()

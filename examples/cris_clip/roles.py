@@ -7,7 +7,8 @@ The synthetic grammar (``synthetic.Expression.text``) has four sentence forms::
     the <ordinal> [size] [colour] <noun> from the <direction>   ordinal
     the <superlative> [size] [colour] <noun>                     superlative
 
-where ``<noun>`` is a shape or the word "shape". Each word gets one of :data:`ROLE_NAMES`:
+where ``<noun>`` is a shape or the word "shape"; world v2 (``world_v2.py``) adds a location word
+before or after the phrase (``left circle``, ``circle on top``) and the relation ``near``. Each word gets one of :data:`ROLE_NAMES`:
 ``target_attribute`` (size/colour of the referent), ``target_noun``, ``relation`` (relation,
 ordinal, superlative and direction words), ``anchor`` (the words naming the other object of a
 relation: the distractor a model must not segment) and ``function`` ("the"). ``token_roles``
@@ -22,14 +23,17 @@ from torch import Tensor
 
 try:  # a script run of this folder (train.py) imports siblings by plain name
     from synthetic import COLOURS, DIRECTIONS, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
+    from world_v2 import RELATIONS as RELATIONS_V2
 except ModuleNotFoundError:  # imported as examples.cris_clip.roles (tests)
     from .synthetic import COLOURS, DIRECTIONS, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
+    from .world_v2 import RELATIONS as RELATIONS_V2
 
 ROLE_NAMES: tuple[str, ...] = ("target_attribute", "target_noun", "relation", "anchor", "function")
 _ATTRIBUTES = frozenset(SIZES) | frozenset(COLOURS)
 _NOUNS = frozenset(SHAPES) | {"shape"}
-_RELATION_WORDS = frozenset(w for r in RELATIONS for w in r.split())
-_POSITION_WORDS = frozenset(DIRECTIONS) | frozenset(SUPERLATIVES.values()) | frozenset(ORDINALS) | {"from"}
+_RELATION_WORDS = frozenset(w for r in (*RELATIONS, *RELATIONS_V2) for w in r.split())
+_ANCHOR_NEXT = frozenset(r.split()[-1] for r in (*RELATIONS, *RELATIONS_V2))  # "of", "to", ...: the anchor follows
+_POSITION_WORDS = frozenset(DIRECTIONS) | frozenset(SUPERLATIVES.values()) | frozenset(ORDINALS) | {"from", "on"}
 
 
 def word_roles(sentence: str) -> list[int]:
@@ -44,8 +48,8 @@ def word_roles(sentence: str) -> list[int]:
             role = "function"
         elif word in _ATTRIBUTES or word in _NOUNS:
             role = "anchor" if after_relation else ("target_noun" if word in _NOUNS else "target_attribute")
-        elif word in _RELATION_WORDS:
-            role, after_relation = "relation", True
+        elif word in _RELATION_WORDS:  # "left" of "left circle" is a location, "of" then names the anchor
+            role, after_relation = "relation", after_relation or word in _ANCHOR_NEXT
         elif word in _POSITION_WORDS:
             role = "relation"
         else:
