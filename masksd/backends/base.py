@@ -142,6 +142,28 @@ class Backend(abc.ABC):
         gradients) as the decoder would see them in that pass."""
         raise TypeError(f"the {type(self).__name__} backend cannot re-encode without decoding")
 
+    # Full extra passes (MaskRIS, ``masksd.objectives.maskris``).
+    def raw_input(self, modality: Modality) -> Tensor:
+        """The main branch's raw input of ``modality`` as the model received it: the images
+        ``[B, C, H, W]`` (float) or the token ids ``[B, L]`` (integer)."""
+        raise TypeError(f"the {type(self).__name__} backend cannot provide the raw {modality} input")
+
+    def special_ids(self) -> tuple[int, ...]:
+        """Token ids the model declares never maskable (hooks: ``HookSpec.text.maskable.never``)."""
+        return ()
+
+    def run_corrupted(self, image: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
+        """Logits ``[B, 1, h, w]`` of one full forward of the model on replaced raw inputs
+        (``image [B, C, H, W]``, ``ids [B, L]``; None keeps the main branch's), with none of
+        masksd's token masking applied."""
+        raise TypeError(f"the {type(self).__name__} backend cannot re-run the model on other inputs")
+
+    def run_replaced(self, tokens: Mapping[Modality, Tensor]) -> Tensor:
+        """Logits ``[B, 1, h, w]`` of one full forward in which the embedded tokens of every
+        modality in ``tokens`` are replaced, jointly, by the given ``[B, N, C]`` tensors (the
+        ``Embedded.tokens`` view; masksd puts them back into the model's layout)."""
+        raise TypeError(f"the {type(self).__name__} backend cannot run a joint replaced-token pass")
+
     def describe(self) -> dict[str, Any]:
         """Facts for the wrap-time report (fusion, passes per branch, ...)."""
         return {}

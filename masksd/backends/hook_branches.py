@@ -7,18 +7,26 @@ main-branch outputs for the duration of the branch, then restored. With
 ``DistillConfig(dropout="replay")`` the branch also replays the main branch's random draws
 (``masksd.backends.rng``): it starts from the generators' state at the main branch's start, and
 after each skipped module it jumps to the state that module's main-branch call left behind.
+
+Full extra passes (MaskRIS, ``masksd.objectives.maskris``): ``run_corrupted`` calls the model with
+the image and/or ids arguments replaced and every masking hook inert (only the taps record, for
+``HookSpec.logits``); ``run_replaced`` replaces the embedding outputs of several modalities at
+once (a joint pass: nothing is reused, the whole model runs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from masksd.backends.base import Modality
 from masksd.backends.hook_probe import OTHER
+from masksd.backends.inputs import image_argument
 from masksd.backends.rng import RngTape
 from masksd.backends.taps import Replay
 
@@ -36,6 +44,7 @@ class MaskedBranches:
     """``reuse_allowed`` / ``run_masked`` of ``HookBackend`` (see the module docstring)."""
 
     rng_tape: RngTape | None
+    _replaced: dict[str, Tensor] | None = None  # run_replaced: modality -> [B, N, C] tokens
 
     def reuse_allowed(self, masked: Modality) -> bool:
         """Whether the other modality's reuse modules may be skipped when ``masked`` is masked."""
@@ -48,10 +57,13 @@ class MaskedBranches:
         if decoder is not None:
             raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
         output = self._masked_forward(modality, masked, mask_token)
-        logits = self._logits(output, f"the masked-{modality} branch")  # type: ignore[attr-defined]
+        return self._branch_logits(output, f"the masked-{modality} branch")
+
+    def _branch_logits(self, output: Any, where: str) -> Tensor:
+        logits = self._logits(output, where)  # type: ignore[attr-defined]
         if torch.is_grad_enabled() and not logits.requires_grad:
             raise ValueError(
-                f"HookSpec.logits gives a tensor with no gradient in the masked-{modality} branch (does the "
+                f"HookSpec.logits gives a tensor with no gradient in {where} (does the "
                 "model return a detached prediction in training?); tap the module that produces the "
                 "logits instead: HookSpec(logits=Tap('<module path>'))"
             )
@@ -93,3 +105,84 @@ class MaskedBranches:
             replay = module.__dict__.get("forward")
             if isinstance(replay, Replay):
                 tape.restore(reuse_point(path, replay.calls - 1))
+
+    # ------------------------------------------------------------------ full extra passes
+    def _input_name(self, modality: Modality, arguments: dict[str, Any]) -> str:
+        """The forward argument carrying ``modality``'s raw input (``ModalitySpec.argument``;
+        images: else the only floating 4-D tensor argument; ids: else ``Maskable.ids``)."""
+        spec = self.spec  # type: ignore[attr-defined]
+        if modality == "image":
+            name = image_argument(spec, arguments)
+            fix = "set ModalitySpec(argument=...) on HookSpec.image to the name of the image argument"
+        else:
+            text = spec.text
+            name = (text.argument or text.maskable.ids) if text is not None else None
+            fix = "set HookSpec.text with Maskable(ids='<ids argument>') or ModalitySpec(argument=...)"
+        if name is None or name not in arguments:
+            raise TypeError(f"cannot tell which forward argument holds the {modality} input ({fix}); "
+                            f"the call has {sorted(arguments)}")
+        return name
+
+    def raw_input(self, modality: Modality) -> Tensor:
+        """The main branch's image ``[B, C, H, W]`` or token ids ``[B, L]`` argument."""
+        if self._main is None:  # type: ignore[attr-defined]
+            raise RuntimeError("the main branch has not run in this training step")
+        arguments = self._bind(*self._main_inputs)  # type: ignore[attr-defined]
+        name = self._input_name(modality, arguments)
+        value = arguments[name]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the {modality} argument {name!r} is a {type(value).__name__}, not a tensor")
+        return value
+
+    def special_ids(self) -> tuple[int, ...]:
+        text = self.spec.text  # type: ignore[attr-defined]
+        return tuple(text.maskable.never) if text is not None else ()
+
+    def run_corrupted(self, image: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
+        """Logits ``[B, 1, h, w]`` of the model called with the image / ids arguments replaced."""
+        if self._main is None:  # type: ignore[attr-defined]
+            raise RuntimeError("run_corrupted() called before run_main()")
+        args, kwargs = self._main_inputs  # type: ignore[attr-defined]
+        bound = self._signature.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        for modality, value in (("image", image), ("text", ids)):
+            if value is not None:
+                bound.arguments[self._input_name(modality, dict(bound.arguments))] = value  # type: ignore[arg-type]
+        tape = self.rng_tape
+        with tape.branch(MAIN_START) if tape is not None else nullcontext():
+            output = self._forward("corrupted", tuple(bound.args), dict(bound.kwargs))  # type: ignore[attr-defined]
+        return self._branch_logits(output, "the corrupted-input pass")
+
+    def run_replaced(self, tokens: Mapping[Modality, Tensor]) -> Tensor:
+        """Logits ``[B, 1, h, w]`` of a full forward with the embedding outputs of every modality in
+        ``tokens`` replaced by the given ``[B, N, C]`` tensors."""
+        main = self._main  # type: ignore[attr-defined]
+        if main is None:
+            raise RuntimeError("run_replaced() called before run_main()")
+        for modality, value in tokens.items():
+            expected = tuple(main.embedded[modality].tokens.shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"replacement {modality} tokens {tuple(value.shape)} must have the embedded shape {expected}")
+        args, kwargs = self._main_inputs  # type: ignore[attr-defined]
+        self._replaced = dict(tokens)
+        tape = self.rng_tape
+        try:
+            with tape.branch(MAIN_START) if tape is not None else nullcontext():
+                output = self._forward("replaced", args, kwargs)  # type: ignore[attr-defined]
+        finally:
+            self._replaced = None
+        return self._branch_logits(output, "the joint replaced-token pass")
+
+    def _replacement(self, modality: Modality) -> Tensor | None:
+        """The embed hook's output in ``run_replaced``: the given tokens in the model's layout."""
+        tokens = (self._replaced or {}).get(modality)
+        if tokens is None:
+            return None
+        raw = self._embedded[modality]  # type: ignore[attr-defined]
+        layout = self.spec.modality(modality).layout  # type: ignore[attr-defined]
+        if layout == "bchw":
+            tokens = rearrange(tokens, "b (h w) c -> b c h w", h=raw.shape[-2], w=raw.shape[-1])
+        elif layout == "nbc":
+            tokens = rearrange(tokens, "b n c -> n b c")
+        elif layout == "bcn":
+            tokens = rearrange(tokens, "b n c -> b c n")
+        return tokens.to(raw.dtype)

@@ -156,6 +156,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             self._embedded[modality] = output
             self._watch.append((f"HookSpec.{modality}.embed {spec.embed!r}", output, output._version))
             return None
+        if self._mode == "replaced":  # run_replaced (MaskRIS embedding mode); "corrupted": inert
+            return self._replacement(modality)
         if self._masked != modality:
             return None
         main = self._embedded[modality]

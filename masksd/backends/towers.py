@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from masksd.backends.base import Backend, MainBranch, Modality, check_ids, check_logits
+from masksd.backends.tower_passes import TowerPasses
 from masksd.masking import replace_tokens
 from masksd.towers import Embedded, Encoded, Fused, RISModel, check_batch_sizes
 
@@ -32,7 +33,7 @@ def _tower_name(modality: Modality) -> str:
     return f"{modality}_tower"
 
 
-class TowerBackend(Backend):
+class TowerBackend(TowerPasses, Backend):
     """Backend of ``MaskedSelfDistill(image_tower, text_tower, decoder)``.
 
     Args:
@@ -114,6 +115,7 @@ class TowerBackend(Backend):
 
     def run_main(self, args, kwargs, target):  # type: ignore[override]
         images, texts = args
+        self._inputs = (images, texts)  # for raw_input / run_corrupted (TowerPasses)
         embedded = {"image": self._embed("image", images), "text": self._embed("text", texts)}
         check_batch_sizes(embedded["image"].tokens.shape[0], embedded["text"].tokens.shape[0])
         if not self._checked_widths:
@@ -174,6 +176,7 @@ class TowerBackend(Backend):
 
     def release(self) -> None:
         self._main = None
+        self._inputs = None
 
     # -------------------------------------------------------------- optional capabilities
     def _main_branch(self) -> MainBranch:

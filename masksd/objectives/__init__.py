@@ -9,6 +9,7 @@ from masksd.objectives.guided_masking import (
     VMLSDConfig,
 )
 from masksd.objectives.mask_grounding import MaskGrounding, MaskGroundingConfig
+from masksd.objectives.maskris import MaskRIS, MaskRISConfig
 from masksd.objectives.reconstruction import LanguageReconstruction, LanguageReconstructionConfig
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "LanguageReconstructionConfig",
     "MaskGrounding",
     "MaskGroundingConfig",
+    "MaskRIS",
+    "MaskRISConfig",
     "Objective",
     "ObjectiveOutput",
     "VMLSDConfig",
