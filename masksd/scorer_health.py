@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from masksd.towers import scoring_tokens
+
 if TYPE_CHECKING:
     from masksd.objectives.base import DistillContext
 
@@ -42,7 +44,7 @@ def _global_problem(context: DistillContext, modality: str) -> str | None:
     if theirs is None or mine is None:
         return None
     global_norm = theirs.global_feature.detach().float().norm(dim=-1).median()
-    token_norm = mine.tokens.detach().float().norm(dim=-1).median()
+    token_norm = scoring_tokens(mine).detach().float().norm(dim=-1).median()
     if token_norm > 0 and global_norm < GLOBAL_NORM_RATIO * token_norm:
         return (
             f"the {other} global feature is nearly zero (median norm {float(global_norm):.3g} against "

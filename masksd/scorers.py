@@ -5,7 +5,10 @@ modality's *units* (``[B, N_u]``, higher = keep first):
 
 * ``"correlation"`` (the paper, Eqs. 3 and 6): each token's scoring feature against the other
   modality's global feature (dot product, or cosine); needs one shared space (CLIP's joint
-  embedding, or any pair of taps that live in one space).
+  embedding, or any pair of taps that live in one space). With ``surgery=True`` (CLIP
+  Surgery's feature surgery, Li et al. 2023), token ``i`` of sample ``b`` scores
+  ``s(i, b) - mean_c s(i, c)`` over the batch's ``B`` global features ``c``: what a token shares
+  with every sentence of the batch (the background's generic match to any text) is removed.
 * ``"prediction"``: the main branch's own foreground probability ``sigmoid(M_seg)``, average
   pooled onto the image unit grid: a model-agnostic stand-in for models without a shared
   space (images only).
@@ -16,6 +19,10 @@ modality's *units* (``[B, N_u]``, higher = keep first):
   the referent's patches while its words do (``docs/benchmarks.md`` §2).
 * ``"random"``: uniform scores (an ablation: top-K becomes a random subset).
 * any callable ``scorer(context, modality) -> [B, N_u]``.
+
+A tower (or tap) may give scoring features other than the tokens the decoder consumes,
+``Encoded.scoring`` (CLIP ViT dense-alignment features: ``masksd.adapters.clip_dense``); the
+token scorers read those (``masksd.towers.scoring_tokens``).
 
 Units are the grid the scores live on. When a tower's (or a tap's) scoring tokens lie on a
 coarser grid than the embedded tokens (a CNN's last stage over its stem), selection happens on
@@ -34,12 +41,12 @@ from einops import rearrange
 from torch import Tensor
 
 from masksd.masking import correlation_scores, expand_mask, shrink_mask
-from masksd.towers import Encoded, align_scores
+from masksd.towers import Encoded, align_scores, scoring_tokens
 
 if TYPE_CHECKING:
     from masksd.objectives.base import DistillContext
 
-__all__ = ["SCORERS", "Units", "score", "units_of"]
+__all__ = ["SCORERS", "Units", "score", "surgery_scores", "units_of"]
 
 SCORERS = ("correlation", "late_interaction", "prediction", "random")
 Scorer = Callable[["DistillContext", str], Tensor]
@@ -90,7 +97,7 @@ def units_of(context: DistillContext, modality: str) -> Units:
     return Units(embedded.maskable, embedded.grid, embedded.grid, coarse=False)
 
 
-def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
+def _correlation(context: DistillContext, modality: str, metric: str, surgery: bool) -> Tensor:
     encoded, other = context.encoded(modality), context.encoded("text" if modality == "image" else "image")
     if encoded is None or other is None or not _declared(encoded):
         raise ValueError(
@@ -99,8 +106,32 @@ def _correlation(context: DistillContext, modality: str, metric: str) -> Tensor:
             f"HookSpec.{modality}.tokens and the other modality's global_/tokens), or choose "
             "scorer='prediction' or 'random'"
         )
-    scores = correlation_scores(other.global_feature.detach(), encoded.tokens.detach(), metric=metric)
+    tokens, guide = scoring_tokens(encoded).detach(), other.global_feature.detach()
+    scores = surgery_scores(guide, tokens, metric=metric) if surgery else correlation_scores(guide, tokens, metric=metric)
     return _onto_units(context, modality, scores)
+
+
+def surgery_scores(global_feature: Tensor, tokens: Tensor, *, metric: str = "dot") -> Tensor:
+    """Correlation after feature surgery (``surgery=True``, module docstring): ``[B, N]`` float32.
+
+    ``s(i, b) - mean_c s(i, c)`` with ``s(i, c)`` = token ``i`` of sample ``b`` against global feature
+    ``c`` (``metric`` as in ``correlation_scores``), i.e. ``t_i · (g_b - mean_c g_c)`` (cosine: of the
+    unit vectors). The mean runs over this batch (this process's under DDP). A batch of one has
+    nothing to subtract, so it gets the plain correlation scores.
+
+    Args:
+        global_feature: ``[B, D]`` the other modality's global features.
+        tokens: ``[B, N, D]`` scoring features of the masked modality.
+        metric: ``"dot"`` or ``"cosine"``.
+    """
+    if global_feature.shape[0] < 2 or global_feature.shape != (tokens.shape[0], tokens.shape[-1]):
+        return correlation_scores(global_feature, tokens, metric=metric)  # type: ignore[arg-type]  # (or its error)
+    with torch.autocast(tokens.device.type, enabled=False):
+        guide, tokens = global_feature.float(), tokens.float()
+        if metric == "cosine":
+            guide, tokens = F.normalize(guide, dim=-1), F.normalize(tokens, dim=-1)
+        centred = guide - guide.mean(dim=0, keepdim=True)
+        return torch.einsum("bd,bnd->bn", centred, tokens)
 
 
 def _declared(encoded: Any) -> bool:
@@ -127,7 +158,7 @@ def _late_interaction(context: DistillContext, modality: str, metric: str) -> Te
             "HookSpec.text.tokens), or choose scorer='correlation', 'prediction' or 'random'"
         )
     with torch.autocast(mine.tokens.device.type, enabled=False):
-        ours, others = mine.tokens.detach().float(), theirs.tokens.detach().float()
+        ours, others = scoring_tokens(mine).detach().float(), scoring_tokens(theirs).detach().float()
         if metric == "cosine":
             ours, others = F.normalize(ours, dim=-1), F.normalize(others, dim=-1)
         similarity = torch.einsum("bnd,bmd->bnm", ours, others)
@@ -159,12 +190,17 @@ def _random(context: DistillContext, modality: str) -> Tensor:
     return torch.rand(maskable.shape, generator=context.generator, device=maskable.device)
 
 
-def score(context: DistillContext, modality: str, scorer: str | Scorer, *, metric: str = "dot") -> Tensor:
-    """Scores ``[B, N_u]`` of ``modality``'s units under ``scorer`` (see the module docstring)."""
+def score(
+    context: DistillContext, modality: str, scorer: str | Scorer, *, metric: str = "dot", surgery: bool = False
+) -> Tensor:
+    """Scores ``[B, N_u]`` of ``modality``'s units under ``scorer`` (see the module docstring);
+    ``surgery`` applies to ``"correlation"`` only."""
+    if surgery and scorer != "correlation":
+        raise ValueError(f"surgery=True works with scorer='correlation' only, got {getattr(scorer, '__name__', scorer)!r}")
     if callable(scorer):
         scores: Any = scorer(context, modality)
     elif scorer == "correlation":
-        scores = _correlation(context, modality, metric)
+        scores = _correlation(context, modality, metric, surgery)
     elif scorer == "late_interaction":
         scores = _late_interaction(context, modality, metric)
     elif scorer == "prediction":

@@ -152,7 +152,9 @@ class Tap:
             module (applied as ``module(x)``) that maps the value into the shared scoring space,
             e.g. CLIP's ``text_projection``; a tuple applies several in order (after the layout
             is turned into ``[B, N, D]``), e.g. MaskCLIP's dense tokens of a CLIP ResNet:
-            ``("visual.attnpool.v_proj", "visual.attnpool.c_proj")``.
+            ``("visual.attnpool.v_proj", "visual.attnpool.c_proj")``. A step
+            ``"clip_dense:<mode>:<P>:<block path>"`` recomputes a CLIP ViT block's attention branch
+            from its tapped input (MaskCLIP / ClearCLIP; ``masksd.adapters.clip_dense.clip_dense_tap``).
     """
 
     module: str

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,7 +52,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes"]
+__all__ = [
+    "Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes", "scoring_tokens",
+]
 
 _WRAPPER_PREFIXES = ("model.", "objectives.")  # masksd.checkpoints.MODEL_PREFIX / ADDED_PREFIX
 
@@ -112,12 +115,19 @@ class Encoded:
             hierarchical ViT's last stage over its patch embedding). Selection then happens on
             this grid ("units") and the boolean mask is expanded (nearest) onto
             ``Embedded.grid``, so a masked unit is a solid block of embedded positions.
+        scoring: optional per-token features ``[B, N_enc, D]`` that the scorers read *instead of*
+            ``tokens`` (e.g. dense-alignment features of a CLIP ViT,
+            ``masksd.adapters.clip_dense``), or a callable returning them, called at most once,
+            when a scorer first needs them (so inference and the masked branches never pay for
+            them). None: scorers read ``tokens``. The decoder and the other objectives never
+            see it. Read it with ``scoring_tokens(encoded)``.
     """
 
     tokens: Tensor
     global_feature: Tensor
     features: Any = None
     grid: tuple[int, int] | None = None
+    scoring: Tensor | Callable[[], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
@@ -130,6 +140,29 @@ class Encoded:
                 f"{_describe(self.global_feature)}"
             )
         _check_grid(self.grid, self.tokens.shape[1], "Encoded")
+        if self.scoring is not None and not callable(self.scoring):
+            _check_scoring(self.scoring, self.tokens)
+
+
+def _check_scoring(scoring: Any, tokens: Tensor) -> None:
+    if not isinstance(scoring, Tensor) or scoring.dim() != 3 or tuple(scoring.shape[:2]) != tuple(tokens.shape[:2]):
+        raise ValueError(
+            f"Encoded.scoring must be a [B, N_enc, D] tensor with [B, N_enc] = {tuple(tokens.shape[:2])} (one "
+            f"scoring feature per encoded token), got {_describe(scoring)}"
+        )
+
+
+def scoring_tokens(encoded: Encoded) -> Tensor:
+    """What the scorers read for ``encoded``'s tokens: ``encoded.scoring`` (a callable is called once
+    and its result kept), else ``encoded.tokens``; ``[B, N_enc, D]``."""
+    scoring = encoded.scoring
+    if scoring is None:
+        return encoded.tokens
+    if not isinstance(scoring, Tensor):
+        scoring = scoring()
+        _check_scoring(scoring, encoded.tokens)
+        encoded.scoring = scoring
+    return scoring
 
 
 @dataclass

@@ -12,7 +12,10 @@ Image tower (``OpenCLIPImageTower``)
     intermediate layers), ``ln_post``; ``tokens`` = patch tokens projected by ``proj`` into
     CLIP's joint space ``[B, N, D]``; ``global_feature`` = the projected pooled feature (what
     ``clip.encode_image`` returns, bit for bit); ``features`` = ``{"levels": [B, width, gh, gw]
-    per requested layer, "grid": (gh, gw), "tokens": ..., "cls": ...}``.
+    per requested layer, "grid": (gh, gw), "tokens": ..., "cls": ...}``. With ``dense="value"`` /
+    ``"clearclip"``, ``Encoded.scoring`` holds dense-alignment patch features from the last block's
+    input (``masksd.adapters.clip_dense``), computed only when a scorer reads them; ``tokens``, the
+    global feature and the levels stay the same.
 
 ResNet image tower (``OpenCLIPResNetImageTower``, for RN50-style ``ModifiedResNet`` CLIPs)
     ``embed``: stem output (3 convs + average pool) ``[B, (H/4)·(W/4), width]``, all maskable.
@@ -35,12 +38,14 @@ Text tower (``OpenCLIPTextTower``, the same for ViT and ResNet CLIPs)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from masksd.adapters.clip_dense import check_block, check_mode, joint_dense_tokens
 from masksd.towers import Embedded, Encoded
 
 __all__ = ["OpenCLIPImageTower", "OpenCLIPResNetImageTower", "OpenCLIPTextTower", "towers_from_open_clip"]
@@ -91,9 +96,12 @@ class OpenCLIPImageTower(nn.Module):
         visual: ``clip.visual``, an open_clip ``VisionTransformer``.
         feature_layers: transformer layers (0-based, negatives from the end) whose patch tokens
             are returned in ``features["levels"]`` for a neck.
+        dense: None (scorers read the plain projected patch tokens, the paper), ``"value"``
+            (MaskCLIP's value path) or ``"clearclip"`` (q-q attention): what ``Encoded.scoring``
+            holds (``masksd.adapters.clip_dense``).
     """
 
-    def __init__(self, visual: nn.Module, *, feature_layers: Sequence[int] = ()) -> None:
+    def __init__(self, visual: nn.Module, *, feature_layers: Sequence[int] = (), dense: str | None = None) -> None:
         super().__init__()
         required = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
         missing = [name for name in required if not hasattr(visual, name)]
@@ -119,6 +127,11 @@ class OpenCLIPImageTower(nn.Module):
             feature_layers, len(visual.transformer.resblocks), "feature_layers"
         )
         _require_intermediates(visual.transformer, self.feature_layers)
+        if dense is not None:
+            check_mode(dense, "dense")
+            _require_intermediates(visual.transformer, (0,))
+            check_block(visual.transformer.resblocks[-1], "dense: the ViT's last block")
+        self.dense = dense
 
     def embed(self, inputs: Tensor) -> Embedded:
         """Images ``[B, 3, H, W]`` → patch embeddings ``[B, gh·gw, width]``, all maskable."""
@@ -147,7 +160,15 @@ class OpenCLIPImageTower(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         x = visual.ln_pre(x)
-        x, intermediates = _run_blocks(visual.transformer, x, None, self.feature_layers)
+        dense, block_input = self.dense, x  # the last block's input: x, or the output of the block before it
+        if dense is None:
+            x, intermediates = _run_blocks(visual.transformer, x, None, self.feature_layers)
+        else:
+            before_last = len(visual.transformer.resblocks) - 2
+            take = sorted({*self.feature_layers, *([before_last] if before_last >= 0 else [])})
+            x, taken = _run_blocks(visual.transformer, x, None, tuple(take))
+            block_input = dict(zip(take, taken)).get(before_last, block_input)
+            intermediates = [t for i, t in zip(take, taken) if i in self.feature_layers]
         normed = visual.ln_post(x)
         # open_clip's pooling for pool_type "tok" / "avg" (checked in __init__), written out here
         # because open_clip exposes it only as a private method
@@ -162,7 +183,8 @@ class OpenCLIPImageTower(nn.Module):
         gh, gw = embedded.extras["grid"]
         levels = [rearrange(t[:, 1:], "b (h w) c -> b c h w", h=gh, w=gw) for t in intermediates]
         features = {"levels": levels, "grid": (gh, gw), "tokens": tokens, "cls": pooled}
-        return Encoded(tokens=tokens, global_feature=pooled, features=features)
+        scoring = None if dense is None else partial(joint_dense_tokens, visual, block_input, mode=dense)
+        return Encoded(tokens=tokens, global_feature=pooled, features=features, scoring=scoring)
 
 
 class OpenCLIPResNetImageTower(nn.Module):
@@ -346,6 +368,7 @@ def towers_from_open_clip(
     *,
     image_layers: Sequence[int] | None = None,
     text_layers: Sequence[int] = (),
+    dense: str | None = None,
 ) -> tuple[OpenCLIPImageTower | OpenCLIPResNetImageTower, OpenCLIPTextTower]:
     """Split an open_clip ``CLIP`` (ViT or ResNet image tower) into ``(image_tower, text_tower)``.
 
@@ -357,12 +380,20 @@ def towers_from_open_clip(
         image_layers: ViT: transformer layers returned as ``features["levels"]`` (e.g.
             ``(3, 7, 11)``; default none). ResNet: residual stages 1-4 (default ``(2, 3, 4)``).
         text_layers: text layers returned as ``features["levels"]``.
+        dense: ViT only: ``"value"`` (MaskCLIP) or ``"clearclip"`` scoring features for the
+            patches, ``Encoded.scoring`` (``masksd.adapters.clip_dense``); None: the plain patch
+            tokens (the paper). ResNet CLIPs already score MaskCLIP's dense ``c_proj(v_proj(.))``.
     """
     if not hasattr(clip, "visual"):
         raise TypeError(f"clip must be an open_clip CLIP model, got {type(clip).__name__}")
     text_tower = OpenCLIPTextTower(clip, feature_layers=text_layers)
     if hasattr(clip.visual, "attnpool") and hasattr(clip.visual, "layer4"):  # ModifiedResNet
+        if dense is not None:
+            raise ValueError(
+                f"dense={dense!r} needs a ViT CLIP; this is a ResNet CLIP, whose tower already scores MaskCLIP's "
+                "dense features c_proj(v_proj(layer4)): leave dense=None"
+            )
         stages = (2, 3, 4) if image_layers is None else image_layers
         return OpenCLIPResNetImageTower(clip.visual, feature_stages=stages), text_tower
     layers = () if image_layers is None else image_layers
-    return OpenCLIPImageTower(clip.visual, feature_layers=layers), text_tower
+    return OpenCLIPImageTower(clip.visual, feature_layers=layers, dense=dense), text_tower

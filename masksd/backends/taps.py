@@ -13,6 +13,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from masksd.adapters.clip_dense import STEP_PREFIX as DENSE_STEP
+from masksd.adapters.clip_dense import apply_dense_step
 from masksd.spec import HookSpec, Maskable, Tap
 
 __all__ = [
@@ -211,9 +213,13 @@ def init_token(model: nn.Module, init: str, token: Tensor, where: str) -> None:
 
 
 def project(model: nn.Module, paths: str | tuple[str, ...] | None, value: Tensor) -> Tensor:
-    """Apply ``Tap.project``: module paths (``module(value)``) or parameter paths (``value @ P``),
-    in order; None leaves ``value`` as it is."""
+    """Apply ``Tap.project``: module paths (``module(value)``), parameter paths (``value @ P``) or
+    ``"clip_dense:<mode>:<P>:<block path>"`` steps (``masksd.adapters.clip_dense``), in order; None
+    leaves ``value`` as it is."""
     for path in (paths,) if isinstance(paths, str) else tuple(paths or ()):
+        if path.startswith(DENSE_STEP):
+            value = apply_dense_step(model, path, value)
+            continue
         try:
             module = model.get_submodule(path)
         except AttributeError:

@@ -53,6 +53,9 @@ class BranchConfig:
             ``"prediction"`` (main prediction pooled onto the image grid; images only),
             ``"random"`` (ablation), or a callable ``scorer(context, modality) -> [B, N_u]``
             (see ``masksd.scorers``).
+        surgery: feature surgery on the correlation scores (CLIP Surgery): each token's score against
+            its own sample's global feature minus its mean score against all the batch's global
+            features (``masksd.scorers.surgery_scores``); ``scorer="correlation"`` only.
     """
 
     enabled: bool = True
@@ -62,6 +65,7 @@ class BranchConfig:
     masking: bool = True
     metric: Literal["dot", "cosine"] = "dot"
     scorer: str | Callable[..., Any] = "correlation"
+    surgery: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_k", "ratio", "weight"):
@@ -78,6 +82,10 @@ class BranchConfig:
             raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
         if not callable(self.scorer) and self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS} or a callable, got {self.scorer!r}")
+        if not isinstance(self.surgery, bool):
+            raise TypeError(f"surgery must be a bool, got {type(self.surgery).__name__}")
+        if self.surgery and self.scorer != "correlation":
+            raise ValueError(f"surgery=True works with scorer='correlation' only, got scorer={self.scorer!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +185,8 @@ class GuidedMaskedDistillation(Objective):
         """
         modality = self.masked_modality
         with torch.no_grad():
-            scores = score(context, modality, self.config.scorer, metric=self.config.metric)
+            scores = score(context, modality, self.config.scorer, metric=self.config.metric,
+                           surgery=self.config.surgery)
             maskable = units_of(context, modality).maskable
             if self._check_scores:
                 self._check_scores_now(context, scores, maskable)
