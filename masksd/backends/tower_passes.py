@@ -4,6 +4,7 @@ For objectives that re-run the whole model rather than one tower (MaskRIS,
 ``masksd.objectives.maskris``):
 
 * ``raw_input(m)``: the images / token ids the wrapper received (``wrapper(images, texts, ...)``);
+* ``special_ids()``: the text tower's ``special_ids`` attribute (the open_clip adapter has one);
 * ``run_corrupted(image, ids)``: embed the replaced inputs, encode both towers, decode;
 * ``run_replaced(tokens)``: encode both towers from replaced embedded tokens, decode.
 
@@ -55,6 +56,12 @@ class TowerPasses:
                 "MaskRISConfig(mode='embedding') or text_ratio=0"
             )
         return value
+
+    def special_ids(self) -> tuple[int, ...]:
+        """The text tower's ``special_ids`` attribute when it has one (the open_clip adapter's SOT,
+        EOT and pad ids), else none."""
+        ids = getattr(self.model.text_tower, "special_ids", ())
+        return tuple(int(i) for i in ids) if isinstance(ids, (tuple, list)) else ()
 
     def run_corrupted(self, image: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
         """Logits ``[B, 1, h, w]`` of embed → encode → decode on the replaced inputs."""

@@ -74,7 +74,8 @@ class MaskRISConfig:
             EOT id, so a random EOT would move it]. None: the rows of the model's word table
             (``DistillContext.word_embedding()``) when the backend can give it.
         special_ids: ids never chosen nor drawn, besides the model's non-maskable positions (the text
-            ``Embedded.maskable``; hooks also ``Maskable.never``). [code] BERT's 0, 100-103.
+            ``Embedded.maskable``) and the ids the backend knows (hooks: ``Maskable.never``; towers: the
+            text tower's ``special_ids`` attribute, e.g. the open_clip adapter's). [code] BERT's 0, 100-103.
     """
 
     weight: float = 0.5
