@@ -69,6 +69,10 @@ VARIANTS: dict[str, list[str]] = {
     # the scorers that pick the referent in benchmarks/selection_probe.py: patches under the main
     # prediction, words by cosine MaxSim against the patches
     "guided_scorers": ["--lmvsd-scorer", "prediction", "--vmlsd-scorer", "late_interaction", "--vmlsd-metric", "cosine"],
+    # dense-alignment patch features for the paper's correlation (masksd.adapters.clip_dense; words unchanged)
+    "value_scorer": ["--dense-scoring", "value"],  # MaskCLIP's value path of the last ViT block
+    "clearclip_scorer": ["--dense-scoring", "clearclip"],  # ClearCLIP: q-q attention, no residual, no FFN
+    "surgery_scorer": ["--lmvsd-surgery", "--vmlsd-surgery"],  # CLIP Surgery: minus the batch's mean score
     "hard_targets": ["--hard-targets"],
     # the other seed papers' objectives, alone and with LMVSD/VMLSD (issue 9)
     "mask_grounding": ["--objectives", "mask_grounding"],

@@ -257,3 +257,29 @@ def test_resnet_clips_refuse_dense_features_clearly():
         clip_dense_tap(clip, "visual", mode="clearclip")
     with pytest.raises(ValueError, match="no module 'vision'"):
         clip_dense_tap(clip, "vision")
+
+
+def test_accuracy_variants_reach_the_example_trainer():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.accuracy import VARIANTS
+
+    probe = """
+import json, sys
+import config
+from model import build_model
+out = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    cfg = config.parse_args(argv)
+    out[name] = [build_model(cfg.model).image_tower.dense, cfg.distill.lmvsd.surgery, cfg.distill.vmlsd.surgery]
+print(json.dumps(out))
+"""
+    names = ("masksd", "value_scorer", "clearclip_scorer", "surgery_scorer")
+    example = Path(__file__).resolve().parents[1] / "examples" / "cris_clip"
+    result = subprocess.run([sys.executable, "-c", probe, json.dumps({n: VARIANTS[n] for n in names})], cwd=example,
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == {"masksd": [None, False, False], "value_scorer": ["value", False, False],
+                                         "clearclip_scorer": ["clearclip", False, False],
+                                         "surgery_scorer": [None, True, True]}

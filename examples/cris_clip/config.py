@@ -42,6 +42,7 @@ LIBRARY_HELP = {
     "masking": "mask the kept tokens (off: the Table V ablation, the branch re-encodes unmasked tokens)",
     "metric": "correlation: dot (paper) or cosine",
     "scorer": "how tokens are ranked before top-K: correlation (paper), late_interaction, prediction or random",
+    "surgery": "correlation scores minus each token's mean score over the batch's sentences (CLIP Surgery)",
     "supervision": "branch targets: the main prediction (distill, paper) or the ground truth (Table VI)",
     "share_decoder": "the branches use the model's decoder (off: each its own copy, Table VII ablation)",
     "hard_targets": "binarise the teacher prediction at --threshold instead of soft probabilities",

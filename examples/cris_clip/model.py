@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import torch
@@ -58,6 +58,9 @@ class ModelConfig:
     image_size: int = field(default=64, metadata={"help": (
         "input side in pixels (vitb16/vitl14: 480 for the ablations, 576 for the paper's main table)")})
     image_layers: tuple[int, ...] = (3, 7)  # intermediate ViT levels; the projected output is the last
+    dense_scoring: Literal["none", "value", "clearclip"] = field(default="none", metadata={"help": (
+        "patch features the scorers read: none = plain patch tokens (paper), value = MaskCLIP's value path, "
+        "clearclip = q-q attention, from the last ViT block (masksd.adapters.clip_dense)")})
     head_dim: int = 512
     head_layers: int = 3
     head_heads: int = 8
@@ -98,7 +101,8 @@ def build_model(config: ModelConfig) -> RISModel:
     else:
         clip = open_clip.create_model(config.clip_model, pretrained=config.pretrained,
                                       force_image_size=config.image_size)
-    image_tower, text_tower = towers_from_open_clip(clip, image_layers=config.image_layers)
+    image_tower, text_tower = towers_from_open_clip(clip, image_layers=config.image_layers,
+                                                    dense=None if config.dense_scoring == "none" else config.dense_scoring)
     joint_dim = int(image_tower.visual.output_dim)
     head = CRISHead(
         vis_dim=[image_tower.embed_dim] * len(config.image_layers) + [joint_dim],
