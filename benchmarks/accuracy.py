@@ -78,6 +78,8 @@ VARIANTS: dict[str, list[str]] = {
     "mask_grounding": ["--objectives", "mask_grounding"],
     "cal": ["--objectives", "cal"],
     "lang_rec": ["--objectives", "lang_rec"],
+    # MaskRIS alone (random pixel patches + BERT-style ids, one extra full pass), 0.5/0.5 as the paper
+    "maskris": ["--method", "baseline", "--objectives", "maskris", "--seg-weight", "0.5"],
     "masksd_all": ["--objectives", "lmvsd", "vmlsd", "mask_grounding", "cal", "lang_rec"],
 }
 

@@ -16,7 +16,7 @@ pytest.importorskip("open_clip")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cris_clip"
-VALID = "lmvsd vmlsd mask_grounding cal cal_fused lang_rec"
+VALID = "lmvsd vmlsd mask_grounding cal cal_fused lang_rec maskris"
 
 # parse_args on each argv: the resolved objectives, branches and further objectives, or the error
 PROBE = """
@@ -51,6 +51,8 @@ CASES = {
     "baseline_plus": (["--method", "baseline", "--objectives", "mask_grounding,lang_rec"],
                       dict(method="baseline", objectives=["mask_grounding", "lang_rec"], lmvsd=False, vmlsd=False,
                            extra=["mask_grounding", "lang_rec"])),
+    "maskris_paper": (["--method", "baseline", "--objectives", "maskris", "--seg-weight", "0.5"],
+                      dict(method="baseline", objectives=["maskris"], lmvsd=False, vmlsd=False, extra=["maskris"])),
     "unknown": (["--objectives", "lmvsd,mask_grunding"], "unknown 'mask_grunding'"),
     "empty": (["--objectives", ","], "no name given"),
     "none_with_others": (["--objectives", "none,cal"], "none stands alone"),
@@ -99,3 +101,22 @@ def test_help_documents_the_forms_none_and_baseline(probe: dict) -> None:
     assert "comma- or space-separated (e.g. lmvsd,vmlsd,mask_grounding)" in text
     assert "none: LMVSD + VMLSD as set by --lmvsd/--vmlsd" in text
     assert "With --method baseline: the baseline plus only the named further objectives" in text
+
+
+def test_train_runs_the_maskris_accuracy_variant(tmp_path: Path) -> None:
+    """benchmarks/accuracy.py's ``maskris`` variant (MaskRIS alone, seg_weight 0.5) trains the demo:
+    one extra corrupted pass per step, no added parameters (input mode)."""
+    import torch
+
+    from benchmarks.accuracy import VARIANTS
+
+    flags = VARIANTS["maskris"]
+    tiny = ["--preset", "demo", "--num-train", "16", "--num-val", "8", "--batch-size", "8", "--no-progress",
+            "--epochs", "1", "--test-split", "none"]
+    proc = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), *tiny, "--out", str(tmp_path), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"][0]
+    assert set(history["train"]) == {"seg", "maskris"}
+    keys = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(k.startswith("model.") for k in keys)

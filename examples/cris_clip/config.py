@@ -100,7 +100,8 @@ class Config:
         "objectives named by --objectives, if any)", "masksd")
     objectives: tuple[str, ...] | None = _help(
         "training objectives, comma- or space-separated (e.g. lmvsd,vmlsd,mask_grounding): lmvsd vmlsd "
-        "(paper) and any of mask_grounding cal cal_fused lang_rec (MagNet, CRFormer); the paper's branches "
+        "(paper) and any of mask_grounding cal cal_fused lang_rec maskris (MagNet, CRFormer, MaskRIS: with "
+        "--seg-weight 0.5 as MaskRIS); the paper's branches "
         "run only if named. none: LMVSD + VMLSD as set by --lmvsd/--vmlsd. With --method baseline: the "
         "baseline plus only the named further objectives (naming lmvsd or vmlsd there is an error)")
     model: ModelConfig

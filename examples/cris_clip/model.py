@@ -43,6 +43,8 @@ from masksd.objectives import (
     LanguageReconstructionConfig,
     MaskGrounding,
     MaskGroundingConfig,
+    MaskRIS,
+    MaskRISConfig,
 )
 
 
@@ -372,7 +374,13 @@ class CRISHead(nn.Module):
         return self.projector(fq, sentence), fq
 
 
-EXTRA_OBJECTIVES = ("mask_grounding", "cal", "cal_fused", "lang_rec")
+EXTRA_OBJECTIVES = ("mask_grounding", "cal", "cal_fused", "lang_rec", "maskris")
+
+
+def maskris_patch_size(image_size: int) -> int:
+    """MaskRIS's image patch for this input side: about 1/14 of it, as MaskRIS's 32 px at 448 px,
+    rounded down to a multiple of 8 and at least 8 (demo 64 px: 8; v2 96 px: 8; 480 px: 32)."""
+    return max(8, image_size // 14 // 8 * 8)
 
 
 def build_objectives(names: Sequence[str], model: RISModel, config: ModelConfig) -> list[Objective]:
@@ -381,6 +389,9 @@ def build_objectives(names: Sequence[str], model: RISModel, config: ModelConfig)
     ``mask_grounding`` (MagNet's Mask Grounding), ``cal`` / ``cal_fused`` (MagNet's cross-modal
     alignment on the encoders' / the decoder's features), ``lang_rec`` (CRFormer's language
     reconstruction). Their heads take the CRIS head's width, so the demo's stay small.
+    ``maskris`` (Lee et al.): one extra full pass on zeroed patches and BERT-style corrupted ids;
+    CLIP has no [MASK] id, so the masked words get the pad id 0 (the CRIS decoder then ignores them as
+    padding; the text encoder sees the pad embedding). Set seg_weight=0.5 for MaskRIS's 0.5/0.5 total.
     """
     words, joint = model.text_tower.embed_dim, int(model.image_tower.visual.output_dim)
     size = dict(width=config.head_dim, heads=config.head_heads, ffn=config.head_ffn)
@@ -392,6 +403,7 @@ def build_objectives(names: Sequence[str], model: RISModel, config: ModelConfig)
                                                  text_dim=joint, fused_dim=config.head_dim, name="cal_fused"),
         "lang_rec": lambda: LanguageReconstruction(fused_dim=config.head_dim, text_dim=joint,
                                                    config=LanguageReconstructionConfig(**size)),
+        "maskris": lambda: MaskRIS(MaskRISConfig(patch_size=maskris_patch_size(config.image_size), mask_id=0)),
     }
     unknown = [n for n in names if n not in built]
     if unknown:
