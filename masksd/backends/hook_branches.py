@@ -40,6 +40,27 @@ def reuse_point(path: str, call: int) -> str:
     return f"after {path} #{call}"
 
 
+@torch.compiler.disable
+def _install_replays(reused: list[tuple[str, nn.Module]], cache: dict[str, list[Any]]) -> list[tuple[nn.Module, Any]]:
+    """Replace each reused module's ``forward`` by a ``Replay`` of its main-branch outputs; returns
+    what ``_remove_replays`` restores. Run eagerly: under ``torch.compile`` of the wrapper, dynamo
+    defers the ``setattr`` but not a traced ``del module.forward``, which then finds nothing."""
+    saved = []
+    for path, module in reused:
+        saved.append((module, module.__dict__.get("forward")))
+        module.forward = Replay(path, cache.get(path, []))  # type: ignore[method-assign]
+    return saved
+
+
+@torch.compiler.disable
+def _remove_replays(saved: list[tuple[nn.Module, Any]]) -> None:
+    """Give the modules of ``_install_replays`` their own ``forward`` back."""
+    for module, forward in saved:
+        module.__dict__.pop("forward", None)
+        if forward is not None:
+            module.forward = forward  # type: ignore[method-assign]
+
+
 class MaskedBranches:
     """``reuse_allowed`` / ``run_masked`` of ``HookBackend`` (see the module docstring)."""
 
@@ -75,21 +96,15 @@ class MaskedBranches:
         if self._main is None:  # type: ignore[attr-defined]
             raise RuntimeError("run_masked() called before run_main()")
         args, kwargs = self._main_inputs  # type: ignore[attr-defined]
-        replays: list[tuple[nn.Module, Any]] = []
-        if self.reuse_allowed(modality):
-            for path, module in self._reuse[OTHER[modality]]:  # type: ignore[attr-defined]
-                replays.append((module, module.__dict__.get("forward")))
-                module.forward = Replay(path, self._cache.get(path, []))  # type: ignore[attr-defined, method-assign]
+        reused = self._reuse[OTHER[modality]] if self.reuse_allowed(modality) else []  # type: ignore[attr-defined]
+        replays = _install_replays(reused, self._cache)  # type: ignore[attr-defined]
         self._masked, self._mask, self._token = modality, masked, mask_token
         tape = self.rng_tape
         try:
             with tape.branch(MAIN_START) if tape is not None else nullcontext():
                 output = self._forward("masked", args, kwargs)  # type: ignore[attr-defined]
         finally:
-            for module, saved in replays:
-                del module.forward
-                if saved is not None:
-                    module.forward = saved  # type: ignore[method-assign]
+            _remove_replays(replays)
             self._masked, self._mask, self._token = None, None, None
         return output
 

@@ -44,6 +44,7 @@ from masksd.backends.taps import (
     layout_grid,
     maskable_from_rule,
     project,
+    refuse_checkpointed_embedding,
     refuse_wrapped,
     replace_in_layout,
     resolve_module,
@@ -160,6 +161,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             return self._replacement(modality)
         if self._masked != modality:
             return None
+        refuse_checkpointed_embedding(modality, spec.embed)
         main = self._embedded[modality]
         if self._token is None:
             return main

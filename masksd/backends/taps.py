@@ -27,6 +27,7 @@ __all__ = [
     "mask_in_layout",
     "maskable_from_rule",
     "project",
+    "refuse_checkpointed_embedding",
     "refuse_wrapped",
     "resolve_module",
     "spec_taps",
@@ -145,6 +146,26 @@ def replace_in_layout(
     shape = {"bchw": (1, -1, 1, 1), "bcn": (1, -1, 1)}.get(layout, (1, 1, -1))
     return torch.where(where, token.to(embedded.dtype).view(shape), embedded)
 
+
+def refuse_checkpointed_embedding(modality: str, embed: str) -> None:
+    """Raise when a masked branch replaces tokens inside a non-reentrant activation checkpoint.
+
+    Backward recomputes a ``torch.utils.checkpoint`` region with masksd's hooks inert, so the
+    recomputation would not replace the tokens: torch fails with "A different number of tensors
+    was saved" (or, where the counts happen to match, the gradients would be the unmasked
+    branch's). Detected through the saved-tensor hooks that checkpoint pushes (a torch internal:
+    if it changes, the check is skipped and torch's own error remains); not under compile.
+    """
+    if torch.compiler.is_compiling():
+        return
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and getattr(hooks[0], "_checkpoint_internal", False):
+        raise ValueError(
+            f"HookSpec.{modality}.embed {embed!r} runs inside a torch.utils.checkpoint region: backward "
+            "recomputes it without masksd's token replacement, so the masked branch's gradients would be "
+            "wrong. Checkpoint only what runs after the embedding (the blocks or layers, as Swin, BERT "
+            "and timm do), or hook an embedding module that runs outside the checkpointed function"
+        )
 
 def refuse_wrapped(model: Any) -> None:
     """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""
