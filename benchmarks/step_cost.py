@@ -31,6 +31,8 @@ scoring and top-K; a difference of two step times, so noisy and possibly slightl
 Activation memory (any device): bytes saved for backward in one step (``benchmarks.activations``)
 over the baseline's: ``activation_ratio_both`` / ``_hooks`` / ``_naive`` / ``_floor``.
 Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
+Dense scorers (``--dense-scoring value|clearclip``) and feature surgery: ``benchmarks/dense_cost.py``
+times them on this model and ``both`` step (``share_<mode>``, goal <= 0.01 of a step).
 """
 
 from __future__ import annotations
