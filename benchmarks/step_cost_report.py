@@ -49,7 +49,8 @@ def table(r: dict) -> str:
     lines += ["", "| quantity | value |", "|---|---:|"]
     for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
               "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "ratio_hooks_vs_towers",
-              "ratio_mask_grounding", "ratio_cal", "ratio_cal_fused", "ratio_lang_rec", "activation_ratio_both",
+              "ratio_mask_grounding", "ratio_cal", "ratio_cal_fused", "ratio_lang_rec", "ratio_maskris",
+              "ratio_floor_maskris", "activation_ratio_both",
               "activation_ratio_hooks", "activation_ratio_naive", "activation_ratio_floor", "eval_ratio",
               "masking_share", "masking_share_insitu"):
         lines.append(f"| {k} | {r[k]:.4f} |")
