@@ -23,8 +23,8 @@ prefix tokens, CLIP's class token, then ``N`` patches). For the patches:
 
 The result ``[B, N, W]`` then goes through the visual tower's ``ln_post`` and ``proj``, so it lives
 in CLIP's joint space like the sentence feature. Cost: under ``no_grad``, two ``W × W`` matmuls per
-patch (value path) or three plus one attention over ``P + N`` keys (ClearCLIP). That is less than
-one block of the encoder. See ``benchmarks/dense_cost.py``.
+patch (value path) or three plus one attention over ``P + N`` keys (ClearCLIP), then ``ln_post`` and
+``proj``. That is less than one block of the encoder. See ``benchmarks/dense_cost.py``.
 
 Two ways in:
 
