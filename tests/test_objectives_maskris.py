@@ -140,9 +140,10 @@ def test_usage_errors_name_the_fix():
     wrapper = towers_wrapper([towers_maskris(mask_id=None)], lmvsd=None, vmlsd=None)
     with pytest.raises(ValueError, match=r"mask_id=\.\.\.\) \(BERT: 103\)"):
         train_step(wrapper, towers_batch())
-    wrapper = towers_wrapper([towers_maskris(mask_id=60)], lmvsd=None, vmlsd=None)  # the tied table has 50 rows
-    with pytest.raises(ValueError, match="mask_id 60 lies outside the vocabulary"):
-        train_step(wrapper, towers_batch())
+    for split in ({}, {"text_mask": 0.9, "text_random": 0.0}):  # the word table has 50 rows
+        wrapper = towers_wrapper([towers_maskris(mask_id=60, **split)], lmvsd=None, vmlsd=None)
+        with pytest.raises(ValueError, match="mask_id 60 lies outside the vocabulary"):
+            train_step(wrapper, towers_batch())
     wrapper = towers_wrapper([towers_maskris(patch_size=32)], lmvsd=None, vmlsd=None)
     with pytest.raises(ValueError, match="patch_size 32 is larger than the 16x16 image"):
         train_step(wrapper, towers_batch())

@@ -287,12 +287,16 @@ class MaskRIS(Objective):
         return tuple(sorted({*c.special_ids, *context.backend.special_ids(), *([c.mask_id] if c.mask_id is not None else [])}))
 
     def _vocab_size(self, context: DistillContext) -> int | None:
+        """``config.vocab_size``, else the word table's rows; None when neither is known and no random
+        id is drawn (ValueError when one is)."""
         c = self.config
-        if c.vocab_size is not None or c.text_random == 0 or c.text_ratio == 0:
+        if c.vocab_size is not None:
             return c.vocab_size
         try:
             return int(context.word_embedding().shape[0])
         except TypeError as error:
+            if c.text_random == 0:
+                return None
             raise ValueError(f"{self.name}: random replacement needs the vocabulary size; pass "
                              f"MaskRISConfig(vocab_size=...) or text_random=0 ({error})") from error
 
