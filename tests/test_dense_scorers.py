@@ -164,6 +164,23 @@ def test_main_output_is_unchanged_and_the_branch_keeps_the_dense_top_k(mode):
     assert torch.equal(out_plain.selections["vmlsd"]["kept"], out_dense.selections["vmlsd"]["kept"])
 
 
+def test_late_interaction_reads_the_dense_patch_features():
+    x, ids, target = batch()
+    image_tower, text_tower = towers_from_open_clip(tiny_clip(), dense="clearclip")
+    config = dict(top_k=0.5, scorer="late_interaction")
+    wrapper = MaskedSelfDistill(image_tower, text_tower, Decoder(), lmvsd=LMVSDConfig(**config),
+                                vmlsd=VMLSDConfig(**config)).train()
+    with torch.no_grad():
+        out = wrapper(x, ids, target=target, generator=torch.Generator().manual_seed(0))
+        image, text = wrapper.unwrap().encode(x, ids)
+    real = (ids != 0) & (ids != SOT) & (ids != EOT)
+    similarity = torch.einsum("bnd,bld->bnl", scoring_tokens(image), text.tokens)
+    patches = similarity.masked_fill(~real[:, None], float("-inf")).amax(dim=2)
+    assert torch.equal(out.selections["lmvsd"]["kept"], select_top_k(patches, torch.ones_like(real[:, :1]).expand(-1, 16),
+                                                                      top_k=0.5))
+    assert torch.equal(out.selections["vmlsd"]["kept"], select_top_k(similarity.amax(dim=1), real, top_k=0.5))
+
+
 def hooked(mode: str) -> tuple[RISModel, HookSpec]:
     image_tower, text_tower = towers_from_open_clip(tiny_clip())
     torch.manual_seed(1)
