@@ -34,6 +34,9 @@ scoring and top-K; a difference of two step times, so noisy and possibly slightl
 Activation memory (any device): bytes saved for backward in one step (``benchmarks.activations``)
 over the baseline's: ``activation_ratio_both`` / ``_hooks`` / ``_naive`` / ``_floor``.
 Peak memory: CUDA only (``max_memory_allocated`` above the allocation before the call); null on CPU.
+RIS-style test models (``tests/ris_models``: CRIS-style late fusion, LAVT-style text -> image),
+bare vs ``masksd.wrap`` through the hook backend after the main table: ``ratio_hooks_cris_style``,
+``ratio_hooks_lavt_style`` and their floors ``ratio_floor_<model>`` (``benchmarks/step_cost_ris.py``).
 Dense scorers (``--dense-scoring value|clearclip``) and feature surgery: ``benchmarks/dense_cost.py``
 times them on this model and ``both`` step (``share_<mode>``, goal <= 0.01 of a step).
 """
@@ -55,6 +58,7 @@ from torch import Tensor, nn
 from benchmarks import _common as cm
 from benchmarks.activations import saved_activation_bytes
 from benchmarks.step_cost_report import markdown, paired_spread, ratios, table
+from benchmarks.step_cost_ris import RIS_IMAGE_SIZE, measure_ris_models, ris_table
 from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model, build_objectives, hook_spec
 from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss, wrap
 
@@ -329,6 +333,11 @@ def run(args) -> dict:
         "part_over_baseline": {k: v / med["baseline"] for k, v in parts.items()},
     }
     print(table(result), flush=True)
+    # the RIS-style test models through the hook backend, with their own floors (step_cost_ris)
+    ris_deadline = None if deadline is None else time.perf_counter() + 0.1 * args.budget
+    result.update(measure_ris_models(cfg["batch"], RIS_IMAGE_SIZE[device.type], device, timer, cfg["repeats"],
+                                     cfg["warmup"], deadline=ris_deadline))
+    print(ris_table(result), flush=True)
 
     sweep, weights = [], [n**1.2 for n in cfg["tokens"]]  # rough relative cost of a sweep point
     for i, n in enumerate(cfg["tokens"]):
@@ -386,7 +395,7 @@ def main() -> None:
             json.dump(result, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(result))
+            f.write(markdown(result) + ris_table(result) + "\n")
     if args.plot and result["sweep"]:
         cm.plot_sweep(result["sweep"], ("naive", "both", "floor"), args.plot,
                       f"CM-MaskSD step cost ({result['config']}: {result['device'][:48]})")

@@ -1,0 +1,58 @@
+"""The ``HookSpec`` of each RIS-style test model (the recipes of docs/wrapping.md with the tiny
+models' token ids and widths), shared by the tests and ``benchmarks.step_cost_ris``.
+
+Unlike the models next to it, this module imports masksd.
+"""
+
+from __future__ import annotations
+
+from masksd import HookSpec, Maskable, ModalitySpec, Tap
+
+__all__ = ["cris_spec", "lavt_spec", "timm_spec"]
+
+
+def cris_spec() -> HookSpec:
+    """CRIS (CLIP ResNet + FPN + transformer decoder; forward(img, word, mask) -> (pred.detach(), mask, loss))."""
+    return HookSpec(
+        image=ModalitySpec(
+            embed="backbone.visual.avgpool", layout="bchw", width=16,  # CLIP RN stem output [B, 16, H/4, W/4]
+            tokens=Tap("neck", kind="input", select="[0][2]", layout="bchw"),  # C5 in CLIP space [B, 32, H/32, W/32]
+            reuse=("backbone.visual.layer*", "backbone.visual.attnpool.connect"),
+        ),
+        text=ModalitySpec(
+            embed="backbone.token_embedding",
+            maskable=Maskable(ids="word", never=(0, 98, 99)),  # pad, SOT, EOT
+            tokens=Tap("backbone.ln_final", project="backbone.text_projection"),
+            global_=Tap("neck", kind="input", select="[1]"),  # CRIS's sentence state
+            reuse=("backbone.transformer", "backbone.ln_final"),
+        ),
+        logits=Tap("proj"),  # the training forward returns pred.detach()
+        target="mask",
+        loss="[2]",  # CRIS's own BCE is the segmentation term
+    )
+
+
+def lavt_spec() -> HookSpec:
+    """LAVT-One (Swin with PWAM fusion in every stage + BERT; two-class logits)."""
+    pwam = "backbone.layers.2.fusion.image_lang_att"
+    return HookSpec(
+        image=ModalitySpec(embed="backbone.patch_embed", layout="bchw",
+                           tokens=Tap(f"{pwam}.f_query", layout="bcn"),  # PWAM's pixel-word space
+                           reuse=("backbone.layers.*",)),
+        text=ModalitySpec(embed="text_encoder.embeddings.word_embeddings",
+                          maskable=Maskable(ids="input_ids", never=(2, 3), attention_mask="attention_mask"),
+                          tokens=Tap(f"{pwam}.f_key", layout="bcn"), reuse=("text_encoder",),
+                          mask_token="embedding:text_encoder.embeddings.word_embeddings:4"),  # BERT [MASK]
+        two_class=True,
+    )
+
+
+def timm_spec() -> HookSpec:
+    """A timm ViT (driven through forward_features) + a small text transformer."""
+    return HookSpec(
+        image=ModalitySpec(embed="image_encoder.patch_embed", layout="bnc",  # [B, 64, 32], 8x8 grid
+                           tokens=Tap("image_encoder.norm", select="[:, 1:]"),  # drop the class token
+                           reuse=("image_encoder.blocks", "image_encoder.norm")),
+        text=ModalitySpec(embed="text_encoder.token_embedding", maskable=Maskable(ids="ids", never=(0,)),
+                          tokens=Tap("text_encoder.norm"), reuse=("text_encoder",)),
+    )
