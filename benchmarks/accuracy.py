@@ -64,6 +64,8 @@ VARIANTS: dict[str, list[str]] = {
     "unshared": ["--no-share-decoder"],
     "prediction_scorer": ["--lmvsd-scorer", "prediction"],  # LMVSD keeps the main prediction's patches
     "random_scorer": ["--lmvsd-scorer", "random", "--vmlsd-scorer", "random"],  # top-K = a random subset
+    # no filtering (TopK 1, the paper's Table III(c) row) at the same α: masking among all tokens
+    "random_selection": ["--lmvsd-top-k", "1", "--vmlsd-top-k", "1"],
     # each token against the other modality's tokens (MaxSim) instead of its global feature
     "late_interaction_scorer": ["--lmvsd-scorer", "late_interaction", "--vmlsd-scorer", "late_interaction"],
     # the scorers that pick the referent in benchmarks/selection_probe.py: patches under the main
@@ -113,7 +115,9 @@ class Study:
     # lr multipliers of the CLIP towers tried with the pretrained CLIP (None: train.py's default,
     # 0.1 as CRIS); the random-init CLIP always trains at the full lr (train.py's default, 1)
     pretrained_backbone_grid: tuple[float | None, ...] = (None,)
-    pretrain_steps: int | None = None  # None: pretrain_clip.py's demo preset as it is
+    pretrain_steps: int | None = None  # None: pretrain_clip.py's preset as it is
+    preset: str = "demo"  # train.py --preset: "demo" (world v1, 64 px) or "v2" (world v2, 96 px)
+    pretrain_preset: str = "demo"  # pretrain_clip.py --preset of the pretrained CLIP
 
 
 # Pinned here so that later changes of the demo defaults do not change a study.
@@ -124,11 +128,18 @@ STUDIES: dict[str, Study] = {
                 epochs=4, seeds=(0, 1, 2), clips=("pretrained", "random"),
                 variants=("baseline", "masksd", "lmvsd_only", "vmlsd_only"), lr_grid=(2e-3, 4e-3, 8e-3),
                 pretrained_backbone_grid=(None, 1.0)),
-    # one seed pair from a shorter pretraining and one epoch: the whole study's path in minutes
-    "quick": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
+    # issue 16, pre-registered in docs/benchmarks.md §2 before any run: world v2, its dense CLIP,
+    # 2000 samples per evaluation split; the seeds come from the power analysis (at least 8 pairs)
+    "v3": Study(schedule=("--num-train", "8000", "--num-val", "2000", "--batch-size", "16",
+                          "--warmup-epochs", "0.25"),
+                epochs=3, seeds=tuple(range(8)), clips=("pretrained",),
+                variants=("baseline", "masksd", "random_selection", "maskris", "lmvsd_only", "vmlsd_only"),
+                lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2"),
+    # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
+    "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
                    epochs=1, seeds=(0,), clips=("pretrained",), variants=("baseline", "masksd"),
-                   lr_grid=(4e-3,), pretrain_steps=250),
+                   lr_grid=(4e-3,), pretrain_steps=200, preset="v2", pretrain_preset="v2"),
     # the first table: random init, one epoch (500 steps), lr 3e-3 (the demo's val tuning with masksd)
     "v1": Study(schedule=("--num-train", "8000", "--num-val", "500", "--batch-size", "16",
                           "--warmup-epochs", "0.25"),
@@ -147,16 +158,16 @@ def run(command: list[str], *, threads: int, label: str) -> None:
     print(f"  {label}: {time.perf_counter() - started:6.1f} s", flush=True)
 
 
-def pretrained_clip(work_dir: Path, steps: int | None, threads: int) -> dict[str, Any]:
-    """The pretrained demo CLIP (pretrain_clip.py --preset demo, cached): its file and sha256."""
+def pretrained_clip(work_dir: Path, steps: int | None, threads: int, preset: str = "demo") -> dict[str, Any]:
+    """The pretrained CLIP of the study (pretrain_clip.py --preset ``preset``, cached): its file and sha256."""
     out = work_dir / ("pretrain-clip" if steps is None else f"pretrain-clip-{steps}")
     path = out / "open_clip_pytorch_model.bin"
     if not path.is_file():
-        extra = [] if steps is None else ["--steps", str(steps)]
-        run([sys.executable, str(PRETRAIN), "--preset", "demo", "--no-progress", "--threads", str(threads),
+        extra = [] if steps is None else ["--steps", str(steps), "--eval-interval", str(steps)]
+        run([sys.executable, str(PRETRAIN), "--preset", preset, "--no-progress", "--threads", str(threads),
              "--out", str(out), *extra], threads=threads, label=f"pretrain CLIP -> {out}")
     figures = json.loads((out / "metrics.json").read_text())
-    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "preset": preset,
             "steps": steps, "final_eval": figures.get("final", figures.get("eval"))}
 
 
@@ -168,7 +179,7 @@ def lr_name(lr: LR) -> str:
 
 
 def train_command(study: Study, name: str, seed: int, lr: LR, clip: str | None, out: Path) -> list[str]:
-    return [sys.executable, str(TRAIN), "--preset", "demo", "--epochs", str(study.epochs), "--seed", str(seed),
+    return [sys.executable, str(TRAIN), "--preset", study.preset, "--epochs", str(study.epochs), "--seed", str(seed),
             "--lr", str(lr[0]), *([] if lr[1] is None else ["--backbone-lr-mult", str(lr[1])]), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
             "--out", str(out), "--resume", "auto",  # an interrupted run continues from its last epoch
             *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
@@ -233,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner = Runner(study, work_dir, jobs=args.jobs, threads=args.threads, train=not args.aggregate_only)
     started = time.perf_counter()
 
-    pretrain = pretrained_clip(work_dir, study.pretrain_steps, args.threads) if "pretrained" in clips else None
+    pretrain = (pretrained_clip(work_dir, study.pretrain_steps, args.threads, study.pretrain_preset)
+                if "pretrained" in clips else None)
     clip_file = {"pretrained": pretrain["path"] if pretrain else None, "random": None}
 
     # 1. the baseline's learning rate per setting, on val, seed 0 (before any comparison)
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "flags": {v: VARIANTS[v] for v in variants}, "threads_per_run": args.threads},
         "pretrained_clip": pretrain, "lr_tuning": tuning, "tables": {}, "differences": {}, "curves": {},
     }
-    text = [f"Study `{name}`: demo preset, {study.epochs} epoch(s), seeds {list(seeds)}, best epoch chosen on "
+    text = [f"Study `{name}`: {study.preset} preset, {study.epochs} epoch(s), seeds {list(seeds)}, best epoch chosen on "
             "val; percent, mean ± std over seeds. Learning rate tuned for the baseline on val (seed 0): "
             + "; ".join(f"{c} {t['val_miou']} → {t['chosen']}" for c, t in tuning.items())
             + " (bb: lr multiplier of the CLIP towers; none: 0.1 pretrained, 1 random init).", ""]
@@ -286,10 +298,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result.setdefault("grids", {})[clip] = report.grid(runs[clip], grid)
             text.append(report.grid_markdown(f"{clip} CLIP", result["grids"][clip]))
     headline = clips[0]
-    if "masksd" in result["differences"][headline]:
-        result["masksd_minus_baseline"] = {s: {k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}
-                                           for s, d in result["differences"][headline]["masksd"].items()}
-        result["masksd_minus_baseline_setting"] = headline
+    for variant, by_split in result["differences"][headline].items():  # masksd_minus_baseline, maskris_...
+        result[f"{variant}_minus_baseline"] = {
+            s: {**{k: d[k] for k in ("mean", "ci95_low", "ci95_high", "values")}, "pairs": len(d["values"])}
+            for s, d in by_split.items()}
+    result["minus_baseline_setting"] = headline
+    result["split_sizes"] = report.split_sizes(runs[headline])
+    result["power"] = report.power(result["differences"][headline].get("masksd", {}).get("test"))
     # where each pair ran: a pair shares one machine and one pretrained file, pairs may differ
     result["provenance"] = {clip: {str(seed): {"machine": m.get("machine", {}).get("cpu", "not recorded"),
                                                "pretrained_sha256": m.get("pretrained_sha256", "not recorded")}

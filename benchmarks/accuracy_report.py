@@ -47,6 +47,39 @@ def paired_difference(treated: list[float], control: list[float]) -> dict[str, A
 
 Runs = dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> metrics.json
 
+Z80 = 0.8416  # the 0.8 quantile of the standard normal
+
+
+def pairs_needed(sd: float, effect: float = 1.0, *, minimum: int = 8, limit: int = 200) -> int:
+    """Seed pairs for a paired two-sided 95 % t test to detect ``effect`` with 80 % power, given the
+    per-pair standard deviation ``sd`` of the difference: the smallest ``n >= minimum`` with
+    ``n >= ((t_0.975(n-1) + z_0.8) · sd / effect)²`` (the usual approximation of the noncentral t)."""
+    if sd < 0 or effect <= 0:
+        raise ValueError(f"need sd >= 0 and effect > 0, got sd={sd}, effect={effect}")
+    for n in range(max(2, minimum), limit + 1):
+        if n >= ((t975(n - 1) + Z80) * sd / effect) ** 2:
+            return n
+    return limit
+
+
+def power(test_difference: dict[str, Any] | None, effect: float = 1.0, minimum: int = 8) -> dict[str, Any]:
+    """The power analysis of a study from its paired ``masksd - baseline`` test differences (the
+    pilot pairs): their standard deviation and the pairs needed to detect ``effect`` mIoU."""
+    if not test_difference or len(test_difference["values"]) < 2:
+        return {"effect": effect, "sd": None, "pairs_needed": minimum, "pilot_pairs": 0 if not test_difference else 1,
+                "note": "fewer than 2 pairs: the minimum is used until a standard deviation can be estimated"}
+    sd = statistics.stdev(test_difference["values"])
+    return {"effect": effect, "alpha": 0.05, "power": 0.8, "sd": sd, "pilot_pairs": len(test_difference["values"]),
+            "pairs_needed": pairs_needed(sd, effect, minimum=minimum), "minimum": minimum}
+
+
+def split_sizes(runs: Runs) -> dict[str, int]:
+    """Samples evaluated per split (from any run's ``metrics.json``)."""
+    for by_seed in runs.values():
+        for metrics in by_seed.values():
+            return {split: int(metrics["splits"][split].get("count", 0)) for split in SPLITS}
+    return {}
+
 
 def aggregate(runs: Runs) -> dict[str, Any]:
     """Mean and sample std over seeds of every split/metric, per variant."""

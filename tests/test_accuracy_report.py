@@ -6,8 +6,17 @@ import math
 
 import pytest
 
-from benchmarks.accuracy import GRID_VARIANTS, VARIANTS
-from benchmarks.accuracy_report import aggregate, differences, grid, grid_markdown, paired_difference, t975
+from benchmarks.accuracy import GRID_VARIANTS, STUDIES, VARIANTS
+from benchmarks.accuracy_report import (
+    aggregate,
+    differences,
+    grid,
+    grid_markdown,
+    paired_difference,
+    pairs_needed,
+    power,
+    t975,
+)
 
 
 def _metrics(miou: float) -> dict:
@@ -62,3 +71,28 @@ def test_grid_reads_values_around_the_branch_alone_run_and_names_the_default() -
 def test_grid_variants_set_one_hyper_parameter_on_one_branch() -> None:
     assert VARIANTS["lmvsd_only-top_k1"] == ["--no-vmlsd", "--lmvsd-top-k", "1.0"]
     assert VARIANTS["vmlsd_only-weight0.5"] == ["--no-lmvsd", "--vmlsd-weight", "0.5"]
+
+
+def test_pairs_needed_matches_the_normal_approximation_and_keeps_the_minimum() -> None:
+    # sd 1.5, effect 1: (1.96 + 0.84)² · 1.5² ≈ 17.7 by the normal; the t quantile adds ~2 pairs
+    assert pairs_needed(1.5) == 20 and pairs_needed(0.1) == 8 and pairs_needed(0.1, minimum=3) == 3
+    assert pairs_needed(2.0, effect=2.0) == pairs_needed(1.0, effect=1.0)  # only sd / effect matters
+    n = pairs_needed(2.14)
+    assert n >= ((t975(n - 1) + 0.8416) * 2.14) ** 2 > n - 1
+    with pytest.raises(ValueError, match="sd"):
+        pairs_needed(-1.0)
+
+
+def test_power_reads_the_pilot_differences_and_says_when_it_cannot() -> None:
+    got = power({"values": [1.0, -1.0, 2.0, 0.0]})
+    assert got["pilot_pairs"] == 4 and math.isclose(got["sd"], 1.2909944, rel_tol=1e-6)
+    assert got["pairs_needed"] == pairs_needed(got["sd"])
+    assert power(None)["sd"] is None and power({"values": [0.3]})["pairs_needed"] == 8
+
+
+def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path() -> None:
+    v3, quick = STUDIES["v3"], STUDIES["quick"]
+    assert (v3.preset, v3.pretrain_preset) == ("v2", "v2") == (quick.preset, quick.pretrain_preset)
+    assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
+    assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
+    assert set(v3.variants) <= set(VARIANTS)
