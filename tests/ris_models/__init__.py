@@ -16,6 +16,9 @@ loop feeds to the model.
 * :mod:`ris_models.timm_style` -- ``TimmRIS``: timm ``VisionTransformer`` image encoder driven
   through ``forward_features`` + a small ``nn.TransformerEncoder`` text encoder, late fusion in
   a conv neck. Returns logits ``[B, 1, H/4, W/4]`` in both modes; loss (``bce_loss``) outside.
+
+:mod:`ris_models.specs` holds each model's ``HookSpec`` (it imports masksd; the tests and
+``benchmarks.step_cost_ris`` share it).
 """
 
 __all__ = ["cris_style", "lavt_style", "timm_style"]
