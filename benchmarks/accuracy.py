@@ -117,6 +117,9 @@ class Study:
     pretrained_backbone_grid: tuple[float | None, ...] = (None,)
     pretrain_steps: int | None = None  # None: pretrain_clip.py's preset as it is
     preset: str = "demo"  # train.py --preset: "demo" (world v1, 64 px) or "v2" (world v2, 96 px)
+    # variants that run on the first ``secondary_pairs`` seeds only (the budget's second priority)
+    secondary: tuple[str, ...] = ()
+    secondary_pairs: int = 0
     pretrain_preset: str = "demo"  # pretrain_clip.py --preset of the pretrained CLIP
 
 
@@ -132,9 +135,10 @@ STUDIES: dict[str, Study] = {
     # 2000 samples per evaluation split; the seeds come from the power analysis (at least 8 pairs)
     "v3": Study(schedule=("--num-train", "8000", "--num-val", "2000", "--batch-size", "16",
                           "--warmup-epochs", "0.25"),
-                epochs=3, seeds=tuple(range(8)), clips=("pretrained",),
+                epochs=2, seeds=tuple(range(8)), clips=("pretrained",),
                 variants=("baseline", "masksd", "random_selection", "maskris", "lmvsd_only", "vmlsd_only"),
-                lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2"),
+                lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2",
+                secondary=("lmvsd_only", "vmlsd_only"), secondary_pairs=4),
     # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
     "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
@@ -262,12 +266,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{clip}: baseline val mIoU by lr {val} -> {lr_name(best)}", flush=True)
 
     # 2. every variant at that lr: baseline and masksd for every seed first, then the other
-    #    variants (a partial study still has the headline pairs)
+    #    variants, then the secondary ones (a partial study still has the headline pairs)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {clip: {v: {} for v in variants} for clip in clips}
     first = [v for v in variants if v in ("baseline", "masksd")]
-    groups = (first, [v for v in variants if v not in first])
+    rest = [v for v in variants if v not in first]
+    groups = (first, [v for v in rest if v not in study.secondary], [v for v in rest if v in study.secondary])
+    def wanted(variant: str, seed: int) -> bool:  # secondary variants: the first pairs only
+        return variant not in study.secondary or seed < study.seeds[0] + study.secondary_pairs
+
     jobs = [(clip, clip_file[clip], v, seed, (tuning[clip]["lr"], tuning[clip]["backbone_lr_mult"]))
-            for group in groups for seed in seeds for clip in clips for v in group]
+            for group in groups for seed in seeds for clip in clips for v in group if wanted(v, seed)]
     for job, metrics in zip(jobs, runner.many(jobs), strict=True):
         if metrics is not None:
             runs[job[0]][job[2]][job[3]] = metrics

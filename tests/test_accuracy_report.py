@@ -95,4 +95,4 @@ def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path()
     assert (v3.preset, v3.pretrain_preset) == ("v2", "v2") == (quick.preset, quick.pretrain_preset)
     assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
     assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
-    assert set(v3.variants) <= set(VARIANTS)
+    assert set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants) and v3.secondary_pairs >= 4
