@@ -64,6 +64,9 @@ VARIANTS: dict[str, list[str]] = {
     "unshared": ["--no-share-decoder"],
     "prediction_scorer": ["--lmvsd-scorer", "prediction"],  # LMVSD keeps the main prediction's patches
     "random_scorer": ["--lmvsd-scorer", "random", "--vmlsd-scorer", "random"],  # top-K = a random subset
+    # the branches replay the main branch's dropout draws (issue 18 item 5); the demo and v2 models
+    # have no dropout, so this variant differs from masksd only on a model with dropout
+    "dropout_replay": ["--dropout", "replay"],
     # no filtering (TopK 1, the paper's Table III(c) row) at the same α: masking among all tokens
     "random_selection": ["--lmvsd-top-k", "1", "--vmlsd-top-k", "1"],
     # each token against the other modality's tokens (MaxSim) instead of its global feature

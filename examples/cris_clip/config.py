@@ -48,6 +48,8 @@ LIBRARY_HELP = {
     "hard_targets": "binarise the teacher prediction at --threshold instead of soft probabilities",
     "threshold": "probability threshold of --hard-targets",
     "seg_weight": "weight of the main segmentation loss",
+    "dropout": "dropout in the masked branches: fresh draws (default) or the main branch's replayed "
+               "(then the mask is the branches' only difference; equal on a model without dropout)",
 }
 
 
@@ -139,7 +141,8 @@ def _flag_fields(config: Any) -> list[tuple[dataclasses.Field, Any, str]]:
     """``(field, type, help)`` of the fields of dataclass ``config`` that become flags."""
     hints, out = typing.get_type_hints(type(config)), []
     for f in fields(config):
-        text = f.metadata.get("help") or LIBRARY_HELP.get(f.name)
+        library = type(config).__module__.startswith("masksd.")  # LIBRARY_HELP names masksd's fields only
+        text = f.metadata.get("help") or (LIBRARY_HELP.get(f.name) if library else None)
         if text is not None:
             kind = hints[f.name]
             if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: a flag of type X
