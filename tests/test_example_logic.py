@@ -206,3 +206,30 @@ def test_dynamic_conv_is_a_per_sample_convolution() -> None:
     x, weight, bias = torch.randn(4, 6, 9, 11, generator=g), torch.randn(4, 6, 3, 3, generator=g), torch.randn(4, generator=g)
     loop = torch.cat([F.conv2d(x[i : i + 1], weight[i : i + 1], bias[i : i + 1], padding=1) for i in range(4)])
     torch.testing.assert_close(model.dynamic_conv(x, weight, bias), loop, rtol=1e-5, atol=1e-5)
+
+
+
+def test_resume_check_treats_settings_added_since_the_checkpoint_as_defaults() -> None:
+    import subprocess
+    import sys
+
+    probe = """
+import json
+import config
+now = config.PRESETS["demo"].to_dict()
+older = json.loads(json.dumps(now))  # a checkpoint written before these settings existed
+del older["data"]["world"], older["model"]["dense_scoring"], older["distill"]["lmvsd"]["surgery"]
+out = [config.trajectory_changes(older, now)]
+older["optim"]["lr"] = 1.0
+out.append(config.trajectory_changes(older, now))
+changed = json.loads(json.dumps(now))
+changed["data"]["world"] = "v2"
+out.append(config.trajectory_changes(changed, now))
+print(json.dumps(out))
+"""
+    example = Path(__file__).resolve().parents[1] / "examples" / "cris_clip"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=example, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    same, lr, world = json.loads(done.stdout)
+    assert same == {} and list(lr) == ["optim.lr"] and lr["optim.lr"][0] == 1.0
+    assert world == {"data.world": ["v2", "v1"]}

@@ -279,11 +279,19 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
 
 
 def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Settings that differ between two ``Config.to_dict()``, by dotted name, ``run`` excluded."""
+    """Settings that differ between two ``Config.to_dict()``, by dotted name, ``run`` excluded. A
+    setting added to the code after ``saved`` was written counts as its default there, so a run
+    resumes across versions as long as the new setting is left at its default."""
+    try:  # fill what an older checkpoint lacks with the defaults
+        saved = Config.from_dict(saved).to_dict()
+    except (KeyError, TypeError, ValueError):  # unknown or malformed: compare as written
+        pass
+
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict)
+                       else {prefix + k: list(v) if isinstance(v, tuple) else v})  # JSON has no tuples
         return out
 
     a, b = flat({k: v for k, v in saved.items() if k != "run"}), flat({k: v for k, v in now.items() if k != "run"})
