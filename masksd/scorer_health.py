@@ -90,8 +90,8 @@ def score_problem(context: DistillContext, modality: str, scores: Tensor, maskab
     if problem is None:
         flat = _flat_or_tied(scores, maskable)
         if flat is not None:
-            problem = (
-                f"{flat}. Fix: tap a feature that varies over the {modality} tokens, or choose another "
-                "scorer ('late_interaction', 'prediction' or 'random')"
-            )
+            others = ", ".join(repr(o) for o in ("late_interaction", "prediction", "random") if o != scorer)
+            source = ("the main prediction is coarser than the units or saturated" if scorer == "prediction"
+                      else f"tap a feature that varies over the {modality} tokens")
+            problem = f"{flat}. Fix: {source}, or choose another scorer ({others})"
     return None if problem is None else f"scorer {name!r} for {modality} tokens is degenerate: {problem}"
