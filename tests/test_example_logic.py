@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
-from examples.cris_clip import data, model, roles, synthetic  # noqa: E402
+from examples.cris_clip import cris_head, data, model, roles, synthetic  # noqa: E402
 
 
 # ------------------------------------------------------------------------------- letterbox
@@ -205,7 +205,7 @@ def test_dynamic_conv_is_a_per_sample_convolution() -> None:
     g = torch.Generator().manual_seed(3)
     x, weight, bias = torch.randn(4, 6, 9, 11, generator=g), torch.randn(4, 6, 3, 3, generator=g), torch.randn(4, generator=g)
     loop = torch.cat([F.conv2d(x[i : i + 1], weight[i : i + 1], bias[i : i + 1], padding=1) for i in range(4)])
-    torch.testing.assert_close(model.dynamic_conv(x, weight, bias), loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cris_head.dynamic_conv(x, weight, bias), loop, rtol=1e-5, atol=1e-5)
 
 
 
