@@ -384,11 +384,17 @@ class SyntheticReferDataset(Dataset):
     ``id`` str (:func:`generate_sample` gives the full :class:`SyntheticSample`).
     """
 
-    def __init__(self, split: str, *, num_samples: int | None = None, image_size: int = 64, seed: int = 0) -> None:
+    #: the world's sample generator and split sizes (world v2's dataset subclasses this one)
+    generate = staticmethod(generate_sample)
+    default_sizes: dict[str, int] = DEFAULT_SIZES
+
+    def __init__(self, split: str, *, num_samples: int | None = None, image_size: int | None = None,
+                 seed: int = 0) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
-        n = DEFAULT_SIZES[split] if num_samples is None else num_samples
-        self.split, self.num_samples, self.image_size, self.seed = split, int(n), image_size, seed
+        n = self.default_sizes[split] if num_samples is None else num_samples
+        self.split, self.num_samples, self.seed = split, int(n), seed
+        self.image_size = image_size  # None: the world's own (64 px here, 96 px in world v2)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -396,5 +402,6 @@ class SyntheticReferDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        s = generate_sample(self.split, int(index), image_size=self.image_size, seed=self.seed)
+        size = {} if self.image_size is None else {"image_size": self.image_size}
+        s = self.generate(self.split, int(index), seed=self.seed, **size)
         return {"image": s.image, "mask": s.mask, "sentence": s.sentence, "id": s.id}

@@ -30,12 +30,29 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from torch.utils.data import Dataset
 
 try:  # a script run of this folder imports siblings by plain name
-    from synthetic import COLOURS, HELD_OUT_COMBOS, SHAPES, SPLIT_IDS, Phrase, SceneObject, SyntheticSample
+    from synthetic import (
+        COLOURS,
+        HELD_OUT_COMBOS,
+        SHAPES,
+        SPLIT_IDS,
+        Phrase,
+        SceneObject,
+        SyntheticReferDataset,
+        SyntheticSample,
+    )
 except ModuleNotFoundError:  # imported as examples.cris_clip.world_v2 (tests)
-    from .synthetic import COLOURS, HELD_OUT_COMBOS, SHAPES, SPLIT_IDS, Phrase, SceneObject, SyntheticSample
+    from .synthetic import (
+        COLOURS,
+        HELD_OUT_COMBOS,
+        SHAPES,
+        SPLIT_IDS,
+        Phrase,
+        SceneObject,
+        SyntheticReferDataset,
+        SyntheticSample,
+    )
 
 IMAGE_SIZE = 96  # with the demo CLIP's patch 8: a 12×12 grid
 STREAM = 200  # seed-sequence tag of world v2: [seed, STREAM, split id, index]
@@ -284,22 +301,10 @@ def generate_sample(split: str, index: int, *, image_size: int = IMAGE_SIZE, see
                                    id=f"world_v2/{split}/{seed}/{index}")
 
 
-class WorldV2Dataset(Dataset):
+class WorldV2Dataset(SyntheticReferDataset):
     """Lazily generated split of world v2; items as ``synthetic.SyntheticReferDataset``'s:
-    ``image`` uint8 ``[S, S, 3]``, ``mask`` bool ``[S, S]``, ``sentence``, ``id``."""
+    ``image`` uint8 ``[S, S, 3]`` (96 px unless ``image_size`` is given), ``mask`` bool ``[S, S]``,
+    ``sentence``, ``id``."""
 
-    def __init__(self, split: str, *, num_samples: int | None = None, image_size: int = IMAGE_SIZE,
-                 seed: int = 0) -> None:
-        if split not in SPLIT_IDS:
-            raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
-        self.split, self.image_size, self.seed = split, image_size, seed
-        self.num_samples = int(DEFAULT_SIZES[split] if num_samples is None else num_samples)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        s = generate_sample(self.split, int(index), image_size=self.image_size, seed=self.seed)
-        return {"image": s.image, "mask": s.mask, "sentence": s.sentence, "id": s.id}
+    generate = staticmethod(generate_sample)
+    default_sizes = DEFAULT_SIZES
