@@ -221,6 +221,16 @@ def test_a_dense_tap_on_a_hooked_model_selects_as_the_dense_tower(mode):
         assert torch.equal(hooks_out.selections[branch]["kept"], towers_out.selections[branch]["kept"])
 
 
+def test_objectives_that_train_on_a_dense_taps_tokens_are_refused():
+    from masksd.objectives import CrossModalAlignment
+
+    x, ids, target = batch()
+    model, spec = hooked("value")
+    wrapped = masksd.wrap(model, spec, extra_objectives=[CrossModalAlignment()])
+    with pytest.raises(ValueError, match="dense scoring tap.*without gradient"):
+        wrapped.train()(x, ids, target=target)
+
+
 @pytest.mark.parametrize("metric", ["dot", "cosine"])
 def test_surgery_subtracts_each_tokens_mean_score_over_the_batch(metric):
     x, ids, target = batch(5)

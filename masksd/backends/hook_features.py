@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from masksd.adapters.clip_dense import STEP_PREFIX as DENSE_STEP
 from masksd.backends.base import MainBranch, Modality, check_ids
 from masksd.backends.taps import layout_grid, resolve_module, to_bnc
 from masksd.towers import Encoded, Fused
@@ -89,6 +90,16 @@ class HookCapabilities:
         main = self._main_branch()
         if modality not in main.embedded:
             return None
+        tap = self.spec.modality(modality).tokens
+        steps = () if tap is None or tap.project is None else (
+            (tap.project,) if isinstance(tap.project, str) else tap.project)
+        if any(step.startswith(DENSE_STEP) for step in steps):
+            raise ValueError(
+                f"HookSpec.{modality}.tokens is a dense scoring tap ({tap.project!r}), computed without gradient, "
+                "and an objective asked for the encoder's features with their gradient (Mask Grounding, "
+                "cross-modal alignment on encoder features): keep the plain tap for such objectives, or use the "
+                "tower adapter's dense= (scorers only)"
+            )
         return self._encoded(modality, main.embedded[modality], self._main_values, grad=True)
 
     def fused(self) -> Fused:
