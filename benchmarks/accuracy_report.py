@@ -93,14 +93,25 @@ def aggregate(runs: Runs) -> dict[str, Any]:
     return table
 
 
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' ``metrics.json`` name the same CPU model and pretrained file (where both
+    record them): float results differ across CPU models, so only such runs make a pair."""
+    for key in ("cpu", "sha"):
+        x = a.get("machine", {}).get("cpu") if key == "cpu" else a.get("pretrained_sha256")
+        y = b.get("machine", {}).get("cpu") if key == "cpu" else b.get("pretrained_sha256")
+        if x is not None and y is not None and x != y:
+            return False
+    return True
+
+
 def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
     """Per variant (other than ``control``) and split: the paired mIoU difference to ``control``
-    over the seeds both have run."""
+    over the seeds both have run on one machine (:func:`same_machine`)."""
     if control not in runs:
         return {}
     out = {}
     for name, by_seed in runs.items():
-        seeds = sorted(set(by_seed) & set(runs[control]))
+        seeds = sorted(s for s in set(by_seed) & set(runs[control]) if same_machine(by_seed[s], runs[control][s]))
         if name == control or not seeds:
             continue
         out[name] = {}

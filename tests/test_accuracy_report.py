@@ -96,3 +96,14 @@ def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path()
     assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
     assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
     assert set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants) and v3.secondary_pairs >= 4
+
+
+def test_runs_from_different_machines_or_clip_files_are_never_paired() -> None:
+    def run(miou: float, cpu: str, sha: str = "a") -> dict:
+        splits = {split: {"miou": miou} for split in ("val", "test", "compositional")}
+        return {"splits": splits, "machine": {"cpu": cpu}, "pretrained_sha256": sha}
+
+    runs = {"baseline": {0: run(30.0, "Xeon"), 1: run(31.0, "Xeon"), 2: run(30.0, "EPYC"), 3: run(30.0, "Xeon")},
+            "masksd": {0: run(31.0, "Xeon"), 1: run(33.0, "Xeon"), 2: run(40.0, "Xeon"), 3: run(40.0, "Xeon", "b")}}
+    got = differences(runs)["masksd"]["test"]
+    assert got["seeds"] == [0, 1] and got["values"] == [1.0, 2.0]
