@@ -34,3 +34,17 @@ def test_probe_reports_every_scorer_with_rates(tmp_path, preset) -> None:
     for key, rate in results["correlation/dot"].items():
         if key.startswith("kept_rate/"):
             assert rate == results["value/dot"][key] or math.isnan(rate) and math.isnan(results["value/dot"][key])
+
+
+def test_probe_plot_divides_kept_on_target_by_the_area_per_clip(tmp_path) -> None:
+    import json
+
+    from benchmarks import probe_plot
+
+    report = {"preset": "v2", "settings": {"pretrained": {"correlation/dot": {"precision": 0.25, "random": 0.125},
+                                                          "random/dot": {"precision": 0.1, "random": 0.1}}}}
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(report))
+    groups = probe_plot.main([str(path), "--out", str(tmp_path / "probe.png")])
+    assert groups == {"CLIP v2, world v2 (pretrained)": {"correlation/dot": 2.0, "random/dot": 1.0}}
+    assert (tmp_path / "probe.png").stat().st_size > 0
