@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = "\n".join(text)
     print("\n" + md)
     stem = f"accuracy_{name}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report.finite(result), indent=2, allow_nan=False) + "\n")
     (out_dir / f"{stem}.md").write_text(md)
     plotted = {c: {v: x for v, x in by_v.items() if v not in GRID_VARIANTS} for c, by_v in result["curves"].items()}
     report.plot_curves(plotted, out_dir / f"{stem}_curves.png")  # the grids are tabulated only

@@ -93,6 +93,17 @@ def aggregate(runs: Runs) -> dict[str, Any]:
     return table
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN / infinity replaced by None (strict JSON: an interval of one pair)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two runs' ``metrics.json`` name the same CPU model and pretrained file (where both
     record them): float results differ across CPU models, so only such runs make a pair."""

@@ -107,3 +107,13 @@ def test_runs_from_different_machines_or_clip_files_are_never_paired() -> None:
             "masksd": {0: run(31.0, "Xeon"), 1: run(33.0, "Xeon"), 2: run(40.0, "Xeon"), 3: run(40.0, "Xeon", "b")}}
     got = differences(runs)["masksd"]["test"]
     assert got["seeds"] == [0, 1] and got["values"] == [1.0, 2.0]
+
+
+def test_finite_turns_nan_into_null_for_strict_json() -> None:
+    import json
+
+    from benchmarks.accuracy_report import finite
+
+    data = finite({"one_pair": paired_difference([1.0], [0.0]), "x": (math.inf, 2.0)})
+    assert data["one_pair"]["ci95_low"] is None and data["x"] == [None, 2.0]
+    json.dumps(data, allow_nan=False)
