@@ -34,6 +34,18 @@ def paired_spread(times: dict, keys: Sequence[str]) -> dict:
     return out
 
 
+def goals(r: dict) -> dict[str, bool]:
+    """The cost goals of a step_cost result, each met or not."""
+    return {
+        "ratio_both <= 1.05 * ratio_floor": r["ratio_both"] <= 1.05 * r["ratio_floor"],
+        "ratio_both < ratio_naive": r["ratio_both"] < r["ratio_naive"],
+        "ratio_hooks_vs_towers <= 1.05": r["ratio_hooks_vs_towers"] <= 1.05,
+        "ratio_maskris <= 1.05 * ratio_floor_maskris": r["ratio_maskris"] <= 1.05 * r["ratio_floor_maskris"],
+        "eval_ratio <= 1.05": r["eval_ratio"] <= 1.05,
+        "masking_share <= 0.01": r["masking_share"] <= 0.01,
+    }
+
+
 def table(r: dict) -> str:
     peaks = r["peak_mem_mib"] or {}
     lines = [f"Step cost, config `{r['config']}`, {r['device']}, torch {r['torch']}, batch {r['batch']}, "

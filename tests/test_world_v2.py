@@ -106,11 +106,7 @@ def test_word_roles_mark_the_target_noun_and_the_relations_anchor() -> None:
 
 
 def test_dense_targets_put_the_sentence_on_its_subjects_and_each_word_on_its_object() -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cris_clip"))
-    import pretrain_dense as dense  # the pretraining scripts import their siblings by plain name
+    from examples.cris_clip import pretrain_dense as dense
 
     grid, context = 12, 17
     for i in range(40):

@@ -23,15 +23,22 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from captions import Caption, CaptionSample, Mention
-from data import letterbox
 from einops import einsum
-from pretrain_metrics import coverage
 from torch import Tensor
 from torch.utils.data import Dataset
-from world_v2 import Expression, make_expression, make_scene, render, scene_rng
 
 from masksd import Encoded
+
+try:  # a script run of this folder (pretrain_clip.py) imports siblings by plain name
+    from captions import Caption, CaptionSample, Mention
+    from data import letterbox
+    from pretrain_metrics import coverage
+    from world_v2 import Expression, make_expression, make_scene, render, scene_rng
+except ModuleNotFoundError:  # imported as examples.cris_clip.pretrain_dense (tests)
+    from .captions import Caption, CaptionSample, Mention
+    from .data import letterbox
+    from .pretrain_metrics import coverage
+    from .world_v2 import Expression, make_expression, make_scene, render, scene_rng
 
 STREAM = 300  # seed-sequence tag of the v2 caption world: [seed, STREAM, split id, index]
 TWO_CLAUSES_P = 0.4

@@ -378,13 +378,10 @@ def generate_scene(rng: np.random.Generator, *, image_size: int = 64, split: str
 
 
 class SyntheticReferDataset(Dataset):
-    """Lazily generated synthetic split; item ``i`` is :func:`generate_sample` ``(split, i)``.
+    """Lazily generated split; item ``i`` is :attr:`generate` ``(split, i)`` as a dict: ``image``
+    uint8 ``[H, W, 3]``, ``mask`` bool ``[H, W]``, ``sentence``, ``id``. ``image_size`` None: the
+    world's own. World v2's dataset subclasses this one with its own generator and split sizes."""
 
-    Items are dicts: ``image`` uint8 ``[H, W, 3]``, ``mask`` bool ``[H, W]``, ``sentence`` str,
-    ``id`` str (:func:`generate_sample` gives the full :class:`SyntheticSample`).
-    """
-
-    #: the world's sample generator and split sizes (world v2's dataset subclasses this one)
     generate = staticmethod(generate_sample)
     default_sizes: dict[str, int] = DEFAULT_SIZES
 
@@ -393,8 +390,7 @@ class SyntheticReferDataset(Dataset):
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
         n = self.default_sizes[split] if num_samples is None else num_samples
-        self.split, self.num_samples, self.seed = split, int(n), seed
-        self.image_size = image_size  # None: the world's own (64 px here, 96 px in world v2)
+        self.split, self.num_samples, self.seed, self.image_size = split, int(n), seed, image_size
 
     def __len__(self) -> int:
         return self.num_samples

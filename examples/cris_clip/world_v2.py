@@ -32,27 +32,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 try:  # a script run of this folder imports siblings by plain name
-    from synthetic import (
-        COLOURS,
-        HELD_OUT_COMBOS,
-        SHAPES,
-        SPLIT_IDS,
-        Phrase,
-        SceneObject,
-        SyntheticReferDataset,
-        SyntheticSample,
-    )
+    import synthetic
 except ModuleNotFoundError:  # imported as examples.cris_clip.world_v2 (tests)
-    from .synthetic import (
-        COLOURS,
-        HELD_OUT_COMBOS,
-        SHAPES,
-        SPLIT_IDS,
-        Phrase,
-        SceneObject,
-        SyntheticReferDataset,
-        SyntheticSample,
-    )
+    from . import synthetic
+
+COLOURS, HELD_OUT_COMBOS, SHAPES, SPLIT_IDS = (synthetic.COLOURS, synthetic.HELD_OUT_COMBOS, synthetic.SHAPES,
+                                               synthetic.SPLIT_IDS)
+Phrase, SceneObject, SyntheticReferDataset, SyntheticSample = (synthetic.Phrase, synthetic.SceneObject,
+                                                               synthetic.SyntheticReferDataset,
+                                                               synthetic.SyntheticSample)
 
 IMAGE_SIZE = 96  # with the demo CLIP's patch 8: a 12×12 grid
 STREAM = 200  # seed-sequence tag of world v2: [seed, STREAM, split id, index]
