@@ -128,6 +128,7 @@ class Study:
     secondary: tuple[str, ...] = ()
     secondary_pairs: int = 0
     pretrain_preset: str = "demo"  # pretrain_clip.py --preset of the pretrained CLIP
+    probe: str | None = None  # benchmarks/selection_probe.py's JSON on this study's CLIP (reported beside it)
 
 
 # Pinned here so that later changes of the demo defaults do not change a study.
@@ -147,7 +148,8 @@ STUDIES: dict[str, Study] = {
                 variants=("baseline", "masksd", "recommended_scorer", "random_selection", "maskris", "lmvsd_only",
                           "vmlsd_only"),
                 lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2",
-                secondary=("lmvsd_only", "vmlsd_only"), secondary_pairs=4),
+                secondary=("lmvsd_only", "vmlsd_only"), secondary_pairs=4,
+                probe="docs/benchmarks/selection_probe_v2.json"),
     # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
     "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
@@ -323,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["split_sizes"] = report.split_sizes(runs[headline])
     result["power"] = report.power(result["differences"][headline].get("masksd", {}).get("test"))
     # where each pair ran: a pair shares one machine and one pretrained file, pairs may differ
+    if study.probe and Path(study.probe).is_file():  # the scorers' kept-on-referent before any RIS training
+        sha = pretrain.get("sha256") if pretrain else None
+        result["probe"] = {"file": study.probe,
+                           **report.probe_summary(json.loads(Path(study.probe).read_text()), sha)}
     result["provenance"] = {clip: {str(seed): {"machine": m.get("machine", {}).get("cpu", "not recorded"),
                                                "pretrained_sha256": m.get("pretrained_sha256", "not recorded")}
                                    for seed, m in sorted(runs[clip].get("baseline", {}).items())} for clip in clips}

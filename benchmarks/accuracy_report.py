@@ -73,6 +73,21 @@ def power(test_difference: dict[str, Any] | None, effect: float = 1.0, minimum: 
             "pairs_needed": pairs_needed(sd, effect, minimum=minimum), "minimum": minimum}
 
 
+def probe_summary(probe: dict[str, Any], clip_sha256: str | None) -> dict[str, Any]:
+    """The selection probe's figures for a study's CLIP (``benchmarks/selection_probe.py`` JSON):
+    per scorer, kept-on-referent precision against the referent's area fraction (the chance rate)
+    and their ratio, and the kept rates of target nouns vs function words."""
+    scorers = {
+        scorer: {"kept_on_referent": r["precision"], "area_fraction": r["random"],
+                 "ratio": r["precision"] / r["random"] if r["random"] else None,
+                 "kept_target_noun": r.get("kept_rate/target_noun"), "kept_function_word": r.get("kept_rate/function")}
+        for scorer, r in probe["settings"].get("pretrained", {}).items()}
+    return {"preset": probe.get("preset"), "samples": probe.get("samples"),
+            "pretrained_sha256": probe.get("pretrained_sha256"),
+            "same_clip_as_study": clip_sha256 is not None and probe.get("pretrained_sha256") == clip_sha256,
+            "scorers": scorers}
+
+
 def split_sizes(runs: Runs) -> dict[str, int]:
     """Samples evaluated per split (from any run's ``metrics.json``)."""
     for by_seed in runs.values():

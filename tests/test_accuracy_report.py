@@ -15,6 +15,7 @@ from benchmarks.accuracy_report import (
     paired_difference,
     pairs_needed,
     power,
+    probe_summary,
     t975,
 )
 
@@ -96,6 +97,19 @@ def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path()
     assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
     assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
     assert set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants) and v3.secondary_pairs >= 4
+
+
+def test_probe_summary_reads_kept_on_referent_against_area_and_checks_the_clip_file() -> None:
+    probe = {"preset": "v2", "samples": 4, "pretrained_sha256": "abc",
+             "settings": {"random init": {}, "pretrained": {"correlation/dot": {
+                 "precision": 0.25, "random": 0.125, "recall": 0.9, "kept_rate/target_noun": 0.5,
+                 "kept_rate/function": 0.75}}}}
+    summary = probe_summary(probe, "abc")
+    assert summary["same_clip_as_study"] and summary["samples"] == 4
+    assert summary["scorers"]["correlation/dot"] == {"kept_on_referent": 0.25, "area_fraction": 0.125, "ratio": 2.0,
+                                                    "kept_target_noun": 0.5, "kept_function_word": 0.75}
+    assert not probe_summary(probe, "another file")["same_clip_as_study"]
+    assert STUDIES["v3"].probe and STUDIES["v3"].probe.endswith(".json")
 
 
 def test_runs_from_different_machines_or_clip_files_are_never_paired() -> None:
