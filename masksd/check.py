@@ -122,6 +122,9 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
                     b.copy_(buffers[name])
         wrapper.train(was_training)
     facts = backend.describe()
+    warnings = [f"{o.name}: {o.score_warning}" for o in objectives if getattr(o, "score_warning", None)]
+    if hooked:
+        warnings += _never_called(backend)
     return WrapReport(
         backend=facts.get("backend", type(backend).__name__),
         fusion=str(facts.get("fusion", "")),
@@ -131,5 +134,17 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         taps=_nested(backend.tap_log) if hooked else {},
         losses={k: float(v) for k, v in out.losses.items()},
         no_grad=no_grad,
-        warnings=[f"{o.name}: {o.score_warning}" for o in objectives if getattr(o, "score_warning", None)],
+        warnings=warnings,
     )
+
+
+def _never_called(backend: HookBackend) -> list[str]:
+    """A ``reuse`` module the main branch never called as a module: nothing can be reused."""
+    return [
+        f"reuse module {path!r} never ran as a module in the main branch (the model uses it another way, e.g. "
+        "its weights directly, or not at all), so the masked branches cannot reuse its output and compute "
+        "whatever the model does with it again: correct, but it costs that computation; list in `reuse` the "
+        "modules the model calls (see the calls above), or drop this one"
+        for path in backend.reuse_paths()
+        if not backend.call_log.get(("main", path)) and not backend.replay_log.get(("main", path))
+    ]

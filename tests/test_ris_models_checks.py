@@ -142,6 +142,23 @@ def test_the_fix_tapping_before_the_instance_norm_silences_it():
     assert report.warnings == []
 
 
+def test_a_reuse_module_the_model_never_calls_is_reported():
+    """The CRIS-style model runs its attention pool through ``F.multi_head_attention_forward`` with
+    ``attnpool``'s weights, so ``attnpool.c_proj`` never runs as a module: listed in ``reuse`` it
+    can reuse nothing, and ``check()`` says so (the recipe's ``attnpool.connect`` does run)."""
+    spec = cris_spec()
+    image = dataclasses.replace(spec.image, reuse=(*spec.image.reuse, "backbone.visual.attnpool.c_proj"))
+    torch.manual_seed(0)
+    wrapper = masksd.wrap(cris_style.CRIS(), dataclasses.replace(spec, image=image))
+    batch = cris_style.make_batch(seed=0)
+    report = wrapper.check(batch.img, batch.word, batch.mask)
+    assert len(report.warnings) == 1, report.warnings
+    assert "'backbone.visual.attnpool.c_proj' never ran as a module" in report.warnings[0]
+    assert "attnpool.connect" not in report.warnings[0] and "warning: reuse module" in str(report)
+    wrapper = masksd.wrap(cris_style.CRIS(), cris_spec())
+    assert wrapper.check(batch.img, batch.word, batch.mask).warnings == []
+
+
 def test_reference_model_scorers_are_not_degenerate():
     pytest.importorskip("open_clip")
     from examples.cris_clip.model import MODEL_CONFIGS, build_model, hook_spec

@@ -354,6 +354,10 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         for values in self._values.values():
             values.clear()
 
+    def reuse_paths(self) -> list[str]:
+        """The ``reuse`` modules' paths (both modalities), as the spec's patterns expanded."""
+        return [path for m in self._modalities for path, _ in self._reuse[m]]
+
     def describe(self) -> dict[str, Any]:
         passes = {}
         for name, m in (("lmvsd", "image"), ("vmlsd", "text")):
