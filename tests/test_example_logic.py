@@ -215,6 +215,7 @@ def test_resume_check_treats_settings_added_since_the_checkpoint_as_defaults() -
 
     probe = """
 import json
+from pathlib import Path
 import config
 now = config.PRESETS["demo"].to_dict()
 older = json.loads(json.dumps(now))  # a checkpoint written before these settings existed
@@ -225,11 +226,17 @@ out.append(config.trajectory_changes(older, now))
 changed = json.loads(json.dumps(now))
 changed["data"]["world"] = "v2"
 out.append(config.trajectory_changes(changed, now))
+relative, absolute = dict(now, model=dict(now["model"])), dict(now, model=dict(now["model"]))
+relative["model"]["pretrained"], absolute["model"]["pretrained"] = "config.py", str(Path("config.py").resolve())
+out.append(config.trajectory_changes(relative, absolute))  # one file, two spellings
+absolute["model"]["pretrained"] = str(Path("model.py").resolve())
+out.append(config.trajectory_changes(relative, absolute))
 print(json.dumps(out))
 """
     example = Path(__file__).resolve().parents[1] / "examples" / "cris_clip"
     done = subprocess.run([sys.executable, "-c", probe], cwd=example, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    same, lr, world = json.loads(done.stdout)
+    same, lr, world, same_file, other_file = json.loads(done.stdout)
     assert same == {} and list(lr) == ["optim.lr"] and lr["optim.lr"][0] == 1.0
     assert world == {"data.world": ["v2", "v1"]}
+    assert same_file == {} and list(other_file) == ["model.pretrained"]

@@ -20,6 +20,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
@@ -295,7 +296,20 @@ def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
         return out
 
     a, b = flat({k: v for k, v in saved.items() if k != "run"}), flat({k: v for k, v in now.items() if k != "run"})
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    pretrained = changed.get("model.pretrained")
+    if pretrained and all(pretrained) and _same_file(*pretrained):  # one file named two ways
+        del changed["model.pretrained"]
+    return changed
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths (relative ones from the working directory) name one existing file,
+    e.g. ``runs/x.bin`` and ``/work/runs/x.bin``: a run resumes under either spelling."""
+    try:
+        return Path(a).resolve(strict=True) == Path(b).resolve(strict=True)
+    except OSError:
+        return False
 
 
 def extra_objectives(config: Config) -> tuple[str, ...]:
