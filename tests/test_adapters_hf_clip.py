@@ -6,27 +6,31 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
 from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig  # noqa: E402
 from masksd.adapters.hf_clip import HFCLIPImageTower, HFCLIPTextTower, towers_from_hf_clip  # noqa: E402
+from masksd.masking import select_top_k  # noqa: E402
+from masksd.towers import scoring_tokens  # noqa: E402
 
 BOS, EOS = 49406, 49407
 WIDTH, DIM, LENGTH = 32, 24, 12
 
 
-def tiny_clip(seed: int = 0, **text_overrides) -> nn.Module:
+def tiny_clip(seed: int = 0, vision: dict | None = None, **text_overrides) -> nn.Module:
     config = transformers.CLIPConfig(
         text_config=dict(
             vocab_size=49408, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=LENGTH, **text_overrides,
         ),
-        vision_config=dict(
-            hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
+        vision_config={
+            **dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8),
+            **(vision or {}),
+        },
         projection_dim=DIM,
     )
     with torch.random.fork_rng(devices=[]):
@@ -216,3 +220,142 @@ def test_errors_name_the_argument_and_the_fix():
         towers_from_hf_clip(model, image_layers=(2,))
     with pytest.raises(TypeError, match="CLIPModel"):
         towers_from_hf_clip(nn.Linear(2, 2))
+
+
+# Dense-alignment scoring features (masksd.adapters.clip_dense), as for open_clip in test_dense_scorers.py
+
+
+def last_layer_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last vision layer's input ``[B, 1 + N, W]`` during ``get_image_features(x)`` (a pre-hook,
+    independent of ``hidden_states``)."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = model.vision_model.encoder.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        image_features(model, x)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def dense_reference(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The dense features written out from the last layer's weights: ``[B, N, D]``."""
+    layer, vision = model.vision_model.encoder.layers[-1], model.vision_model
+    attn, norm, post = layer.self_attn, layer.layer_norm1, vision.post_layernorm
+    inp = last_layer_input(model, x)
+    width, heads = inp.shape[-1], model.config.vision_config.num_attention_heads
+    h = F.layer_norm(inp, (width,), norm.weight, norm.bias, norm.eps)
+    q = h @ attn.q_proj.weight.T + attn.q_proj.bias
+    v = h @ attn.v_proj.weight.T + attn.v_proj.bias
+    if mode == "value":
+        mixed = v[:, 1:]  # the patches' values, no attention
+    else:
+        outs, d = [], width // heads
+        for head in range(heads):
+            qh, vh = q[..., head * d:(head + 1) * d], v[..., head * d:(head + 1) * d]
+            weights = torch.softmax(qh[:, 1:] @ qh.transpose(1, 2) / d**0.5, dim=-1)  # patches x all tokens
+            outs.append(weights @ vh)
+        mixed = torch.cat(outs, dim=-1)
+    out = mixed @ attn.out_proj.weight.T + attn.out_proj.bias  # no residual, no MLP
+    out = F.layer_norm(out, (width,), post.weight, post.bias, post.eps)
+    return out @ model.visual_projection.weight.T
+
+
+def count_module_calls(model: nn.Module) -> tuple[list[int], list]:
+    """A one-element counter of forward calls of every submodule of ``model``, and the hook handles."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    return calls, [m.register_forward_hook(count) for m in model.modules()]
+
+
+@pytest.mark.parametrize("vision", [dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=4),
+                                    dict(num_hidden_layers=3)])
+@pytest.mark.parametrize("mode", ["value", "clearclip"])
+def test_dense_scoring_features_match_a_hand_computation(mode, vision):
+    model = tiny_clip(vision=vision).eval()
+    tower, _ = towers_from_hf_clip(model, image_layers=(0,), dense=mode)
+    plain_tower, _ = towers_from_hf_clip(model, image_layers=(0,))
+    assert tower.dense == mode and plain_tower.dense is None
+    x = images(3)
+    with torch.no_grad():
+        encoded = tower.encode(tower.embed(x))
+        plain = plain_tower.encode(plain_tower.embed(x))
+        expected = dense_reference(model, x, mode)
+        assert torch.equal(encoded.global_feature, image_features(model, x))
+    assert callable(encoded.scoring)  # lazy: nothing computed before a scorer asks
+    dense = scoring_tokens(encoded)
+    assert dense.shape == (3, 16, DIM) and not dense.requires_grad
+    assert scoring_tokens(encoded) is dense  # computed once
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+    # the decoder's inputs are those of the plain tower, bit for bit
+    assert torch.equal(encoded.tokens, plain.tokens) and torch.equal(encoded.global_feature, plain.global_feature)
+    assert all(torch.equal(a, b) for a, b in zip(encoded.features["levels"], plain.features["levels"], strict=True))
+    assert plain.scoring is None and scoring_tokens(plain) is plain.tokens
+    assert not torch.allclose(dense, plain.tokens, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["value", "clearclip"])
+def test_dense_scoring_leaves_the_output_alone_is_lazy_and_steers_the_selection(mode):
+    batch, target = tokenized(), torch.zeros(3, 32, 32)
+    target[:, 4:20, 8:28] = 1
+    x = images(3)
+    runs = {}
+    for dense in (None, mode):
+        model = tiny_clip()
+        image_tower, text_tower = towers_from_hf_clip(model, image_layers=(0,), dense=dense)
+        torch.manual_seed(1)
+        wrapper = MaskedSelfDistill(image_tower, text_tower, Decoder(),
+                                    lmvsd=LMVSDConfig(top_k=0.5), vmlsd=VMLSDConfig(top_k=0.5))
+        calls, handles = count_module_calls(model)
+        with torch.no_grad():
+            eval_logits = wrapper.eval()(x, batch)
+            image, text = wrapper.unwrap().encode(x, batch)
+        eval_calls = calls[0]  # one eval forward and one encode
+        if dense is not None:
+            assert callable(image.scoring)  # not computed yet: nothing reads it at eval
+            dense_tokens = scoring_tokens(image)
+            assert calls[0] > eval_calls  # reading it runs the last layer's modules
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            out = wrapper.train()(x, batch, target, generator=torch.Generator().manual_seed(0))
+        runs[dense] = (eval_logits, eval_calls, out, image, text)
+    (eval_plain, calls_plain, out_plain, image, text), (eval_dense, calls_dense, out_dense, *_) = runs[None], runs[mode]
+    assert torch.equal(eval_plain, eval_dense) and calls_plain == calls_dense
+    assert torch.equal(out_plain.logits, out_dense.logits) and torch.equal(out_plain.losses["seg"], out_dense.losses["seg"])
+    # LMVSD keeps the top half of the patches under dense features · sentence feature
+    all_patches = torch.ones(3, 16, dtype=torch.bool)
+    dense_scores = torch.einsum("bd,bnd->bn", text.global_feature, dense_tokens)
+    assert torch.equal(out_dense.selections["lmvsd"]["kept"], select_top_k(dense_scores, all_patches, top_k=0.5))
+    plain_scores = torch.einsum("bd,bnd->bn", text.global_feature, image.tokens)
+    assert torch.equal(out_plain.selections["lmvsd"]["kept"], select_top_k(plain_scores, all_patches, top_k=0.5))
+    assert not torch.equal(out_plain.selections["lmvsd"]["kept"], out_dense.selections["lmvsd"]["kept"])
+    assert torch.equal(out_plain.selections["vmlsd"]["kept"], out_dense.selections["vmlsd"]["kept"])
+
+
+def test_dense_errors_name_the_argument_and_the_fix():
+    with pytest.raises(ValueError, match="dense must be one of .*got 'maskclip'"):
+        towers_from_hf_clip(tiny_clip(), dense="maskclip")
+    for breaks, missing in (
+        (lambda layer: setattr(layer, "self_attn", nn.Identity()), "lacks self_attn.q_proj, self_attn.v_proj, self_attn.out_proj, self_attn.num_heads, self_attn.head_dim, "
+         "self_attn.scale"),
+        (lambda layer: delattr(layer, "layer_norm1"), "lacks layer_norm1"),
+        (lambda layer: delattr(layer.self_attn, "scale"), "lacks self_attn.scale"),
+        (lambda layer: setattr(layer.self_attn, "num_heads", 3), r"has self_attn.num_heads · head_dim = 3 · 16 \(not the width 32\)"),
+    ):
+        model = tiny_clip()
+        breaks(model.vision_model.encoder.layers[-1])
+        with pytest.raises(TypeError, match=f"dense: .*CLIPEncoderLayer {missing}; leave dense=None"):
+            towers_from_hf_clip(model, dense="clearclip")
+        towers_from_hf_clip(model)  # the plain tokens do not need them
+    model = tiny_clip()
+    model.vision_model.encoder.layers = nn.ModuleList()
+    with pytest.raises(TypeError, match=r"dense: .*vision_model\.encoder\.layers"):
+        HFCLIPImageTower(model, dense="value")

@@ -28,9 +28,11 @@ patch (value path) or three plus one attention over ``P + N`` keys (ClearCLIP), 
 
 Two ways in:
 
-* towers: ``towers_from_open_clip(clip, dense="value" | "clearclip")`` reports these features
-  as ``Encoded.scoring``. They are computed lazily, only when a scorer reads them. The decoder
-  still gets the plain tokens.
+* towers: ``towers_from_open_clip(clip, dense="value" | "clearclip")`` and
+  ``towers_from_hf_clip(model, dense=...)`` (transformers' ``CLIPModel``: the last
+  ``CLIPEncoderLayer``'s ``layer_norm1`` and ``self_attn`` q/v/out projections, then
+  ``post_layernorm`` and ``visual_projection``) report these features as ``Encoded.scoring``.
+  They are computed lazily, only when a scorer reads them. The decoder still gets the plain tokens.
 * hooks: ``clip_dense_tap(model, "<path of clip.visual>", mode=...)`` builds a ``Tap`` on the
   last block's *input*. Its ``project`` chain starts with the step
   ``"clip_dense:<mode>:<P>:<block path>"`` (then ``ln_post``, ``proj``), which
@@ -54,7 +56,8 @@ from torch import Tensor, nn
 from masksd.spec import Tap
 
 __all__ = [
-    "DENSE_MODES", "DenseMode", "check_block", "clip_dense_tap", "dense_block_tokens", "dense_step", "joint_dense_tokens",
+    "DENSE_MODES", "DenseMode", "check_block", "clip_dense_tap", "dense_block_tokens", "dense_mix", "dense_step",
+    "joint_dense_tokens",
 ]
 
 DenseMode = Literal["value", "clearclip"]
@@ -96,6 +99,44 @@ def check_block(block: nn.Module, where: str) -> None:
     _parts(block, where)
 
 
+def dense_mix(
+    h: Tensor,
+    q: tuple[Tensor, Tensor | None],
+    v: tuple[Tensor, Tensor | None],
+    heads: int,
+    *,
+    mode: str,
+    prefix_tokens: int = 1,
+    scale: float | None = None,
+) -> Tensor:
+    """The per-head mixing of MaskCLIP's value path or ClearCLIP's q-q attention, before ``out_proj``.
+
+    Shared by the open_clip block (q / v sliced from the packed ``in_proj_weight``) and the Hugging
+    Face ``CLIPAttention`` (its ``q_proj`` / ``v_proj``).
+
+    Args:
+        h: the block's normalised input ``ln_1(x)`` ``[B, P + N, W]``.
+        q, v: ``(weight [W, W], bias [W] | None)`` of the query and value projections (``q`` is
+            not read in ``"value"`` mode).
+        heads: the number of heads ``H`` (``W = H · d_h``).
+        mode: ``"value"`` or ``"clearclip"``.
+        prefix_tokens: ``P``; keys in ClearCLIP's attention, not returned.
+        scale: the attention's logit scale; None: ``1 / √d_h``.
+
+    Returns:
+        ``[B, N, W]``: ``v(h)`` of the patches (``"value"``), or per head
+        ``softmax(q_p qᵀ · scale) v`` with the patches' queries ``q_p`` and all ``P + N`` tokens as
+        keys, the heads concatenated (``"clearclip"``).
+    """
+    check_mode(mode, "mode")
+    if mode == "value":
+        return F.linear(h[:, prefix_tokens:], *v)
+    qh, vh = (rearrange(F.linear(h, *p), "b n (heads d) -> b heads n d", heads=heads) for p in (q, v))
+    # queries: the patches; keys: every token, q itself (q-q attention)
+    attended = F.scaled_dot_product_attention(qh[:, :, prefix_tokens:], qh, vh, scale=scale)
+    return rearrange(attended, "b heads n d -> b n (heads d)")
+
+
 def dense_block_tokens(block: nn.Module, x: Tensor, *, mode: str, prefix_tokens: int = 1) -> Tensor:
     """The attention branch of ``block`` recomputed MaskCLIP's or ClearCLIP's way (module docstring).
 
@@ -112,17 +153,9 @@ def dense_block_tokens(block: nn.Module, x: Tensor, *, mode: str, prefix_tokens:
     check_mode(mode, "mode")
     ln_1, weight, bias, out_proj, heads, ls_1 = _parts(block, type(block).__name__)
     width = x.shape[-1]
-    h = ln_1(x)
-    v_weight, v_bias = weight[2 * width:], None if bias is None else bias[2 * width:]
-    if mode == "value":
-        mixed = F.linear(h[:, prefix_tokens:], v_weight, v_bias)
-    else:
-        q = F.linear(h, weight[:width], None if bias is None else bias[:width])
-        v = F.linear(h, v_weight, v_bias)
-        q, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=heads) for t in (q, v))
-        # queries: the patches; keys: every token, q itself (q-q attention); scale 1/sqrt(d_head)
-        attended = F.scaled_dot_product_attention(q[:, :, prefix_tokens:], q, v)
-        mixed = rearrange(attended, "b heads n d -> b n (heads d)")
+    q = weight[:width], None if bias is None else bias[:width]
+    v = weight[2 * width:], None if bias is None else bias[2 * width:]
+    mixed = dense_mix(ln_1(x), q, v, heads, mode=mode, prefix_tokens=prefix_tokens)
     return ls_1(out_proj(mixed))
 
 

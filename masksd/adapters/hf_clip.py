@@ -19,6 +19,10 @@ Image tower (``HFCLIPImageTower``)
     ``visual_projection`` ``[B, N, D]`` (normalised and projected like the pooled class token);
     ``global_feature`` = ``model.get_image_features(pixel_values)`` bit for bit; ``features`` =
     ``{"levels": [B, hidden, gh, gw] per requested layer, "grid": (gh, gw), "tokens", "cls"}``.
+    With ``dense="value"`` / ``"clearclip"``, ``Encoded.scoring`` holds dense-alignment patch
+    features ``[B, N, D]`` from the last encoder layer's input (``hidden_states[-2]``) and its own
+    weights (``masksd.adapters.clip_dense``), computed only when a scorer reads them; ``tokens``,
+    the global feature and the levels stay the same.
 
 Text tower (``HFCLIPTextTower``)
     ``embed``: word embeddings ``[B, L, hidden]``; maskable = attended (``attention_mask``),
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,15 +48,68 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from masksd.adapters._hooks import substitute_output
+from masksd.adapters.clip_dense import check_mode, dense_mix
 from masksd.adapters.open_clip import _layer_indices
 from masksd.towers import Embedded, Encoded
 
-__all__ = ["HFCLIPImageTower", "HFCLIPTextTower", "towers_from_hf_clip"]
+__all__ = ["HFCLIPImageTower", "HFCLIPTextTower", "hf_dense_tokens", "towers_from_hf_clip"]
 
 
 def _pooled(output: Any) -> Tensor:
     """``pooler_output`` of a transformers model output (4.x and 5.x)."""
     return output.pooler_output if hasattr(output, "pooler_output") else output[1]
+
+
+def _check_dense_layer(vision: nn.Module) -> None:
+    """Raise a TypeError unless the vision encoder's last layer is a ``CLIPEncoderLayer`` that dense
+    scoring can read: ``layer_norm1``, and ``self_attn`` with ``q_proj`` / ``v_proj`` / ``out_proj``
+    (``nn.Linear``), ``num_heads``, ``head_dim`` (``num_heads · head_dim`` = the width) and ``scale``."""
+    layers = getattr(getattr(vision, "encoder", None), "layers", None)
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or len(layers) == 0:
+        raise TypeError(
+            "dense: scoring features need the vision encoder's layers (vision_model.encoder.layers), "
+            f"which {type(vision).__name__} lacks; leave dense=None for this model"
+        )
+    layer = layers[-1]
+    attn = getattr(layer, "self_attn", None)
+    missing = [] if isinstance(getattr(layer, "layer_norm1", None), nn.Module) else ["layer_norm1"]
+    missing += [f"self_attn.{name}" for name in ("q_proj", "v_proj", "out_proj")
+                if not isinstance(getattr(attn, name, None), nn.Linear)]
+    missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim") if not isinstance(getattr(attn, name, None), int)]
+    missing += [] if isinstance(getattr(attn, "scale", None), (int, float)) else ["self_attn.scale"]
+    if missing:
+        problem = f"lacks {', '.join(missing)}"
+    elif attn.num_heads * attn.head_dim != attn.q_proj.out_features:
+        problem = (f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width "
+                   f"{attn.q_proj.out_features})")
+    else:
+        return
+    raise TypeError(
+        "dense: scoring features need a transformers CLIPEncoderLayer as the vision encoder's last layer; "
+        f"its {type(layer).__name__} {problem}; leave dense=None for this model"
+    )
+
+
+def hf_dense_tokens(vision: nn.Module, projection: nn.Module, x: Tensor, *, mode: str) -> Tensor:
+    """Dense-alignment patch features of a transformers CLIP vision model (``masksd.adapters.clip_dense``).
+
+    Args:
+        vision: ``model.vision_model`` (a ``CLIPVisionTransformer``).
+        projection: ``model.visual_projection``.
+        x: the last encoder layer's input ``[B, 1 + N, hidden]`` (class token first), i.e.
+            ``vision(..., output_hidden_states=True).hidden_states[-2]``.
+        mode: ``"value"`` (MaskCLIP) or ``"clearclip"`` (q-q attention).
+
+    Returns:
+        ``[B, N, D]``: ``visual_projection(post_layernorm(out_proj(mix)))`` with ``mix`` from
+        ``dense_mix`` on ``layer_norm1(x)`` (no residual, no MLP), without gradient.
+    """
+    layer = vision.encoder.layers[-1]
+    attn = layer.self_attn
+    with torch.no_grad():
+        q, v = (attn.q_proj.weight, attn.q_proj.bias), (attn.v_proj.weight, attn.v_proj.bias)
+        mixed = dense_mix(layer.layer_norm1(x), q, v, attn.num_heads, mode=mode, scale=attn.scale)
+        return projection(vision.post_layernorm(attn.out_proj(mixed)))
 
 
 class HFCLIPImageTower(nn.Module):
@@ -63,6 +121,8 @@ class HFCLIPImageTower(nn.Module):
             returned in ``features["levels"]`` as ``[B, hidden, gh, gw]``.
         interpolate_pos_encoding: let the model interpolate its position embeddings for images
             of another size than ``vision_config.image_size`` (transformers' own option).
+        dense: ``"value"`` (MaskCLIP) or ``"clearclip"`` scoring features for the patches,
+            ``Encoded.scoring`` ``[B, N, D]``; None: the scorers read the plain ``tokens``.
     """
 
     def __init__(
@@ -71,6 +131,7 @@ class HFCLIPImageTower(nn.Module):
         *,
         feature_layers: Sequence[int] = (),
         interpolate_pos_encoding: bool = False,
+        dense: str | None = None,
     ) -> None:
         super().__init__()
         vision = getattr(model, "vision_model", None)
@@ -99,6 +160,10 @@ class HFCLIPImageTower(nn.Module):
         self.feature_layers = _layer_indices(
             feature_layers, int(vision.config.num_hidden_layers), "feature_layers"
         )
+        if dense is not None:
+            check_mode(dense, "dense")
+            _check_dense_layer(vision)
+        self.dense = dense
 
     def embed(self, inputs: Tensor) -> Embedded:
         """Pixel values ``[B, 3, H, W]`` → patch embeddings ``[B, gh·gw, hidden]``, all maskable."""
@@ -139,7 +204,11 @@ class HFCLIPImageTower(nn.Module):
             for i in self.feature_layers
         ]
         features = {"levels": levels, "grid": (gh, gw), "tokens": tokens, "cls": pooled}
-        return Encoded(tokens=tokens, global_feature=pooled, features=features)
+        scoring = None
+        if self.dense is not None:  # hidden_states[-2]: the last layer's input (4.40 through 5.x)
+            block_input = output.hidden_states[-2]
+            scoring = partial(hf_dense_tokens, self.vision_model, self.visual_projection, block_input, mode=self.dense)
+        return Encoded(tokens=tokens, global_feature=pooled, features=features, scoring=scoring)
 
 
 class HFCLIPTextTower(nn.Module):
@@ -263,6 +332,7 @@ def towers_from_hf_clip(
     image_layers: Sequence[int] = (),
     text_layers: Sequence[int] = (),
     interpolate_pos_encoding: bool = False,
+    dense: str | None = None,
 ) -> tuple[HFCLIPImageTower, HFCLIPTextTower]:
     """Split a ``transformers.CLIPModel`` into ``(image_tower, text_tower)`` sharing its weights.
 
@@ -272,10 +342,14 @@ def towers_from_hf_clip(
         text_layers: text encoder layers returned as ``features["levels"]``.
         interpolate_pos_encoding: pass transformers' option through, for images of another size
             than ``vision_config.image_size``.
+        dense: ``"value"`` (MaskCLIP's value path) or ``"clearclip"`` (ClearCLIP's q-q attention)
+            scoring features for the patches, ``Encoded.scoring`` ``[B, N, D]``, recomputed from the
+            last encoder layer's input with its own weights (``masksd.adapters.clip_dense``); None:
+            the plain patch tokens (the paper).
     """
     return (
         HFCLIPImageTower(
-            model, feature_layers=image_layers, interpolate_pos_encoding=interpolate_pos_encoding
+            model, feature_layers=image_layers, interpolate_pos_encoding=interpolate_pos_encoding, dense=dense
         ),
         HFCLIPTextTower(model, feature_layers=text_layers),
     )
