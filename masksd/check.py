@@ -105,6 +105,7 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         backend.call_log.clear()
         backend.replay_log.clear()
         backend.tap_log.clear()
+        backend.logging = True
     try:
         for p in wrapper.parameters():
             p.grad = None
@@ -114,6 +115,8 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             out.loss.backward()
         no_grad = [n for n, p in wrapper.named_parameters() if p.requires_grad and p.grad is None]
     finally:
+        if hooked:
+            backend.logging = False
         for name, p in wrapper.named_parameters():
             p.grad = grads[name]
         with torch.no_grad():

@@ -5,7 +5,8 @@ Uses the ``aot_eager`` backend (dynamo + AOTAutograd, no code generation: second
 inductor itself is covered on the tower backend by ``tests/test_compile.py`` behind
 ``MASKSD_TEST_INDUCTOR``. ``torch.compile(model)`` (an ``OptimizedModule``) is still refused by
 ``masksd.wrap``: the hooks would land on the wrapper object, not on the model's modules.
-Compiling the wrapper used to fail with ``AttributeError: 'Sequential' object has no attribute
+After the first two steps nothing recompiles (tested): the per-step state the hooks keep does
+not fail dynamo's guards. Compiling the wrapper used to fail with ``AttributeError: 'Sequential' object has no attribute
 'forward'``: dynamo deferred the branch's ``module.forward = Replay(...)`` but ran the traced
 ``del module.forward`` (now both run eagerly, ``masksd.backends.hook_branches``).
 """
@@ -15,16 +16,19 @@ from __future__ import annotations
 import pytest
 import torch
 from hook_models import TinyRIS, make_batch, tiny_spec
+from torch._dynamo.utils import counters
 
 import masksd
 
 pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
 
-STEPS = 2
+STEPS = 4
 
 
-def _train(how: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+def _train(how: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor], int]]:
+    """``STEPS`` training steps: per step the loss, every gradient and dynamo's graph count so far."""
     torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     model = TinyRIS()
     wrapper = masksd.wrap(model, tiny_spec(), vmlsd=masksd.VMLSDConfig(top_k=1.0, ratio=0.5)).train()
@@ -41,7 +45,8 @@ def _train(how: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         images, ids, target = make_batch(seed=i)
         out = step(images, ids, target=target, generator=torch.Generator().manual_seed(i))
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in wrapper.named_parameters()}))
+        grads = {n: p.grad for n, p in wrapper.named_parameters()}
+        results.append((out.loss.detach(), grads, counters["stats"]["unique_graphs"]))
         wrapper.zero_grad(set_to_none=True)
     return results
 
@@ -55,8 +60,12 @@ def test_compiled_bare_model_refused_when_passed_as_optimized_module():
 def test_compiled_training_steps_match_eager(how):
     eager = _train("eager")
     compiled = _train(how)
-    for (loss, grads), (ref_loss, ref_grads) in zip(compiled, eager):
+    for (loss, grads, _), (ref_loss, ref_grads, _) in zip(compiled, eager, strict=True):
         torch.testing.assert_close(loss, ref_loss)
         assert all(g is not None for g in ref_grads.values())
         for name, grad in ref_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # no graph compiled after the second step: masksd's per-step state (the check() logs, the
+    # skipped modules' Replay objects) used to fail dynamo's guards and recompile at every step
+    graphs = [count for _, _, count in compiled]
+    assert graphs[0] > 0 and graphs[1:] == [graphs[1]] * (STEPS - 1), graphs

@@ -41,14 +41,20 @@ def reuse_point(path: str, call: int) -> str:
 
 
 @torch.compiler.disable
-def _install_replays(reused: list[tuple[str, nn.Module]], cache: dict[str, list[Any]]) -> list[tuple[nn.Module, Any]]:
+def _install_replays(
+    reused: list[tuple[str, nn.Module]], cache: dict[str, list[Any]], replays: dict[str, Replay]
+) -> list[tuple[nn.Module, Any]]:
     """Replace each reused module's ``forward`` by a ``Replay`` of its main-branch outputs; returns
     what ``_remove_replays`` restores. Run eagerly: under ``torch.compile`` of the wrapper, dynamo
-    defers the ``setattr`` but not a traced ``del module.forward``, which then finds nothing."""
+    defers the ``setattr`` but not a traced ``del module.forward``, which then finds nothing.
+    One ``Replay`` per module (kept in ``replays``), refilled at every step: compiled code guards
+    on the object behind ``module.forward``, and a new one at every step would recompile it."""
     saved = []
     for path, module in reused:
         saved.append((module, module.__dict__.get("forward")))
-        module.forward = Replay(path, cache.get(path, []))  # type: ignore[method-assign]
+        replay = replays.setdefault(path, Replay(path, []))
+        replay.outputs, replay.calls = cache.get(path, []), 0
+        module.forward = replay  # type: ignore[method-assign]
     return saved
 
 
@@ -65,6 +71,7 @@ class MaskedBranches:
     """``reuse_allowed`` / ``run_masked`` of ``HookBackend`` (see the module docstring)."""
 
     rng_tape: RngTape | None
+    _replays: dict[str, Replay]  # reuse module path -> its one Replay (``_install_replays``)
     _replaced: dict[str, Tensor] | None = None  # run_replaced: modality -> [B, N, C] tokens
 
     def reuse_allowed(self, masked: Modality) -> bool:
@@ -97,7 +104,7 @@ class MaskedBranches:
             raise RuntimeError("run_masked() called before run_main()")
         args, kwargs = self._main_inputs  # type: ignore[attr-defined]
         reused = self._reuse[OTHER[modality]] if self.reuse_allowed(modality) else []  # type: ignore[attr-defined]
-        replays = _install_replays(reused, self._cache)  # type: ignore[attr-defined]
+        replays = _install_replays(reused, self._cache, self._replays)  # type: ignore[attr-defined]
         self._masked, self._mask, self._token = modality, masked, mask_token
         tape = self.rng_tape
         try:

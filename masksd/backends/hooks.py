@@ -74,6 +74,9 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         self.call_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> real calls
         self.replay_log: Counter[tuple[str, str]] = Counter()  # (run, module path) -> skipped calls
         self.tap_log: Counter[tuple[str, str]] = Counter()  # (run, tap label) -> values captured
+        # the three logs count only while check() runs: in training, counters that grow every step
+        # would make torch.compile guard on their values and recompile at every step
+        self.logging = False
         self._tap_labels: dict[tuple[str, str], str] = {}
         self._watch: list[tuple[str, Tensor, int]] = []  # captured tensors and their versions
         self._main_inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
@@ -82,6 +85,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         self._embedded: dict[str, Tensor] = {}
         self._leaves: dict[str, Tensor] = {}
         self._cache: dict[str, list[Any]] = {}
+        self._replays: dict[str, Replay] = {}
         self._main: MainBranch | None = None
         self._main_values: dict[tuple[str, str], list[Any]] = {}  # the main branch's taps (objectives)
         self._stop: dict[tuple[str, str], int] | None = None  # taps that end a features-only forward
@@ -136,7 +140,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _count(self, role: str, path: str) -> int:
         index = self._calls[(role, path)]
         self._calls[(role, path)] += 1
-        self.call_log[(self._run, path)] += 1
+        if self.logging:
+            self.call_log[(self._run, path)] += 1
         return index
 
     def _on_embed(self, modality: Modality, module: nn.Module, args: Any, output: Any) -> Any:
@@ -172,7 +177,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         if self._mode == "off":
             return
         replayed = isinstance(module.__dict__.get("forward"), Replay)
-        (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
+        if self.logging:
+            (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
         if self._mode in ("main", "probe"):
             self._cache.setdefault(path, []).append(output)
         if self._mode == "main" or (self._mode == "masked" and replayed):
@@ -183,13 +189,15 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
         if self._mode != "off":
             self._values[key].append(args)
-            self.tap_log[(self._run, self._tap_labels[key])] += 1
+            if self.logging:
+                self.tap_log[(self._run, self._tap_labels[key])] += 1
             self._check_stop()
 
     def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
         if self._mode != "off":
             self._values[key].append(output)
-            self.tap_log[(self._run, self._tap_labels[key])] += 1
+            if self.logging:
+                self.tap_log[(self._run, self._tap_labels[key])] += 1
             self._check_stop()
         if self._mode == "main":
             self._watch += [(f"tapped module {key[0]!r}", t, t._version) for t in flatten_tensors(output)]
