@@ -62,7 +62,9 @@ def _install_replays(
 def _remove_replays(saved: list[tuple[nn.Module, Any]]) -> None:
     """Give the modules of ``_install_replays`` their own ``forward`` back."""
     for module, forward in saved:
-        module.__dict__.pop("forward", None)
+        replay = module.__dict__.pop("forward", None)
+        if isinstance(replay, Replay):
+            replay.outputs = []  # the main branch's outputs are not kept by the stand-in
         if forward is not None:
             module.forward = forward  # type: ignore[method-assign]
 
