@@ -129,6 +129,7 @@ class Study:
     secondary_pairs: int = 0
     pretrain_preset: str = "demo"  # pretrain_clip.py --preset of the pretrained CLIP
     probe: str | None = None  # benchmarks/selection_probe.py's JSON on this study's CLIP (reported beside it)
+    head_to_head: tuple[tuple[str, str], ...] = ()  # (a, b): also report the paired a − b
 
 
 # Pinned here so that later changes of the demo defaults do not change a study.
@@ -149,7 +150,11 @@ STUDIES: dict[str, Study] = {
                           "vmlsd_only"),
                 lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2",
                 secondary=("lmvsd_only", "vmlsd_only"), secondary_pairs=4,
-                probe="docs/benchmarks/selection_probe_v2.json"),
+                probe="docs/benchmarks/selection_probe_v2.json",
+                # does guided selection beat random selection (Table III(c)), does CM-MaskSD beat MaskRIS
+                head_to_head=(("masksd", "random_selection"), ("recommended_scorer", "random_selection"),
+                              ("masksd", "maskris"), ("recommended_scorer", "maskris"),
+                              ("recommended_scorer", "masksd"))),
     # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
     "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
@@ -312,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["curves"][clip] = report.curves(runs[clip])
         text.append(report.markdown(f"{clip} CLIP", table, diffs, tuning[clip]["chosen"]))
         text.append(report.selection_markdown(f"{clip} CLIP", result["curves"][clip]))
+        if study.head_to_head:
+            versus = report.head_to_head(runs[clip], study.head_to_head)
+            result.setdefault("head_to_head", {})[clip] = versus
+            text.append(report.head_to_head_markdown(f"{clip} CLIP", versus))
         grid = {v: GRID_VARIANTS[v] for v in runs[clip] if v in GRID_VARIANTS}
         if grid:
             result.setdefault("grids", {})[clip] = report.grid(runs[clip], grid)

@@ -149,6 +149,32 @@ def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
     return out
 
 
+def head_to_head(runs: Runs, comparisons: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """``"<a>_minus_<b>"`` -> per split the paired mIoU difference ``a − b`` over the seeds both
+    ran on one machine, for each ``(a, b)`` in ``comparisons`` whose runs exist (e.g. does guided
+    selection beat random selection, does CM-MaskSD beat MaskRIS)."""
+    out = {}
+    for a, b in comparisons:
+        if a in runs and b in runs:
+            by_split = differences({a: runs[a], b: runs[b]}, control=b).get(a)
+            if by_split:
+                out[f"{a}_minus_{b}"] = by_split
+    return out
+
+
+def head_to_head_markdown(setting: str, result: dict[str, Any]) -> str:
+    """The head-to-head differences as a table (empty when there are none)."""
+    if not result:
+        return ""
+    lines = [f"**{setting}**: head to head, paired mIoU difference, mean [95 % t interval] (b → a)", "",
+             "| a − b | pairs (seeds) | " + " | ".join(SPLITS) + " |", "|---|---|" + "---|" * len(SPLITS)]
+    for name, by_split in result.items():
+        seeds = by_split[SPLITS[0]]["seeds"]
+        lines.append(f"| {name.replace('_minus_', ' − ')} | {len(seeds)} ({','.join(map(str, seeds))}) | "
+                     + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curves(runs: Runs, split: str = "val") -> dict[str, Any]:
     """Per variant: val mIoU and LMVSD selection precision per epoch, one list per seed; VMLSD's
     kept rate per word role per epoch, one dict per seed."""

@@ -12,6 +12,8 @@ from benchmarks.accuracy_report import (
     differences,
     grid,
     grid_markdown,
+    head_to_head,
+    head_to_head_markdown,
     paired_difference,
     pairs_needed,
     power,
@@ -54,6 +56,18 @@ def test_differences_pair_by_seed_over_the_seeds_both_ran() -> None:
     table = aggregate(runs)
     assert table["masksd"]["val"]["miou"]["mean"] == pytest.approx(22.0)
     assert table["baseline"]["val"]["miou"]["std"] == pytest.approx(10.0)
+
+
+def test_head_to_head_pairs_two_variants_without_the_baseline() -> None:
+    runs = {"baseline": {0: _metrics(10.0)},
+            "masksd": {0: _metrics(12.0), 1: _metrics(15.0), 2: _metrics(14.0)},
+            "maskris": {0: _metrics(11.0), 1: _metrics(16.0)}}  # maskris seed 2 not run yet
+    versus = head_to_head(runs, (("masksd", "maskris"), ("masksd", "random_selection")))
+    assert list(versus) == ["masksd_minus_maskris"]  # no random_selection runs: left out
+    d = versus["masksd_minus_maskris"]["test"]
+    assert d["seeds"] == [0, 1] and d["values"] == [1.0, -1.0] and d["mean"] == pytest.approx(0.0)
+    assert "| masksd − maskris | 2 (0,1) | +0.00 [" in head_to_head_markdown("pretrained CLIP", versus)
+    assert head_to_head_markdown("pretrained CLIP", {}) == ""
 
 
 def test_grid_reads_values_around_the_branch_alone_run_and_names_the_default() -> None:
