@@ -140,9 +140,13 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _count(self, role: str, path: str) -> int:
         index = self._calls[(role, path)]
         self._calls[(role, path)] += 1
-        if self.logging:
-            self.call_log[(self._run, path)] += 1
+        self._log(self.call_log, path)
         return index
+
+    def _log(self, counter: Counter[tuple[str, str]], name: str) -> None:
+        """Count one event of this run in ``counter`` (only while ``check()`` runs: ``logging``)."""
+        if self.logging:
+            counter[(self._run, name)] += 1
 
     def _on_embed(self, modality: Modality, module: nn.Module, args: Any, output: Any) -> Any:
         if self._mode == "off":
@@ -177,8 +181,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         if self._mode == "off":
             return
         replayed = isinstance(module.__dict__.get("forward"), Replay)
-        if self.logging:
-            (self.replay_log if replayed else self.call_log)[(self._run, path)] += 1
+        self._log(self.replay_log if replayed else self.call_log, path)
         if self._mode in ("main", "probe"):
             self._cache.setdefault(path, []).append(output)
         if self._mode == "main" or (self._mode == "masked" and replayed):
@@ -189,15 +192,13 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
         if self._mode != "off":
             self._values[key].append(args)
-            if self.logging:
-                self.tap_log[(self._run, self._tap_labels[key])] += 1
+            self._log(self.tap_log, self._tap_labels[key])
             self._check_stop()
 
     def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
         if self._mode != "off":
             self._values[key].append(output)
-            if self.logging:
-                self.tap_log[(self._run, self._tap_labels[key])] += 1
+            self._log(self.tap_log, self._tap_labels[key])
             self._check_stop()
         if self._mode == "main":
             self._watch += [(f"tapped module {key[0]!r}", t, t._version) for t in flatten_tensors(output)]
