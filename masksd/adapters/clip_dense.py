@@ -33,20 +33,21 @@ Two ways in:
   ``CLIPEncoderLayer``'s ``layer_norm1`` and ``self_attn`` q/v/out projections, then
   ``post_layernorm`` and ``visual_projection``) report these features as ``Encoded.scoring``.
   They are computed lazily, only when a scorer reads them. The decoder still gets the plain tokens.
-* hooks: ``clip_dense_tap(model, "<path of clip.visual>", mode=...)`` builds a ``Tap`` on the
-  last block's *input*. Its ``project`` chain starts with the step
-  ``"clip_dense:<mode>:<P>:<block path>"`` (then ``ln_post``, ``proj``), which
-  ``masksd.backends.taps.project`` evaluates. Plain strings, so the spec still serialises.
+* hooks: ``clip_dense_tap(model, "<path of clip.visual>", mode=...)`` (or the path of a
+  transformers ``CLIPModel``) builds a ``Tap`` on the last block's *input*. Its ``project`` chain
+  starts with the step ``"clip_dense:<mode>:<P>:<block path>"`` (then ``ln_post`` / ``post_layernorm``
+  and the projection), which ``masksd.backends.taps.project`` evaluates. Plain strings, so the spec
+  still serialises.
 
 Works for open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``), its
-``CustomResidualAttentionBlock`` without qk-norm, scaled-cosine or head-scale options, and
-OpenAI CLIP's block, which CRIS uses (same attribute names). The weights are read outside the
+``CustomResidualAttentionBlock`` without qk-norm, scaled-cosine or head-scale options, OpenAI
+CLIP's block, which CRIS uses (same attribute names), and transformers' ``CLIPEncoderLayer``. The weights are read outside the
 block's own forward. Under FSDP, compute the features where the block's parameters are gathered.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,52 @@ def check_mode(mode: Any, argument: str) -> None:
         raise ValueError(f"{argument} must be one of {DENSE_MODES} (or None for the plain patch tokens), got {mode!r}")
 
 
-def _parts(block: nn.Module, where: str) -> tuple[nn.Module, Tensor, Tensor | None, nn.Module, int, nn.Module]:
-    """``(ln_1, in_proj_weight [3W, W], in_proj_bias [3W] | None, out_proj, heads, ls_1)`` of a CLIP block."""
+class _BlockParts(NamedTuple):
+    """What the dense features read of one attention block (either library's)."""
+
+    norm: nn.Module  # the pre-attention norm: ln_1 / layer_norm1
+    q: tuple[Tensor, Tensor | None]  # query projection (weight [W, W], bias)
+    v: tuple[Tensor, Tensor | None]  # value projection
+    out_proj: nn.Module
+    heads: int
+    scale: float | None  # None: 1 / √d_h
+    after: nn.Module  # open_clip's layer scale ls_1, else Identity
+
+
+def hf_layer_problem(block: nn.Module) -> str | None:
+    """What a transformers ``CLIPEncoderLayer`` lacks for dense features (``"lacks layer_norm1"``, ...),
+    or None when it has ``layer_norm1`` and ``self_attn`` with ``q_proj`` / ``v_proj`` / ``out_proj``
+    (``nn.Linear``), ``num_heads`` · ``head_dim`` = the width, and ``scale``."""
+    attn = getattr(block, "self_attn", None)
+    missing = [] if isinstance(getattr(block, "layer_norm1", None), nn.Module) else ["layer_norm1"]
+    missing += [f"self_attn.{name}" for name in ("q_proj", "v_proj", "out_proj")
+                if not isinstance(getattr(attn, name, None), nn.Linear)]
+    missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim") if not isinstance(getattr(attn, name, None), int)]
+    missing += [] if isinstance(getattr(attn, "scale", None), (int, float)) else ["self_attn.scale"]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if attn.num_heads * attn.head_dim != attn.q_proj.out_features:
+        return (f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width "
+                f"{attn.q_proj.out_features})")
+    return None
+
+
+def _hf_parts(block: nn.Module, where: str) -> _BlockParts:
+    """The parts of a transformers ``CLIPEncoderLayer``; a ValueError naming ``where`` if it lacks one."""
+    problem = hf_layer_problem(block)
+    if problem is not None:
+        raise ValueError(f"{where}: dense scoring features need a transformers CLIPEncoderLayer; its "
+                         f"{type(block).__name__} {problem}")
+    attn = block.self_attn
+    return _BlockParts(block.layer_norm1, (attn.q_proj.weight, attn.q_proj.bias), (attn.v_proj.weight, attn.v_proj.bias),
+                       attn.out_proj, attn.num_heads, float(attn.scale), nn.Identity())
+
+
+def _parts(block: nn.Module, where: str) -> _BlockParts:
+    """The parts of an open_clip / OpenAI CLIP residual attention block or a transformers
+    ``CLIPEncoderLayer``; a ValueError naming ``where`` for anything else."""
+    if isinstance(getattr(block, "self_attn", None), nn.Module):
+        return _hf_parts(block, where)
     attn = getattr(block, "attn", None)
     ln_1, weight = getattr(block, "ln_1", None), getattr(attn, "in_proj_weight", None)
     out_proj, heads = getattr(attn, "out_proj", None), getattr(attn, "num_heads", None)
@@ -81,7 +126,7 @@ def _parts(block: nn.Module, where: str) -> tuple[nn.Module, Tensor, Tensor | No
         raise ValueError(
             f"{where}: dense scoring features need a CLIP residual attention block (ln_1, and attn with a "
             f"packed in_proj_weight, out_proj and num_heads), got {type(block).__name__}; open_clip's and "
-            "OpenAI CLIP's ViT blocks have them"
+            "OpenAI CLIP's ViT blocks and transformers' CLIPEncoderLayer have them"
         )
     identities = [getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), getattr(attn, "ln_inner", None),
                   getattr(block, "ln_attn", None)]
@@ -91,7 +136,10 @@ def _parts(block: nn.Module, where: str) -> tuple[nn.Module, Tensor, Tensor | No
             f"{where}: attention blocks with qk-norm, scaled-cosine attention, head scaling or inner norms "
             "are not supported for dense scoring features"
         )
-    return ln_1, weight, getattr(attn, "in_proj_bias", None), out_proj, heads, getattr(block, "ls_1", nn.Identity())
+    width, bias = weight.shape[-1], getattr(attn, "in_proj_bias", None)
+    q = weight[:width], None if bias is None else bias[:width]
+    v = weight[2 * width:], None if bias is None else bias[2 * width:]
+    return _BlockParts(ln_1, q, v, out_proj, heads, None, getattr(block, "ls_1", nn.Identity()))
 
 
 def check_block(block: nn.Module, where: str) -> None:
@@ -151,12 +199,10 @@ def dense_block_tokens(block: nn.Module, x: Tensor, *, mode: str, prefix_tokens:
         ``[B, N, W]``, before ``ln_post`` / ``proj``, in ``x``'s graph (wrap in ``no_grad`` to score).
     """
     check_mode(mode, "mode")
-    ln_1, weight, bias, out_proj, heads, ls_1 = _parts(block, type(block).__name__)
-    width = x.shape[-1]
-    q = weight[:width], None if bias is None else bias[:width]
-    v = weight[2 * width:], None if bias is None else bias[2 * width:]
-    mixed = dense_mix(ln_1(x), q, v, heads, mode=mode, prefix_tokens=prefix_tokens)
-    return ls_1(out_proj(mixed))
+    parts = _parts(block, type(block).__name__)
+    mixed = dense_mix(parts.norm(x), parts.q, parts.v, parts.heads, mode=mode, prefix_tokens=prefix_tokens,
+                      scale=parts.scale)
+    return parts.after(parts.out_proj(mixed))
 
 
 def joint_dense_tokens(visual: nn.Module, x: Tensor, *, mode: str, prefix_tokens: int = 1) -> Tensor:
@@ -192,36 +238,76 @@ def apply_dense_step(model: nn.Module, step: str, value: Tensor) -> Tensor:
     return dense_block_tokens(block, value, mode=mode, prefix_tokens=prefix_tokens)
 
 
-def clip_dense_tap(model: nn.Module, visual: str, *, mode: str = "value", prefix_tokens: int = 1) -> Tap:
+def _join(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a module or a tensor attribute of ``model``."""
+    owner, _, name = path.rpartition(".")
+    try:
+        return isinstance(getattr(model.get_submodule(owner), name, None), (nn.Module, Tensor))
+    except AttributeError:
+        return False
+
+
+def clip_dense_tap(
+    model: nn.Module, visual: str, *, mode: str = "value", prefix_tokens: int = 1, projection: str | None = None
+) -> Tap:
     """A ``Tap`` giving dense-alignment patch features of a CLIP ViT inside a hooked ``model``.
 
     Args:
         model: the bare model, used to find the ViT's last block.
-        visual: path of the CLIP ViT in ``model`` (the module with ``transformer.resblocks``,
-            ``ln_post`` and ``proj``; e.g. ``"backbone.visual"``).
+        visual: path of the CLIP ViT in ``model``: an open_clip / OpenAI CLIP ``VisionTransformer``
+            (``transformer.resblocks``, ``ln_post``, ``proj``; e.g. ``"backbone.visual"``), or a
+            transformers ``CLIPModel`` / ``CLIPVisionModelWithProjection`` (``vision_model``,
+            ``visual_projection``; e.g. ``"backbone.clip"``), or its ``CLIPVisionTransformer``
+            (``encoder.layers``, ``post_layernorm``; then name the projection).
         mode: ``"value"`` (MaskCLIP's value path) or ``"clearclip"`` (q-q attention).
         prefix_tokens: leading non-patch tokens of the block's input (CLIP: 1).
+        projection: path of the projection into the joint space (a module or a parameter ``[W, D]``);
+            None: ``<visual>.proj`` (open_clip, if present) or ``<visual>.visual_projection`` (transformers).
 
     Returns:
-        ``Tap("<visual>.transformer.resblocks.<last>", kind="input", select="[0]",
-        project=("clip_dense:<mode>:<P>:<block>", "<visual>.ln_post", "<visual>.proj"))``. Use it as
-        ``ModalitySpec(tokens=...)``. The blocks' input must be batch first (open_clip >= 2.32).
+        ``Tap("<last block>", kind="input", select="[0]", project=("clip_dense:<mode>:<P>:<block>",
+        "<final norm>", "<projection>"))``, e.g. for open_clip ``<visual>.transformer.resblocks.<last>``,
+        ``<visual>.ln_post``, ``<visual>.proj``; for transformers ``<visual>.vision_model.encoder.layers.<last>``,
+        ``<visual>.vision_model.post_layernorm``, ``<visual>.visual_projection``. Use it as
+        ``ModalitySpec(tokens=...)``. The blocks' input must be batch first (open_clip >= 2.32) and
+        passed positionally (transformers passes it so).
     """
     check_mode(mode, "mode")
     try:
         tower = model.get_submodule(visual)
     except AttributeError:
         raise ValueError(f"clip_dense_tap: the model has no module {visual!r}") from None
-    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0 or not hasattr(tower, "ln_post"):
+    if isinstance(getattr(tower, "vision_model", None), nn.Module) and hasattr(tower, "visual_projection"):
+        projection = _join(visual, "visual_projection") if projection is None else projection
+        visual, tower = _join(visual, "vision_model"), tower.vision_model
+    resblocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if isinstance(resblocks, (nn.ModuleList, nn.Sequential)) and len(resblocks) and hasattr(tower, "ln_post"):
+        blocks, norm = _join(visual, "transformer.resblocks"), _join(visual, "ln_post")
+        default = _join(visual, "proj") if getattr(tower, "proj", None) is not None else None
+    elif isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) and hasattr(tower, "post_layernorm"):
+        blocks, norm, default = _join(visual, "encoder.layers"), _join(visual, "post_layernorm"), None
+        if projection is None:
+            raise ValueError(
+                f"clip_dense_tap: {visual!r} is a transformers CLIP vision transformer, whose projection into the "
+                "joint space lives outside it: pass the path of the CLIPModel instead, or projection='<path of "
+                "visual_projection>'"
+            )
+    else:
         raise ValueError(
-            f"clip_dense_tap: {visual!r} ({type(tower).__name__}) is not a CLIP ViT (transformer.resblocks, "
-            "ln_post); dense features need a ViT (ResNet CLIPs: tap layer4 with project=(attnpool.v_proj, "
-            "attnpool.c_proj), docs/wrapping.md)"
+            f"clip_dense_tap: {visual!r} ({type(tower).__name__}) is not a CLIP ViT (open_clip: transformer.resblocks, "
+            "ln_post; transformers: vision_model / encoder.layers, post_layernorm); dense features need a ViT "
+            "(ResNet CLIPs: tap layer4 with project=(attnpool.v_proj, attnpool.c_proj), docs/wrapping.md)"
         )
-    block = f"{visual}.transformer.resblocks.{len(blocks) - 1}"
-    check_block(blocks[-1], block)
-    steps = [dense_step(mode, block, prefix_tokens), f"{visual}.ln_post"]
-    if getattr(tower, "proj", None) is not None:
-        steps.append(f"{visual}.proj")
+    projection = default if projection is None else projection
+    if projection is not None and not _has(model, projection):
+        raise ValueError(f"clip_dense_tap: projection={projection!r} is neither a module nor a tensor of the model")
+    last = model.get_submodule(blocks)
+    block = f"{blocks}.{len(last) - 1}"
+    check_block(last[-1], block)
+    steps = [dense_step(mode, block, prefix_tokens), norm] + ([] if projection is None else [projection])
     return Tap(block, kind="input", select="[0]", project=tuple(steps))

@@ -48,7 +48,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from masksd.adapters._hooks import substitute_output
-from masksd.adapters.clip_dense import check_mode, dense_mix
+from masksd.adapters.clip_dense import check_mode, dense_block_tokens, hf_layer_problem
 from masksd.adapters.open_clip import _layer_indices
 from masksd.towers import Embedded, Encoded
 
@@ -70,24 +70,12 @@ def _check_dense_layer(vision: nn.Module) -> None:
             "dense: scoring features need the vision encoder's layers (vision_model.encoder.layers), "
             f"which {type(vision).__name__} lacks; leave dense=None for this model"
         )
-    layer = layers[-1]
-    attn = getattr(layer, "self_attn", None)
-    missing = [] if isinstance(getattr(layer, "layer_norm1", None), nn.Module) else ["layer_norm1"]
-    missing += [f"self_attn.{name}" for name in ("q_proj", "v_proj", "out_proj")
-                if not isinstance(getattr(attn, name, None), nn.Linear)]
-    missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim") if not isinstance(getattr(attn, name, None), int)]
-    missing += [] if isinstance(getattr(attn, "scale", None), (int, float)) else ["self_attn.scale"]
-    if missing:
-        problem = f"lacks {', '.join(missing)}"
-    elif attn.num_heads * attn.head_dim != attn.q_proj.out_features:
-        problem = (f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width "
-                   f"{attn.q_proj.out_features})")
-    else:
-        return
-    raise TypeError(
-        "dense: scoring features need a transformers CLIPEncoderLayer as the vision encoder's last layer; "
-        f"its {type(layer).__name__} {problem}; leave dense=None for this model"
-    )
+    problem = hf_layer_problem(layers[-1])
+    if problem is not None:
+        raise TypeError(
+            "dense: scoring features need a transformers CLIPEncoderLayer as the vision encoder's last layer; "
+            f"its {type(layers[-1]).__name__} {problem}; leave dense=None for this model"
+        )
 
 
 def hf_dense_tokens(vision: nn.Module, projection: nn.Module, x: Tensor, *, mode: str) -> Tensor:
@@ -104,12 +92,8 @@ def hf_dense_tokens(vision: nn.Module, projection: nn.Module, x: Tensor, *, mode
         ``[B, N, D]``: ``visual_projection(post_layernorm(out_proj(mix)))`` with ``mix`` from
         ``dense_mix`` on ``layer_norm1(x)`` (no residual, no MLP), without gradient.
     """
-    layer = vision.encoder.layers[-1]
-    attn = layer.self_attn
     with torch.no_grad():
-        q, v = (attn.q_proj.weight, attn.q_proj.bias), (attn.v_proj.weight, attn.v_proj.bias)
-        mixed = dense_mix(layer.layer_norm1(x), q, v, attn.num_heads, mode=mode, scale=attn.scale)
-        return projection(vision.post_layernorm(attn.out_proj(mixed)))
+        return projection(vision.post_layernorm(dense_block_tokens(vision.encoder.layers[-1], x, mode=mode)))
 
 
 class HFCLIPImageTower(nn.Module):
