@@ -1,12 +1,17 @@
-"""Tiny random-init ``transformers.CLIPModel`` (no download), its inputs, and the dense scoring
-features written out from its weights: shared by the HF CLIP tests."""
+"""Tiny random-init ``transformers.CLIPModel`` (no download), its inputs, the dense scoring
+features written out from its weights, and ``HFClipRIS``, an RIS model built on a ``CLIPModel``
+the way a codebase writes one (its own forward, no masksd types) with its ``HookSpec``: shared by
+the HF CLIP tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from masksd import HookSpec, Maskable, ModalitySpec, Tap
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,3 +101,35 @@ def dense_reference(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tenso
     out = mixed @ attn.out_proj.weight.T + attn.out_proj.bias  # no residual, no MLP
     out = F.layer_norm(out, (width,), post.weight, post.bias, post.eps)
     return out @ model.visual_projection.weight.T
+
+
+class HFClipRIS(nn.Module):
+    """Projected patch tokens gated by the sentence feature, a 1×1 head, upsampled to the image."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.patch_in, self.sentence_in = nn.Linear(DIM, 8), nn.Linear(DIM, 8)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, img: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vision = self.clip.vision_model(pixel_values=img)
+        patches = self.clip.visual_projection(self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+        sentence = self.clip.text_projection(self.clip.text_model(input_ids=ids, attention_mask=attention_mask).pooler_output)
+        fused = self.patch_in(patches) * torch.sigmoid(self.sentence_in(sentence))[:, None]
+        grid = rearrange(fused, "b (h w) c -> b c h w", h=4)
+        return F.interpolate(self.head(grid), size=img.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def spec_for(model: HFClipRIS, image_tokens: Tap) -> HookSpec:
+    return HookSpec(
+        image=ModalitySpec(embed="clip.vision_model.embeddings.patch_embedding", layout="bchw", tokens=image_tokens),
+        text=ModalitySpec(embed="clip.text_model.embeddings.token_embedding",
+                          maskable=Maskable(ids="ids", never=(BOS, EOS)),
+                          tokens=Tap("clip.text_model", select=".last_hidden_state", project="clip.text_projection"),
+                          global_=Tap("clip.text_projection")),
+    )
+
+
+PLAIN_TOKENS = Tap("clip.vision_model", select=".last_hidden_state[:, 1:]",
+                   project=("clip.vision_model.post_layernorm", "clip.visual_projection"))

@@ -47,6 +47,9 @@ block's own forward. Under FSDP, compute the features where the block's paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -76,8 +79,8 @@ class _BlockParts(NamedTuple):
     """What the dense features read of one attention block (either library's)."""
 
     norm: nn.Module  # the pre-attention norm: ln_1 / layer_norm1
-    q: tuple[Tensor, Tensor | None]  # query projection (weight [W, W], bias)
-    v: tuple[Tensor, Tensor | None]  # value projection
+    q: Callable[[Tensor], Tensor]  # query projection [.., W] -> [.., W]: a module or F.linear with slices
+    v: Callable[[Tensor], Tensor]  # value projection
     out_proj: nn.Module
     heads: int
     scale: float | None  # None: 1 / √d_h
@@ -87,18 +90,19 @@ class _BlockParts(NamedTuple):
 def hf_layer_problem(block: nn.Module) -> str | None:
     """What a transformers ``CLIPEncoderLayer`` lacks for dense features (``"lacks layer_norm1"``, ...),
     or None when it has ``layer_norm1`` and ``self_attn`` with ``q_proj`` / ``v_proj`` / ``out_proj``
-    (``nn.Linear``), ``num_heads`` · ``head_dim`` = the width, and ``scale``."""
+    (modules: ``nn.Linear``, or adapter layers such as PEFT's LoRA ``Linear``), ``num_heads`` · ``head_dim``
+    = the width, and ``scale``."""
     attn = getattr(block, "self_attn", None)
     missing = [] if isinstance(getattr(block, "layer_norm1", None), nn.Module) else ["layer_norm1"]
     missing += [f"self_attn.{name}" for name in ("q_proj", "v_proj", "out_proj")
-                if not isinstance(getattr(attn, name, None), nn.Linear)]
+                if not isinstance(getattr(attn, name, None), nn.Module)]
     missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim") if not isinstance(getattr(attn, name, None), int)]
     missing += [] if isinstance(getattr(attn, "scale", None), (int, float)) else ["self_attn.scale"]
     if missing:
         return f"lacks {', '.join(missing)}"
-    if attn.num_heads * attn.head_dim != attn.q_proj.out_features:
-        return (f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width "
-                f"{attn.q_proj.out_features})")
+    width = getattr(attn.q_proj, "out_features", None)
+    if isinstance(width, int) and attn.num_heads * attn.head_dim != width:
+        return f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width {width})"
     return None
 
 
@@ -109,8 +113,8 @@ def _hf_parts(block: nn.Module, where: str) -> _BlockParts:
         raise ValueError(f"{where}: dense scoring features need a transformers CLIPEncoderLayer; its "
                          f"{type(block).__name__} {problem}")
     attn = block.self_attn
-    return _BlockParts(block.layer_norm1, (attn.q_proj.weight, attn.q_proj.bias), (attn.v_proj.weight, attn.v_proj.bias),
-                       attn.out_proj, attn.num_heads, float(attn.scale), nn.Identity())
+    return _BlockParts(block.layer_norm1, attn.q_proj, attn.v_proj, attn.out_proj, attn.num_heads, float(attn.scale),
+                       nn.Identity())
 
 
 def _parts(block: nn.Module, where: str) -> _BlockParts:
@@ -137,8 +141,8 @@ def _parts(block: nn.Module, where: str) -> _BlockParts:
             "are not supported for dense scoring features"
         )
     width, bias = weight.shape[-1], getattr(attn, "in_proj_bias", None)
-    q = weight[:width], None if bias is None else bias[:width]
-    v = weight[2 * width:], None if bias is None else bias[2 * width:]
+    q = partial(F.linear, weight=weight[:width], bias=None if bias is None else bias[:width])
+    v = partial(F.linear, weight=weight[2 * width:], bias=None if bias is None else bias[2 * width:])
     return _BlockParts(ln_1, q, v, out_proj, heads, None, getattr(block, "ls_1", nn.Identity()))
 
 
@@ -149,8 +153,8 @@ def check_block(block: nn.Module, where: str) -> None:
 
 def dense_mix(
     h: Tensor,
-    q: tuple[Tensor, Tensor | None],
-    v: tuple[Tensor, Tensor | None],
+    q: Callable[[Tensor], Tensor],
+    v: Callable[[Tensor], Tensor],
     heads: int,
     *,
     mode: str,
@@ -164,8 +168,8 @@ def dense_mix(
 
     Args:
         h: the block's normalised input ``ln_1(x)`` ``[B, P + N, W]``.
-        q, v: ``(weight [W, W], bias [W] | None)`` of the query and value projections (``q`` is
-            not read in ``"value"`` mode).
+        q, v: the query and value projections ``[.., W] -> [.., W]`` (modules, or ``F.linear`` on
+            slices of a packed weight; ``q`` is not called in ``"value"`` mode).
         heads: the number of heads ``H`` (``W = H · d_h``).
         mode: ``"value"`` or ``"clearclip"``.
         prefix_tokens: ``P``; keys in ClearCLIP's attention, not returned.
@@ -178,8 +182,8 @@ def dense_mix(
     """
     check_mode(mode, "mode")
     if mode == "value":
-        return F.linear(h[:, prefix_tokens:], *v)
-    qh, vh = (rearrange(F.linear(h, *p), "b n (heads d) -> b heads n d", heads=heads) for p in (q, v))
+        return v(h[:, prefix_tokens:])
+    qh, vh = (rearrange(project(h), "b n (heads d) -> b heads n d", heads=heads) for project in (q, v))
     # queries: the patches; keys: every token, q itself (q-q attention)
     attended = F.scaled_dot_product_attention(qh[:, :, prefix_tokens:], qh, vh, scale=scale)
     return rearrange(attended, "b heads n d -> b n (heads d)")
@@ -200,9 +204,25 @@ def dense_block_tokens(block: nn.Module, x: Tensor, *, mode: str, prefix_tokens:
     """
     check_mode(mode, "mode")
     parts = _parts(block, type(block).__name__)
-    mixed = dense_mix(parts.norm(x), parts.q, parts.v, parts.heads, mode=mode, prefix_tokens=prefix_tokens,
-                      scale=parts.scale)
-    return parts.after(parts.out_proj(mixed))
+    with _without_dropout(parts.q, parts.v, parts.out_proj):
+        mixed = dense_mix(parts.norm(x), parts.q, parts.v, parts.heads, mode=mode, prefix_tokens=prefix_tokens,
+                          scale=parts.scale)
+        return parts.after(parts.out_proj(mixed))
+
+
+@contextmanager
+def _without_dropout(*projections: Any) -> Iterator[None]:
+    """Run adapter-wrapped projections (modules with children, e.g. a LoRA layer and its
+    ``lora_dropout``) in eval mode: a score must not be noisy, nor draw from the RNG the masked
+    branches replay. Plain ``nn.Linear`` (no children) is left alone."""
+    wrapped = [m for m in projections if isinstance(m, nn.Module) and m.training and next(m.children(), None) is not None]
+    for module in wrapped:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in wrapped:
+            module.train()
 
 
 def joint_dense_tokens(visual: nn.Module, x: Tensor, *, mode: str, prefix_tokens: int = 1) -> Tensor:
