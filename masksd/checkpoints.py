@@ -64,6 +64,21 @@ def _check_mapping(state: Any, argument: str) -> Mapping[str, Any]:
     return state
 
 
+def _outer_prefix(state: Mapping[str, Tensor]) -> str | None:
+    """``"wrapper."`` when every key reads ``wrapper.model.*`` or ``wrapper.objectives.*`` with one
+    common prefix and at least one ``objectives.`` key (a bare model's own ``model`` submodule
+    alone does not count); else None."""
+    prefixes, training_only = set(), False
+    for key in state:
+        cut = min((i for marker in ("." + MODEL_PREFIX, "." + ADDED_PREFIX) if (i := key.find(marker)) >= 0),
+                  default=-1)
+        if cut < 0:
+            return None
+        prefixes.add(key[:cut + 1])
+        training_only |= key[cut + 1:].startswith(ADDED_PREFIX)
+    return prefixes.pop() if len(prefixes) == 1 and training_only else None
+
+
 def split_training_state_dict(training_state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split a wrapper's state dict into ``(bare, added)``.
 
@@ -98,6 +113,14 @@ def split_training_state_dict(training_state_dict: Mapping[str, Tensor]) -> tupl
                 f"first with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "
                 f"{wrapper_prefix!r})"
             )
+    outer = _outer_prefix(state)
+    if outer is not None:
+        raise ValueError(
+            f"every key of training_state_dict starts with {outer!r} followed by the wrapper's own keys "
+            "('model.*', 'objectives.*'): a wrapper saved as an attribute of another module (e.g. a "
+            f"LightningModule's checkpoint['state_dict']); strip it first with torch.nn.modules.utils."
+            f"consume_prefix_in_state_dict_if_present(state, {outer!r})"
+        )
     if not bare and not added:
         raise ValueError(
             f"training_state_dict is not a MaskedSelfDistill state dict (keys 'model.*' and "

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import make_batch, make_model
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from masksd import MaskedSelfDistill, RISModel
 from masksd.checkpoints import (
@@ -99,6 +100,15 @@ def test_other_wrong_inputs_name_the_fix():
         bare_state_dict({"model": training, "epoch": 3})
     with pytest.raises(ValueError, match="DistributedDataParallel.*consume_prefix_in_state_dict_if_present"):
         bare_state_dict({f"module.{k}": v for k, v in training.items()})
+    held = {f"lit.wrapper.{k}": v for k, v in training.items()}  # a LightningModule's checkpoint["state_dict"]
+    with pytest.raises(ValueError, match=r"starts with 'lit\.wrapper\.' followed by the wrapper's own keys.*"
+                                         r"consume_prefix_in_state_dict_if_present\(state, 'lit\.wrapper\.'\)"):
+        bare_state_dict(held)
+    consume_prefix_in_state_dict_if_present(held, "lit.wrapper.")
+    assert bare_state_dict(held).keys() == wrapper.unwrap().state_dict().keys()
+    own_model_submodule = {f"net.model.{k}": v for k, v in wrapper.unwrap().state_dict().items()}
+    with pytest.raises(ValueError, match="looks like a bare model's state dict"):  # no objectives.*: not a wrapper
+        bare_state_dict(own_model_submodule)
     with pytest.raises(ValueError, match="only training-only entries"):
         bare_state_dict(wrapper.added_state_dict())
     with pytest.raises(ValueError, match="mixes wrapper keys"):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from hook_models import TinyRIS, make_batch, tiny_spec
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.optim.swa_utils import AveragedModel
 
 import masksd
@@ -150,3 +151,44 @@ def test_accelerate_prepared_wrapper_trains_under_its_autocast_and_unwraps_to_th
     clean.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(bare.eval()(images_, ids), clean.eval()(images_, ids))
+
+
+def test_lightning_module_holding_the_wrapper_trains_and_its_checkpoint_loads_into_the_bare_model(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class LitRIS(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapper = masksd.wrap(TinyRIS(), tiny_spec())
+
+        def training_step(self, batch, batch_idx):
+            images_, ids, masks = batch
+            out = self.wrapper(images_, ids, target=masks)
+            self.log_dict({f"train/{name}": value for name, value in out.losses.items()})
+            return out.loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    images_, ids, masks = make_batch()
+    data = torch.utils.data.DataLoader(list(zip(images_, ids, masks, strict=True)), batch_size=2)
+    lit = LitRIS()
+    token = lit.wrapper.added_parameters()["objectives.lmvsd.mask_token"].detach().clone()
+    trainer = lightning.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                                callbacks=[WeightAveraging()])  # deep-copies the module, hooks and all
+    trainer.fit(lit, data)
+    assert {"train/seg", "train/lmvsd", "train/vmlsd"} <= set(trainer.callback_metrics)
+    assert not torch.equal(lit.wrapper.added_parameters()["objectives.lmvsd.mask_token"], token)
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    with pytest.raises(ValueError, match="starts with 'wrapper.'"):
+        masksd.load_bare_state_dict(TinyRIS(), state)
+    consume_prefix_in_state_dict_if_present(state, "wrapper.")
+    bare = TinyRIS()
+    masksd.load_bare_state_dict(bare, state)
+    with torch.no_grad():
+        assert torch.equal(bare.eval()(images_, ids), lit.wrapper.eval()(images_, ids))
