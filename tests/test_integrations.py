@@ -192,3 +192,19 @@ def test_lightning_module_holding_the_wrapper_trains_and_its_checkpoint_loads_in
     masksd.load_bare_state_dict(bare, state)
     with torch.no_grad():
         assert torch.equal(bare.eval()(images_, ids), lit.wrapper.eval()(images_, ids))
+
+
+def test_dense_scoring_refuses_an_adapter_wrapped_packed_attention():
+    open_clip = pytest.importorskip("open_clip")
+    from masksd.adapters.open_clip import towers_from_open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+                          text_cfg=dict(context_length=12, vocab_size=49408, width=32, heads=2, layers=1))
+    peft.get_peft_model(clip, peft.LoraConfig(r=4, target_modules=["attn"]))  # LoRA on nn.MultiheadAttention
+    # its packed in_proj_weight is the base layer's: scoring with it would silently miss the adapter
+    with pytest.raises(ValueError, match="wrapped by an adapter .*Score with the plain patch tokens"):
+        towers_from_open_clip(clip, dense="value")
+    with pytest.raises(ValueError, match="wrapped by an adapter"):
+        clip_dense_tap(clip, "visual")
+    towers_from_open_clip(clip)  # the plain tokens do not read the weights

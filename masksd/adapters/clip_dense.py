@@ -132,6 +132,12 @@ def _parts(block: nn.Module, where: str) -> _BlockParts:
             f"packed in_proj_weight, out_proj and num_heads), got {type(block).__name__}; open_clip's and "
             "OpenAI CLIP's ViT blocks and transformers' CLIPEncoderLayer have them"
         )
+    if isinstance(getattr(attn, "base_layer", None), nn.Module):  # e.g. PEFT's LoRA MultiheadAttention
+        raise ValueError(
+            f"{where}: its attention is wrapped by an adapter ({type(attn).__name__}); dense scoring features "
+            "read the packed in_proj_weight, which would be the base layer's and miss the adapter. Score "
+            "with the plain patch tokens (dense=None / a plain tap), or adapt other layers than the last block"
+        )
     identities = [getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), getattr(attn, "ln_inner", None),
                   getattr(block, "ln_attn", None)]
     if any(m is not None and not isinstance(m, nn.Identity) for m in identities) or \
