@@ -69,3 +69,32 @@ def test_compiled_training_steps_match_eager(how):
     # skipped modules' Replay objects) used to fail dynamo's guards and recompile at every step
     graphs = [count for _, _, count in compiled]
     assert graphs[0] > 0 and graphs[1:] == [graphs[1]] * (STEPS - 1), graphs
+
+
+def test_compiled_cris_style_model_matches_eager():
+    """CRIS's projector returns a transposed view and its training forward returns ``pred.detach()``:
+    the kept logits and the returned detached copy made AOTAutograd fail ("incorrect out shape after
+    application of ViewMeta sequence", also with ``torch.compile(wrapper)``); masksd now keeps
+    copies under compile (``masksd.backends.taps.captured``)."""
+    from ris_models import cris_style
+    from ris_models.specs import cris_spec
+
+    results = {}
+    for mode in ("eager", "model"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = cris_style.CRIS()
+        wrapper = masksd.wrap(model, cris_spec()).train()
+        if mode == "model":
+            model.compile(backend="aot_eager")
+        batch = cris_style.make_batch()
+        out = wrapper(batch.img, batch.word, batch.mask, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        results[mode] = (out.losses, {n: p.grad for n, p in wrapper.named_parameters()})
+    (losses, grads), (ref_losses, ref_grads) = results["model"], results["eager"]
+    torch.testing.assert_close(losses, ref_losses)
+    for name, grad in ref_grads.items():
+        if grad is None:
+            assert grads[name] is None, name
+        else:  # gradients up to ~10: float noise of a different op order is ~1e-5
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4, msg=name)

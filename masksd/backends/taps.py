@@ -81,6 +81,25 @@ def flatten_tensors(value: Any) -> list[Tensor]:
     return []
 
 
+def captured(value: Any) -> Any:
+    """What a hook keeps of a module's input or output: ``value`` itself, except under
+    ``torch.compile``, where a tensor (or each tensor of a plain tuple / list) is copied.
+
+    Why: a kept tensor leaves the compiled region as an extra output. When it is a view (CRIS's
+    projector returns ``out.transpose(0, 1)``) and the model also returns its ``.detach()``,
+    AOTAutograd rebuilds one output from the other with the wrong view and fails ("incorrect out
+    shape after application of ViewMeta sequence", torch 2.14). A copy is not an alias. The copy
+    costs one buffer per kept tensor, under compile only; eager keeps the tensor itself.
+    """
+    if not torch.compiler.is_compiling():
+        return value
+    if isinstance(value, Tensor):
+        return value.clone()
+    if type(value) in (tuple, list):
+        return type(value)(v.clone() if isinstance(v, Tensor) else v for v in value)
+    return value
+
+
 def infer_width(module: nn.Module) -> int | None:
     """Channel width of a module's output read off its type, or None when it cannot be told."""
     width = getattr(module, "embed_dim", None)
