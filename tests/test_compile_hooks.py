@@ -98,3 +98,18 @@ def test_compiled_cris_style_model_matches_eager():
             assert grads[name] is None, name
         else:  # gradients up to ~10: float noise of a different op order is ~1e-5
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_code_compiled_before_wrapping_is_named_as_the_cause():
+    """Dynamo does not guard on module hooks: a model compiled and run before ``masksd.wrap`` keeps
+    running its hook-less code. masksd notices that the hooks did not fire and says why."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyRIS()
+    model.compile(backend="aot_eager")
+    images, ids, target = make_batch()
+    model(images, ids)  # compiled here, without hooks
+    wrapper = masksd.wrap(model, tiny_spec()).train()
+    with pytest.raises(ValueError, match=r"ran 0 times.*skip_nnmodule_hook_guards.*wrap first, then compile"):
+        wrapper(images, ids, target=target)
+    torch._dynamo.reset()

@@ -56,6 +56,14 @@ from masksd.backends.taps import (
 from masksd.spec import HookSpec, Output, Tap, apply_selector
 from masksd.towers import Embedded, Encoded
 
+#: why a hooked module can look as if it did not run
+NOT_FIRED_HINT = (
+    " (is the module called through .forward() or a method? hooks fire on module calls only. Under "
+    "torch.compile: dynamo does not guard on hooks (torch._dynamo.config.skip_nnmodule_hook_guards), so "
+    "code compiled before masksd.wrap added them, or for another instance of this model class without "
+    "them, runs without them: wrap first, then compile, in a fresh process)"
+)
+
 __all__ = ["HookBackend", "refuse_wrapped"]
 
 class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
@@ -273,7 +281,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             return apply_selector(output, tap.select, where=f"{where} (the model's output)")
         values = (self._values if source is None else source)[(tap.module, tap.kind)]
         if not values:
-            raise ValueError(f"{where}: module {tap.module!r} did not run in this forward")
+            raise ValueError(f"{where}: module {tap.module!r} did not run in this forward{NOT_FIRED_HINT}")
         if tap.call is None and len(values) > 1:
             raise ValueError(
                 f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one"
@@ -314,7 +322,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             raise ValueError(
                 f"HookSpec.{modality}.embed {spec.embed!r} ran {fired} times in the forward; "
                 + ("it must run" if fired == 0 else "set ModalitySpec(call=...) to say which call holds the tokens, or hook a module that runs once")
-                + ("" if fired else " (is the module called through .forward() or a method? hooks fire on module calls only)")
+                + ("" if fired else NOT_FIRED_HINT)
             )
         raw = self._embedded[modality]
         tokens = to_bnc(raw, spec.layout)
