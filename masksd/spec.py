@@ -302,7 +302,8 @@ class HookSpec:
             main segmentation term instead of masksd's BCE: a scalar tensor, or a dict read with
             mmseg's ``parse_losses`` convention (only entries whose key contains ``"loss"`` are
             summed; metrics such as ``acc_seg`` are ignored; see
-            ``masksd.backends.base.as_tensor_loss``); None = masksd's BCE on the logits.
+            ``masksd.backends.base.as_tensor_loss``); ``""`` = the whole return value (detectron2
+            and mmseg models return their loss dict); None = masksd's BCE on the logits.
         fusion: ``"auto"`` probes once whether each modality's ``reuse`` outputs depend on the
             other modality; or say it: ``"late"``, ``"text->image"`` (the image backbone
             consumes the sentence, LAVT), ``"image->text"``, ``"bidirectional"``.
@@ -331,7 +332,7 @@ class HookSpec:
         if not isinstance(self.logits, (Output, Tap)):
             raise TypeError(f"HookSpec.logits must be Output(...) or Tap(...), got {type(self.logits).__name__}")
         _check_choice(self.fusion, FUSIONS, "HookSpec.fusion")
-        if self.loss:
+        if self.loss is not None:
             _parse_selector(self.loss)
 
     def modality(self, name: str) -> ModalitySpec:

@@ -306,7 +306,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         arguments = self._bind(args, kwargs)
         raw_logits = self._tap(self.spec.logits, output, "HookSpec.logits")
         logits = check_logits(raw_logits, two_class=self.spec.two_class, where="the main branch")
-        model_loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss") if self.spec.loss else None
+        model_loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss") if self.spec.loss is not None else None
         main = MainBranch(logits=logits, target=target, model_loss=model_loss, output=output, raw_logits=raw_logits)
         for m in self._modalities:
             main.embedded[m] = self._embedded_view(m, arguments)

@@ -6,9 +6,13 @@ Unlike the models next to it, this module imports masksd.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from masksd import HookSpec, Maskable, ModalitySpec, Tap
 
-__all__ = ["cris_spec", "lavt_spec", "timm_spec"]
+__all__ = ["cris_spec", "lavt_spec", "rela_spec", "rela_words", "timm_spec"]
 
 
 def cris_spec() -> HookSpec:
@@ -55,4 +59,29 @@ def timm_spec() -> HookSpec:
                            reuse=("image_encoder.blocks", "image_encoder.norm")),
         text=ModalitySpec(embed="text_encoder.token_embedding", maskable=Maskable(ids="ids", never=(0,)),
                           tokens=Tap("text_encoder.norm"), reuse=("text_encoder",)),
+    )
+
+
+def rela_words(arguments: dict[str, Any]) -> torch.Tensor:
+    """Maskable words of a ReLA batch: the ids live in ``batched_inputs``' dicts, so the rule reads
+    them there; real tokens other than [CLS] (101) and [SEP] (102): ``[B, L]`` bool."""
+    batch = arguments["batched_inputs"]
+    ids = torch.cat([x["lang_tokens"] for x in batch])
+    real = torch.cat([x["lang_mask"] for x in batch]).bool()
+    return real & (ids != 101) & (ids != 102)
+
+
+def rela_spec() -> HookSpec:
+    """ReLA / GRES (detectron2; ``forward(batched_inputs: list[dict])`` returns a loss dict in
+    training): ResNet stem, BERT, pixel-word attention in the head (late fusion)."""
+    return HookSpec(
+        image=ModalitySpec(embed="backbone.stem", layout="bchw",
+                           tokens=Tap("sem_seg_head.pixel_query", layout="bchw"),  # res5 grid: the units
+                           reuse=("backbone.res*",)),
+        text=ModalitySpec(embed="text_encoder.embeddings.word_embeddings", maskable=Maskable(fn=rela_words),
+                          tokens=Tap("sem_seg_head.word_key"), reuse=("text_encoder",),
+                          mask_token="embedding:text_encoder.embeddings.word_embeddings:103"),  # BERT [MASK]
+        logits=Tap("sem_seg_head", select="['pred_masks']"),
+        two_class=True,
+        loss="",  # the training forward returns the loss dict itself
     )
