@@ -44,6 +44,7 @@ from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
 from masksd.check import WrapReport, run_check
 from masksd.checkpoints import ADDED_PREFIX
 from masksd.config import DistillConfig
+from masksd.controls import ObjectiveControls
 from masksd.losses import segmentation_loss
 from masksd.objectives.base import DistillContext, Objective
 from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillation, LMVSDConfig, VMLSDConfig
@@ -95,7 +96,7 @@ def _config_from_kwargs(config: DistillConfig | None, options: dict[str, Any]) -
     return config
 
 
-class MaskedSelfDistill(nn.Module):
+class MaskedSelfDistill(ObjectiveControls, nn.Module):
     """Wrap a model with CM-MaskSD training objectives (see the module docstring).
 
     Args:
@@ -189,6 +190,7 @@ class MaskedSelfDistill(nn.Module):
         self.backend = backend
         self.config = config
         self.seg_weight = float(config.seg_weight)
+        self._disabled: frozenset[str] = frozenset()  # objectives skipped (``disabled_objectives``)
         hooked = isinstance(backend, HookBackend)
         if hooked and not config.share_decoder:
             raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
@@ -349,15 +351,16 @@ class MaskedSelfDistill(nn.Module):
         )
         terms = {"seg": seg}
         selections: dict[str, dict[str, Any]] = {}
+        active = [(name, objective) for name, objective in self.objectives.items() if name not in self._disabled]
         with running_stats_frozen(self.model):
-            for name, objective in self.objectives.items():
+            for name, objective in active:
                 result = objective(context)
                 terms[name] = result.loss.float()
                 selections[name] = result.info
         # The weighted sum and the detached copies only now: a compiled region must not return a
         # loss and its detached copy (or 1.0 * loss) as two outputs (docs/troubleshooting.md).
         total = self.seg_weight * terms["seg"]
-        for name, objective in self.objectives.items():
+        for name, objective in active:
             total = total + objective.weight * terms[name]
         losses = {name: term.detach() for name, term in terms.items()}
         output = main.output if isinstance(self.backend, HookBackend) else None
