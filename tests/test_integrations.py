@@ -208,3 +208,34 @@ def test_dense_scoring_refuses_an_adapter_wrapped_packed_attention():
     with pytest.raises(ValueError, match="wrapped by an adapter"):
         clip_dense_tap(clip, "visual")
     towers_from_open_clip(clip)  # the plain tokens do not read the weights
+
+
+def test_mmengine_model_returns_the_weighted_total_as_its_one_loss_key():
+    pytest.importorskip("mmengine")
+    from mmengine.model import BaseModel
+    from mmengine.optim import OptimWrapper
+
+    class MMRIS(BaseModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wrapper = masksd.wrap(TinyRIS(), tiny_spec(), lmvsd=LMVSDConfig(weight=0.75))
+
+        def forward(self, images, ids, masks=None, mode="tensor"):
+            if mode == "loss":  # parse_losses sums every key containing "loss": one, the weighted total
+                out = self.wrapper(images, ids, target=masks)
+                return {"loss": out.loss, **out.losses}  # the unweighted terms are logged, not summed
+            return self.wrapper.unwrap()(images, ids)
+
+    torch.manual_seed(0)
+    model = MMRIS()
+    images_, ids, masks = make_batch()
+    before = model.wrapper.unwrap().decoder.weight.detach().clone()
+    torch.manual_seed(1)
+    expected = model.wrapper.train()(images_, ids, target=masks)
+    torch.manual_seed(1)
+    log = model.train().train_step({"images": images_, "ids": ids, "masks": masks},
+                                   OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert set(log) == {"loss", "seg", "lmvsd", "vmlsd"}
+    torch.testing.assert_close(log["loss"], expected.loss.detach())
+    assert not torch.allclose(log["loss"], log["seg"] + log["lmvsd"] + log["vmlsd"])  # the weights matter
+    assert not torch.equal(model.wrapper.unwrap().decoder.weight, before)
