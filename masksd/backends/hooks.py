@@ -172,8 +172,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             self._leaves[modality] = output.detach().requires_grad_(True)
             return self._leaves[modality].clone()  # not a leaf: later in-place ops stay legal
         if self._mode == "main":
-            self._embedded[modality] = captured(output)
-            self._watch_in_place(f"HookSpec.{modality}.embed {spec.embed!r}", output)
+            self._embedded[modality] = kept = captured(output)
+            self._watch_in_place(f"HookSpec.{modality}.embed {spec.embed!r}", kept)
             return None
         if self._mode == "replaced":  # run_replaced (MaskRIS embedding mode); "corrupted": inert
             return self._replacement(modality)
@@ -186,23 +186,24 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         grid = self._main.embedded[modality].grid if self._main else None  # type: ignore[union-attr]
         return replace_in_layout(main, self._mask, self._token, spec.layout, grid)  # type: ignore[arg-type]
 
-    def _watch_in_place(self, name: str, output: Any) -> None:
-        """Remember the versions of a kept output's tensors, to refuse later in-place changes
-        (eager only: under torch.compile masksd keeps copies, ``taps.captured``)."""
+    def _watch_in_place(self, name: str, kept: Any) -> None:
+        """Remember the versions of a kept value's tensors, to refuse later in-place changes
+        (eager only: under torch.compile the kept values are copies, ``taps.captured``)."""
         if not torch.compiler.is_compiling():
-            self._watch += [(name, t, t._version) for t in flatten_tensors(output)]
+            self._watch += [(name, t, t._version) for t in flatten_tensors(kept)]
 
     def _on_reuse(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._mode == "off":
             return
         replayed = isinstance(module.__dict__.get("forward"), Replay)
         self._log(self.replay_log if replayed else self.call_log, path)
+        kept = captured(output)
         if self._mode in ("main", "probe"):
-            self._cache.setdefault(path, []).append(captured(output))
+            self._cache.setdefault(path, []).append(kept)
         if self._mode == "main" or (self._mode == "masked" and replayed):
             self._replay_rng_at_reuse(path, module, main=self._mode == "main")
         if self._mode == "main":
-            self._watch_in_place(f"reuse module {path!r}", output)
+            self._watch_in_place(f"reuse module {path!r}", kept)
 
     def _on_tap_input(self, key: tuple[str, str], module: nn.Module, args: Any) -> None:
         if self._mode != "off":
@@ -211,12 +212,14 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             self._check_stop()
 
     def _on_tap_output(self, key: tuple[str, str], module: nn.Module, args: Any, output: Any) -> None:
-        if self._mode != "off":
-            self._values[key].append(captured(output))
-            self._log(self.tap_log, self._tap_labels[key])
-            self._check_stop()
+        if self._mode == "off":
+            return
+        kept = captured(output)
+        self._values[key].append(kept)
+        self._log(self.tap_log, self._tap_labels[key])
         if self._mode == "main":
-            self._watch_in_place(f"tapped module {key[0]!r}", output)
+            self._watch_in_place(f"tapped module {key[0]!r}", kept)
+        self._check_stop()
 
     # -------------------------------------------------------------------------- contract
     def embed_width(self, modality: Modality) -> int:

@@ -88,8 +88,11 @@ def captured(value: Any) -> Any:
     Why: a kept tensor leaves the compiled region as an extra output. When it is a view (CRIS's
     projector returns ``out.transpose(0, 1)``) and the model also returns its ``.detach()``,
     AOTAutograd rebuilds one output from the other with the wrong view and fails ("incorrect out
-    shape after application of ViewMeta sequence", torch 2.14). A copy is not an alias. The copy
-    costs one buffer per kept tensor, under compile only; eager keeps the tensor itself.
+    shape after application of ViewMeta sequence", torch 2.14). A copy is not an alias, and a later
+    in-place op of the model cannot change it, which eager mode refuses by checking version
+    counters; under compile those counters move without an in-place op of the model (the CRIS-style
+    model's ``layer1`` output), so masksd checks nothing there and keeps copies. The cost: one
+    buffer per kept tensor, under compile only.
     """
     if not torch.compiler.is_compiling():
         return value
