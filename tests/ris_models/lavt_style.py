@@ -245,6 +245,27 @@ class LAVTOne(nn.Module):
         return F.interpolate(x, size=input_shape, mode="bilinear", align_corners=True)
 
 
+class LAVT(nn.Module):
+    """LAVT's default (``lavt``): the segmentation model without BERT. Its train loop runs a separate,
+    separately DDP-wrapped ``BertModel`` first: ``embedding = bert(ids, attention_mask=mask)[0]
+    .permute(0, 2, 1)``; ``model(image, embedding, l_mask=mask.unsqueeze(-1))``."""
+
+    def __init__(self, embed_dim: int = 16, drop_path_rate: float = 0.1, l_dim: int = 32) -> None:
+        super().__init__()
+        self.backbone = MultiModalSwin(embed_dim, (1, 2, 1), (1, 2, 4), l_dim, drop_path_rate)
+        self.classifier = SimpleDecoding(tuple(self.backbone.num_features), 32)
+
+    def forward(self, x: Tensor, l_feats: Tensor, l_mask: Tensor) -> Tensor:
+        """``x [B,3,H,W]``, ``l_feats [B, Cl, L]``, ``l_mask [B, L, 1]`` -> logits ``[B, 2, H, W]``."""
+        input_shape = x.shape[-2:]
+        features = self.backbone(x, l_feats, l_mask.to(l_feats.dtype))
+        return F.interpolate(self.classifier(features), size=input_shape, mode="bilinear", align_corners=True)
+
+
+def tiny_bert() -> BertModel:
+    return BertModel(tiny_bert_config(), add_pooling_layer=False)
+
+
 def lavt_loss(logits: Tensor, target: Tensor) -> Tensor:
     """LAVT's loss: cross-entropy with class weights [0.9, 1.1]; ``logits [B,2,H,W]``, ``target [B,H,W]`` long."""
     weight = torch.tensor([0.9, 1.1], device=logits.device, dtype=logits.dtype)
