@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_hooks": med["eager_hooks"] / med["compiled_hooks"],
         "ratio_hooks_eager": med["eager_hooks"] / med["eager_bare"],
         "ratio_hooks_compiled": med["compiled_hooks"] / med["compiled_bare"],
-        "compile": compile_s, "first_step_loss": losses,
+        "compile": compile_s, "first_step_loss": losses, "fallback_random": args.fallback_random,
         "command": "python -m benchmarks.compile_cost " + " ".join(args.argv),
     }
     result["wall_s"], result["loadavg_end"] = time.perf_counter() - started, cm.loadavg()
@@ -137,11 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile-steps", type=int, default=3, help="steps timed apart as the compile cost")
     parser.add_argument("--quick", action="store_true", help="64 px, batch 2")
+    parser.add_argument("--fallback-random", action="store_true",
+                        help="inductor draws dropout's random numbers as eager does (compiled loss = eager loss)")
     parser.add_argument("--out-dir", default=None, help="writes compile_cost.{json,md,png}")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.quick:
         args.image_size, args.batch = args.image_size or 64, 2
+    if args.fallback_random:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
     result = run(args)
     text = table(result)
     print(text)
