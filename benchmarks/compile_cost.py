@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="inductor draws dropout's random numbers as eager does (compiled loss = eager loss)")
     parser.add_argument("--out-dir", default=None, help="writes compile_cost.{json,md,png}")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.image_size, args.batch = args.image_size or 64, 2
     if args.fallback_random:
