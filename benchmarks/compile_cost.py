@@ -19,6 +19,7 @@ Usage::
 
     python -m benchmarks.compile_cost --out-dir docs/benchmarks               # inductor, CPU
     python -m benchmarks.compile_cost --backend aot_eager --rounds 2 --quick  # smoke run
+    python -m benchmarks.compile_cost --graph-breaks --quick                  # dynamo's graph count and breaks
 """
 
 from __future__ import annotations
@@ -93,6 +94,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def graph_breaks(args: argparse.Namespace) -> dict[str, Any]:
+    """Dynamo's view of the wrapped model compiled in place (``backend="eager"``: tracing only):
+    the graphs it compiled and the graph breaks it took over ``--compile-steps`` wrapped steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.reset()
+    counters.clear()
+    bench = RisBench("cris_style", args.batch, args.image_size or 64, torch.device("cpu"))
+    bench.hooked.unwrap().compile(backend="eager")
+    graphs = []
+    for _ in range(args.compile_steps):
+        bench.hooks()
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+    return {"graphs_after_each_step": graphs,
+            "graph_breaks": {str(reason): int(n) for reason, n in counters["graph_break"].items()},
+            "command": "python -m benchmarks.compile_cost " + " ".join(args.argv)}
+
+
 def table(result: dict[str, Any]) -> str:
     med = result["medians_s"]
     lines = [f"{result['device']}, torch {result['torch']}, backend {result['backend']}, "
@@ -140,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="64 px, batch 2")
     parser.add_argument("--fallback-random", action="store_true",
                         help="inductor draws dropout's random numbers as eager does (compiled loss = eager loss)")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="time nothing: print the graphs and graph breaks of the wrapped model compiled in place")
     parser.add_argument("--out-dir", default=None, help="writes compile_cost.{json,md,png}")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -149,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.fallback_random = True
+    if args.graph_breaks:
+        print(json.dumps(graph_breaks(args), indent=1))
+        return
     result = run(args)
     text = table(result)
     print(text)
