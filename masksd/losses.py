@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from masksd.torch_compat import aminmax
+
 __all__ = [
     "segmentation_loss",
     "consistency_loss",
@@ -137,7 +139,7 @@ def check_binary_target(target: Tensor, name: str = "target") -> None:
         return
     if target.is_complex():
         raise TypeError(f"{name} must be a bool, integer or float mask, got dtype {target.dtype}")
-    low, high = (float(v) for v in torch.aminmax(target))
+    low, high = (float(v) for v in aminmax(target))
     problem = _target_problem(low, high, target.dtype, tuple(target.shape), name)
     if problem is not None:
         raise ValueError(problem)
@@ -206,7 +208,7 @@ def target_validity(target: Tensor, name: str = "target") -> Tensor | None:
         check_binary_target(target, name)  # one sync per device and process
         _checked_devices.add(device)
         return None
-    low, high = torch.aminmax(target)
+    low, high = aminmax(target)
     stats = torch.stack([low.to(torch.float64), high.to(torch.float64)])
     host, event = _copy_to_host_async(stats)
     with _lock:

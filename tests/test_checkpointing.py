@@ -7,7 +7,8 @@ layers), or a checkpointed call of a reused module (its main-branch output is re
 branch that skips it). Main branch, masked branches, the loss and every gradient then equal the
 run without checkpointing bit for bit. A checkpointed function that contains the *embedding*
 module cannot work (the recomputation would not mask the tokens): masksd refuses it with a
-message instead of torch's "A different number of tensors was saved".
+message instead of torch's "A different number of tensors was saved" (non-reentrant) or silently
+unmasked gradients (reentrant), on every torch release it supports (2.1.2 tested by .ci/run).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from torch.utils.checkpoint import checkpoint
 import masksd
 
 
-def _call(fn, *args: Tensor, ckpt: bool) -> Tensor:
-    return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+def _call(fn, *args: Tensor, ckpt: bool | str) -> Tensor:
+    """``fn(*args)``, checkpointed (non-reentrant) when ``ckpt``, reentrant when ``ckpt == "reentrant"``."""
+    if not ckpt:
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=ckpt == "reentrant")
 
 
 class CheckpointedLayers(nn.Sequential):
@@ -45,7 +49,7 @@ class CheckpointingRIS(TinyRIS):
     * ``"embed"``: a checkpointed function holding the image embedding ``patch_embed``.
     """
 
-    def __init__(self, where: str, ckpt: bool) -> None:
+    def __init__(self, where: str, ckpt: bool | str) -> None:
         super().__init__()
         self.where, self.ckpt = where, ckpt
         if where == "inside":
@@ -91,9 +95,12 @@ def test_checkpointing_inside_hooked_modules_changes_nothing(where):
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-7, msg=name)
 
 
-def test_checkpointed_function_holding_the_embedding_is_refused_with_masksds_message():
+@pytest.mark.parametrize("ckpt", [True, "reentrant"])
+def test_checkpointed_function_holding_the_embedding_is_refused_with_masksds_message(ckpt):
+    """Non-reentrant: torch's own error would be "A different number of tensors was saved";
+    reentrant: the masked branch's gradients would silently be the unmasked ones."""
     torch.manual_seed(0)
-    wrapper = masksd.wrap(CheckpointingRIS("embed", ckpt=True), tiny_spec()).train()
+    wrapper = masksd.wrap(CheckpointingRIS("embed", ckpt=ckpt), tiny_spec()).train()
     images, ids, target = make_batch()
     with pytest.raises(ValueError, match=r"HookSpec.image.embed 'patch_embed' runs inside a torch.utils.checkpoint"):
         wrapper(images, ids, target=target)

@@ -78,7 +78,7 @@ def folding_backend(folds: list[str]):
         return node
 
     def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
-        output = gm.graph.find_nodes(op="output")[0]
+        output = next(node for node in gm.graph.nodes if node.op == "output")
         output.args = (tuple(resolve(arg) for arg in output.args[0]),)
         gm.recompile()
         return make_boxed_func(gm)

@@ -23,6 +23,9 @@ import masksd
 pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
 
 STEPS = 4
+# torch 2.1's dynamo inlines the modules inside a compiled module without running their hooks
+# (2.2.2, 2.3.1 and 2.14.1 run them); masksd then refuses the step instead of training without them
+HOOKS_INSIDE_COMPILED = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 2)
 
 
 def _train(how: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor], int]]:
@@ -58,6 +61,10 @@ def test_compiled_bare_model_refused_when_passed_as_optimized_module():
 
 @pytest.mark.parametrize("how", ["model", "submodules", "wrapper"])
 def test_compiled_training_steps_match_eager(how):
+    if how != "submodules" and not HOOKS_INSIDE_COMPILED:
+        with pytest.raises(ValueError, match=r"did not run in this forward.*torch 2\.1"):
+            _train(how)
+        return
     eager = _train("eager")
     compiled = _train(how)
     for (loss, grads, _), (ref_loss, ref_grads, _) in zip(compiled, eager, strict=True):
@@ -110,6 +117,7 @@ def test_code_compiled_before_wrapping_is_named_as_the_cause():
     images, ids, target = make_batch()
     model(images, ids)  # compiled here, without hooks
     wrapper = masksd.wrap(model, tiny_spec()).train()
-    with pytest.raises(ValueError, match=r"ran 0 times.*skip_nnmodule_hook_guards.*wrap first, then compile"):
+    not_run = "ran 0 times" if HOOKS_INSIDE_COMPILED else "did not run in this forward"
+    with pytest.raises(ValueError, match=rf"{not_run}.*skip_nnmodule_hook_guards.*wrap first, then compile"):
         wrapper(images, ids, target=target)
     torch._dynamo.reset()

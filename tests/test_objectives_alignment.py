@@ -6,6 +6,7 @@ import math
 
 import hook_models
 import pytest
+import tiny_models
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -192,6 +193,7 @@ def test_config_and_construction_errors():
         train_step(wrapper, hooks_batch())
 
 
+@tiny_models.requires_bf16_masked_attention
 def test_bf16_autocast_is_finite():
     wrapper = towers_wrapper([CrossModalAlignment()])
     with torch.autocast("cpu", dtype=torch.bfloat16):

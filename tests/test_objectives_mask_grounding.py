@@ -282,6 +282,7 @@ def test_eval_is_the_bare_model_and_heads_are_saved_apart():
     assert set(wrapper.added_parameters()) == {k for k in added if k in dict(wrapper.named_parameters())}
 
 
+@tiny_models.requires_bf16_masked_attention
 def test_bf16_autocast_is_finite():
     wrapper = towers_wrapper([grounding()])
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from tiny_models import assert_all_grads, make_model
 from tiny_models import tiny_batch as batch
@@ -127,6 +128,7 @@ def test_mismatched_joint_space_width():
 # ------------------------------------------------------------------------------- (h) autocast
 
 
+@tiny_models.requires_bf16_masked_attention
 def test_bf16_autocast_gives_finite_float32_losses():
     wrapper = wrap(lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5))
     with torch.autocast("cpu", dtype=torch.bfloat16):

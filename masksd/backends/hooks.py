@@ -54,6 +54,7 @@ from masksd.backends.taps import (
     to_bnc,
 )
 from masksd.spec import HookSpec, Output, Tap, apply_selector
+from masksd.torch_compat import is_compiling
 from masksd.towers import Embedded, Encoded
 
 #: why a hooked module can look as if it did not run
@@ -61,7 +62,9 @@ NOT_FIRED_HINT = (
     " (is the module called through .forward() or a method? hooks fire on module calls only. Under "
     "torch.compile: dynamo does not guard on hooks (torch._dynamo.config.skip_nnmodule_hook_guards), so "
     "code compiled before masksd.wrap added them, or for another instance of this model class without "
-    "them, runs without them: wrap first, then compile, in a fresh process)"
+    "them, runs without them: wrap first, then compile, in a fresh process. torch 2.1 runs the modules "
+    "inside a compiled module without their hooks at all: use torch >= 2.2 there, or compile only modules "
+    "that hold no hooked module)"
 )
 
 __all__ = ["HookBackend", "refuse_wrapped"]
@@ -189,7 +192,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _watch_in_place(self, name: str, kept: Any) -> None:
         """Remember the versions of a kept value's tensors, to refuse later in-place changes
         (eager only: under torch.compile the kept values are copies, ``taps.captured``)."""
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             self._watch += [(name, t, t._version) for t in flatten_tensors(kept)]
 
     def _on_reuse(self, path: str, module: nn.Module, args: Any, output: Any) -> None:

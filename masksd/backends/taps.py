@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 import fnmatch
 import math
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from masksd.adapters.clip_dense import STEP_PREFIX as DENSE_STEP
 from masksd.adapters.clip_dense import apply_dense_step
 from masksd.spec import HookSpec, Maskable, Tap
+from masksd.torch_compat import is_compiling
 
 __all__ = [
     "Replay",
@@ -34,6 +37,9 @@ __all__ = [
     "tap_label",
     "to_bnc",
 ]
+
+
+_CHECKPOINT_FILE = os.sep + os.path.join("torch", "utils", "checkpoint.py")  # torch.utils.checkpoint's source
 
 
 def resolve_module(model: nn.Module, path: str, argument: str) -> nn.Module:
@@ -94,7 +100,7 @@ def captured(value: Any) -> Any:
     model's ``layer1`` output), so masksd checks nothing there and keeps copies. The cost: one
     buffer per kept tensor, under compile only.
     """
-    if not torch.compiler.is_compiling():
+    if not is_compiling():
         return value
     if isinstance(value, Tensor):
         return value.clone()
@@ -169,25 +175,35 @@ def replace_in_layout(
     return torch.where(where, token.to(embedded.dtype).view(shape), embedded)
 
 
+def inside_activation_checkpoint() -> bool:
+    """Whether the caller runs inside ``torch.utils.checkpoint`` (a frame of that file is on the
+    Python stack: the function a checkpoint runs is called from it, in both the non-reentrant and
+    the reentrant implementation, and in every torch release masksd supports)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def refuse_checkpointed_embedding(modality: str, embed: str) -> None:
-    """Raise when a masked branch replaces tokens inside a non-reentrant activation checkpoint.
+    """Raise when a masked branch replaces tokens inside an activation checkpoint.
 
     Backward recomputes a ``torch.utils.checkpoint`` region with masksd's hooks inert, so the
     recomputation would not replace the tokens: torch fails with "A different number of tensors
-    was saved" (or, where the counts happen to match, the gradients would be the unmasked
-    branch's). Detected through the saved-tensor hooks that checkpoint pushes (a torch internal:
-    if it changes, the check is skipped and torch's own error remains); not under compile.
+    was saved" (non-reentrant) or, where the counts happen to match and with the reentrant
+    implementation, the gradients would silently be the unmasked branch's. Not under compile.
     """
-    if torch.compiler.is_compiling():
+    if is_compiling() or not inside_activation_checkpoint():
         return
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None and getattr(hooks[0], "_checkpoint_internal", False):
-        raise ValueError(
-            f"HookSpec.{modality}.embed {embed!r} runs inside a torch.utils.checkpoint region: backward "
-            "recomputes it without masksd's token replacement, so the masked branch's gradients would be "
-            "wrong. Checkpoint only what runs after the embedding (the blocks or layers, as Swin, BERT "
-            "and timm do), or hook an embedding module that runs outside the checkpointed function"
-        )
+    raise ValueError(
+        f"HookSpec.{modality}.embed {embed!r} runs inside a torch.utils.checkpoint region: backward "
+        "recomputes it without masksd's token replacement, so the masked branch's gradients would be "
+        "wrong. Checkpoint only what runs after the embedding (the blocks or layers, as Swin, BERT "
+        "and timm do), or hook an embedding module that runs outside the checkpointed function"
+    )
+
 
 def refuse_wrapped(model: Any) -> None:
     """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""

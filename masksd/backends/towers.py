@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from masksd.backends.base import Backend, MainBranch, Modality, check_ids, check_logits
 from masksd.backends.tower_passes import TowerPasses
 from masksd.masking import replace_tokens
+from masksd.torch_compat import is_compiling
 from masksd.towers import Embedded, Encoded, Fused, RISModel, check_batch_sizes
 
 __all__ = ["TowerBackend", "decoder_foreign_parameters", "decoder_parameters_hidden"]
@@ -131,7 +131,7 @@ class TowerBackend(TowerPasses, Backend):
         if tape is not None:
             tape.record("decode")
         fused = None
-        check = not self._checked_decoder and not _compiling()
+        check = not self._checked_decoder and not is_compiling()
         with decoder_foreign_parameters(self.model) if check else nullcontext() as foreign:
             if callable(getattr(self.model.decoder, "forward_with_fused", None)):
                 logits, fused = self._decode_with_fused(encoded["image"], encoded["text"])
@@ -282,14 +282,6 @@ def decoder_parameters_hidden(decoder: Any) -> list[str]:
         for default in getattr(target, "__defaults__", None) or ():
             visit("default argument", default)
     return found
-
-
-def _compiling() -> bool:
-    """Whether dynamo is tracing (``torch.compiler.is_compiling``; ``torch._dynamo``'s before 2.3)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is None:
-        is_compiling = torch._dynamo.is_compiling
-    return bool(is_compiling())
 
 
 class ForeignParameters:
