@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import requires_bf16_masked_attention
 
 pytest.importorskip("open_clip")
 
@@ -120,8 +121,9 @@ def test_resume_is_exact(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--method", "baseline"],
-                                   ["--no-lmvsd-masking", "--no-share-decoder", "--supervision", "ground_truth",
-                                    "--hard-targets", "--no-vmlsd", "--amp", "bf16"],
+                                   pytest.param(["--no-lmvsd-masking", "--no-share-decoder", "--supervision",
+                                                 "ground_truth", "--hard-targets", "--no-vmlsd", "--amp", "bf16"],
+                                                marks=requires_bf16_masked_attention),
                                    ["--objectives", "vmlsd", "mask_grounding", "cal", "lang_rec"]],
                          ids=["baseline", "ablations", "objectives"])
 def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> None:

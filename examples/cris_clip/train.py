@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     warmup = round(o.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=warmup, total=total_steps, min_ratio=o.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=o.amp == "fp16")
+    scaler = (torch.amp.GradScaler(device.type, enabled=o.amp == "fp16") if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=o.amp == "fp16"))  # torch 2.1 / 2.2
 
     # ---- resume: weights, optimiser, schedule and progress counters -----------------------------
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_miou": -math.inf, "best_epoch": None,
