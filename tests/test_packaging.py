@@ -70,6 +70,39 @@ def _one(dist: Path, pattern: str) -> Path:
     return found[0]
 
 
+def _floor_pins() -> dict[str, str]:
+    """``name -> version`` of requirements-floor.txt (names normalised as pip does)."""
+    pins = {}
+    for line in (ROOT / "requirements-floor.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_every_declared_floor_is_the_version_ci_tests_it_on():
+    """A ``>=`` floor in pyproject.toml is true only when .ci/run's floor environment installs
+    exactly that version; open_clip's [examples] floor (3.0) is the one exception, since it needs a
+    newer timm than the [timm] floor (requirements-floor.txt says so)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in ("clip", "hf", "timm", "test", "examples"):
+        declared += project["optional-dependencies"][extra]
+    pins, checked = _floor_pins(), []
+    for requirement in declared:
+        name, floor = re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+        name = re.sub(r"[-_.]+", "-", name).lower()
+        if requirement in project["optional-dependencies"]["examples"] and name == "open-clip-torch":
+            continue
+        pinned = pins.get(name)
+        assert pinned is not None, f"{name} (>= {floor}) is not installed by requirements-floor.txt"
+        assert [int(p) for p in pinned.split(".")][: len(floor.split("."))] == [int(p) for p in floor.split(".")], (
+            f"{name}: pyproject says >= {floor}, the floor environment installs {pinned}")
+        checked.append(name)
+    assert {"torch", "numpy", "einops", "open-clip-torch", "timm", "transformers"} <= set(checked)
+
+
 def test_version_lives_in_one_place():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
