@@ -292,14 +292,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     jobs = [(clip, clip_file[clip], v, seed, (tuning[clip]["lr"], tuning[clip]["backbone_lr_mult"]))
             for group in groups for seed in seeds for clip in clips for v in group if wanted(v, seed)]
+    missing = 0
     for job, metrics in zip(jobs, runner.many(jobs), strict=True):
         if metrics is not None:
             runs[job[0]][job[2]][job[3]] = metrics
+        missing += metrics is None
     runs = {clip: {v: by_seed for v, by_seed in by_v.items() if by_seed} for clip, by_v in runs.items()}
 
     result: dict[str, Any] = {
         "study": name, "units": "percent",
-        "partial": args.aggregate_only,
+        "partial": missing > 0,  # a planned run has not finished (only --aggregate-only gets here then)
+        "runs_missing": missing,
         "seeds_run": {c: {v: sorted(s) for v, s in by_v.items()} for c, by_v in runs.items()},
         "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants), "clips": list(clips),
                      "schedule": list(study.schedule), "lr_grid": list(study.lr_grid),

@@ -290,6 +290,7 @@ def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     settings = list(by_setting)
     fig, axes = plt.subplots(2, len(settings), figsize=(5.5 * len(settings), 7.5), squeeze=False)
@@ -317,6 +318,8 @@ def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
         bottom.set_title(f"{setting}: LMVSD kept patches on the target")
         bottom.set_xlabel("epoch")
         bottom.set_ylabel("precision")
+        for ax in (top, bottom):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4, ...
         handles, labels = bottom.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         bottom.legend(unique.values(), unique.keys(), fontsize=8)
