@@ -69,6 +69,10 @@ VARIANTS: dict[str, list[str]] = {
     "dropout_replay": ["--dropout", "replay"],
     # no filtering (TopK 1, the paper's Table III(c) row) at the same α: masking among all tokens
     "random_selection": ["--lmvsd-top-k", "1", "--vmlsd-top-k", "1"],
+    # TopK 1 at half the α (α·TopK as masksd's defaults): on average as many tokens masked as the
+    # guided variants mask (0.125 · 144 = 0.25 · 72 = 18 patches), chosen at random
+    "random_same_count": ["--lmvsd-top-k", "1", "--lmvsd-ratio", "0.125", "--vmlsd-top-k", "1",
+                          "--vmlsd-ratio", "0.05"],
     # each token against the other modality's tokens (MaxSim) instead of its global feature
     "late_interaction_scorer": ["--lmvsd-scorer", "late_interaction", "--vmlsd-scorer", "late_interaction"],
     # the scorers that pick the referent in benchmarks/selection_probe.py: patches under the main
@@ -130,6 +134,7 @@ class Study:
     pretrain_preset: str = "demo"  # pretrain_clip.py --preset of the pretrained CLIP
     probe: str | None = None  # benchmarks/selection_probe.py's JSON on this study's CLIP (reported beside it)
     head_to_head: tuple[tuple[str, str], ...] = ()  # (a, b): also report the paired a − b
+    runs_of: str | None = None  # train into (and reuse the finished runs of) this study's work dir
 
 
 # Pinned here so that later changes of the demo defaults do not change a study.
@@ -155,6 +160,16 @@ STUDIES: dict[str, Study] = {
                 head_to_head=(("masksd", "random_selection"), ("recommended_scorer", "random_selection"),
                               ("masksd", "maskris"), ("recommended_scorer", "maskris"),
                               ("recommended_scorer", "masksd"))),
+    # follow-up to v3, registered in docs/benchmarks.md §2 before its first run: random selection of
+    # as many patches as the guided variants mask; v3's settings, lr and finished runs, 16 new runs
+    "v3_count": Study(schedule=("--num-train", "8000", "--num-val", "2000", "--batch-size", "16",
+                                "--warmup-epochs", "0.25"),
+                      epochs=2, seeds=tuple(range(16)), clips=("pretrained",),
+                      variants=("baseline", "masksd", "random_selection", "random_same_count"),
+                      lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2",
+                      pretrain_preset="v2", probe="docs/benchmarks/selection_probe_v2.json", runs_of="v3",
+                      head_to_head=(("masksd", "random_same_count"), ("random_selection", "random_same_count"),
+                                    ("masksd", "random_selection"))),
     # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
     "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
                              "--warmup-epochs", "0.25"),
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = tuple(range(args.first_seed, args.first_seed + count))
     variants = tuple(args.variants or study.variants)
     clips = tuple(args.clips or study.clips)
-    work_dir = Path(args.work_dir) / name
+    work_dir = Path(args.work_dir) / (study.runs_of or name)
     out_dir = Path(args.out_dir) if args.out_dir else work_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(study, work_dir, jobs=args.jobs, threads=args.threads, train=not args.aggregate_only)

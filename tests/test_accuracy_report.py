@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import masksd
 from benchmarks.accuracy import GRID_VARIANTS, STUDIES, VARIANTS
 from benchmarks.accuracy_report import (
     aggregate,
@@ -111,6 +112,19 @@ def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path()
     assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
     assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
     assert set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants) and v3.secondary_pairs >= 4
+
+
+def test_v3_count_reuses_v3s_runs_and_masks_as_many_tokens_as_the_defaults_at_random() -> None:
+    v3, follow_up = STUDIES["v3"], STUDIES["v3_count"]
+    assert follow_up.runs_of == "v3"  # its baseline / masksd / random_selection runs are v3's own files
+    for field in ("schedule", "epochs", "seeds", "clips", "lr_grid", "pretrained_backbone_grid", "preset",
+                  "pretrain_preset", "pretrain_steps"):
+        assert getattr(follow_up, field) == getattr(v3, field), field
+    assert set(follow_up.variants) - set(v3.variants) == {"random_same_count"}
+    flags = VARIANTS["random_same_count"]
+    for branch, config in (("lmvsd", masksd.LMVSDConfig()), ("vmlsd", masksd.VMLSDConfig())):
+        top_k, ratio = (float(flags[flags.index(f"--{branch}-{name}") + 1]) for name in ("top-k", "ratio"))
+        assert top_k == 1.0 and math.isclose(top_k * ratio, config.top_k * config.ratio)
 
 
 def test_probe_summary_reads_kept_on_referent_against_area_and_checks_the_clip_file() -> None:
