@@ -16,7 +16,7 @@ import hook_models
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 from tiny_models import make_batch, make_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,49 +55,46 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        # Different initialisation per rank on purpose: DDP must broadcast rank 0's state.
-        torch.manual_seed(100 + rank)
-        wrapper = _build(backend, rank, ratio).train()
-        fusion = None
-        if backend == "hooks":  # the wrap-time report, before DDP (it restores what it touches)
-            images, ids, target = hook_models.make_batch(4, seed=rank)
-            report = wrapper.check(images, ids, target=target)
-            fusion = (report.fusion, report.passes, report.ddp_find_unused_parameters)
-        model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
-        start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        data_gen = torch.Generator().manual_seed(1000 + rank)  # different data per rank
-        mask_gen = torch.Generator().manual_seed(2000 + rank)
-        losses = []
-        masked = 0
-        for _ in range(STEPS):
-            images, ids, target = _batch(backend, data_gen)
-            out = model(images, ids, target=target, generator=mask_gen)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            losses.append(out.loss.item())
-            masked += sum(int(sel["masked"].sum()) for sel in out.selections.values())
-        flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            result = {
-                "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
-                "max_diff": max(float((gathered[0] - other).abs().max()) for other in gathered[1:]),
-                "finite": bool(torch.isfinite(flat).all()),
-                "moved": not torch.equal(flat, start),
-                "losses": losses,
-                "masked": masked,
-                "num_params": flat.numel(),
-                "report": fusion,
-            }
-            Path(result_dir, "result.json").write_text(json.dumps(result))
-        else:
-            Path(result_dir, f"losses_{rank}.json").write_text(json.dumps(losses))
-    finally:
-        dist.destroy_process_group()
+    # Different initialisation per rank on purpose: DDP must broadcast rank 0's state.
+    torch.manual_seed(100 + rank)
+    wrapper = _build(backend, rank, ratio).train()
+    fusion = None
+    if backend == "hooks":  # the wrap-time report, before DDP (it restores what it touches)
+        images, ids, target = hook_models.make_batch(4, seed=rank)
+        report = wrapper.check(images, ids, target=target)
+        fusion = (report.fusion, report.passes, report.ddp_find_unused_parameters)
+    model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
+    start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data_gen = torch.Generator().manual_seed(1000 + rank)  # different data per rank
+    mask_gen = torch.Generator().manual_seed(2000 + rank)
+    losses = []
+    masked = 0
+    for _ in range(STEPS):
+        images, ids, target = _batch(backend, data_gen)
+        out = model(images, ids, target=target, generator=mask_gen)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        masked += sum(int(sel["masked"].sum()) for sel in out.selections.values())
+    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        result = {
+            "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
+            "max_diff": max(float((gathered[0] - other).abs().max()) for other in gathered[1:]),
+            "finite": bool(torch.isfinite(flat).all()),
+            "moved": not torch.equal(flat, start),
+            "losses": losses,
+            "masked": masked,
+            "num_params": flat.numel(),
+            "report": fusion,
+        }
+        Path(result_dir, "result.json").write_text(json.dumps(result))
+    else:
+        Path(result_dir, f"losses_{rank}.json").write_text(json.dumps(losses))
 
 
 @pytest.mark.parametrize(
@@ -106,7 +103,7 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
     ids=["masking", "nothing_masked", "hooks_late_fusion"],
 )
 def test_ddp_parameters_stay_identical(tmp_path, ratio, backend):
-    mp.spawn(_worker, args=(_free_port(), ratio, str(tmp_path), backend), nprocs=WORLD_SIZE, join=True)
+    run_ranks(_worker, (_free_port(), ratio, str(tmp_path), backend), world_size=WORLD_SIZE, marker_dir=tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], f"parameters differ across ranks (max diff {result['max_diff']})"
     assert result["num_params"] > 0 and result["finite"] and result["moved"]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from objective_models import (
     ALL_OBJECTIVES,
     all_objectives,
@@ -27,6 +26,7 @@ from objective_models import (
     towers_batch,
     towers_wrapper,
 )
+from spawn_ranks import run_ranks
 from tiny_models import EOT, SOT
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,51 +49,48 @@ def _worker(rank: int, port: int, result_dir: str, backend: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        objectives = all_objectives(seed=100 + rank)  # different per rank: DDP broadcasts rank 0's
-        build, batch = (towers_wrapper, towers_batch) if backend == "towers" else (hooks_wrapper, hooks_batch)
-        wrapper = build(objectives, seed=rank, lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5)).train()
-        model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
-        start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mask_gen = torch.Generator().manual_seed(2000 + rank)
-        losses, predicted = [], []
-        for step in range(STEPS):
-            images, ids, target = batch(4, seed=1000 * rank + step)  # different data per rank
-            if step == 1:  # nothing to supervise: no foreground (alignment), no word (towers: SOT, EOT only)
-                target = torch.zeros_like(target)
-                if backend == "towers":
-                    ids = torch.zeros_like(ids)
-                    ids[:, :2] = torch.tensor([SOT, EOT])
-            out = model(images, ids, target=target, generator=mask_gen)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            losses.append(out.loss.item())
-            predicted.append(int(out.selections["mask_grounding"]["masked"].sum()))
-        flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            result = {
-                "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
-                "finite": bool(torch.isfinite(flat).all()),
-                "moved": not torch.equal(flat, start),
-                "losses": losses,
-                "predicted": predicted,
-                "added": sum(p.numel() for p in wrapper.added_parameters().values()),
-                "objectives": list(wrapper.objectives),
-                "cal_fused_params": sum(p.numel() for k, p in wrapper.added_parameters().items()
-                                        if k.startswith("objectives.cal_fused.")),
-            }
-            Path(result_dir, "result.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    objectives = all_objectives(seed=100 + rank)  # different per rank: DDP broadcasts rank 0's
+    build, batch = (towers_wrapper, towers_batch) if backend == "towers" else (hooks_wrapper, hooks_batch)
+    wrapper = build(objectives, seed=rank, lmvsd=LMVSDConfig(ratio=0.5), vmlsd=VMLSDConfig(ratio=0.5)).train()
+    model = DistributedDataParallel(wrapper)  # find_unused_parameters=False
+    start = torch.cat([p.detach().flatten() for p in wrapper.parameters()]).clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask_gen = torch.Generator().manual_seed(2000 + rank)
+    losses, predicted = [], []
+    for step in range(STEPS):
+        images, ids, target = batch(4, seed=1000 * rank + step)  # different data per rank
+        if step == 1:  # nothing to supervise: no foreground (alignment), no word (towers: SOT, EOT only)
+            target = torch.zeros_like(target)
+            if backend == "towers":
+                ids = torch.zeros_like(ids)
+                ids[:, :2] = torch.tensor([SOT, EOT])
+        out = model(images, ids, target=target, generator=mask_gen)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        predicted.append(int(out.selections["mask_grounding"]["masked"].sum()))
+    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        result = {
+            "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
+            "finite": bool(torch.isfinite(flat).all()),
+            "moved": not torch.equal(flat, start),
+            "losses": losses,
+            "predicted": predicted,
+            "added": sum(p.numel() for p in wrapper.added_parameters().values()),
+            "objectives": list(wrapper.objectives),
+            "cal_fused_params": sum(p.numel() for k, p in wrapper.added_parameters().items()
+                                    if k.startswith("objectives.cal_fused.")),
+        }
+        Path(result_dir, "result.json").write_text(json.dumps(result))
 
 
 @pytest.mark.parametrize("backend", ["towers", "hooks"])
 def test_ddp_with_all_objectives(tmp_path, backend):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), backend), nprocs=WORLD_SIZE, join=True)
+    run_ranks(_worker, (_free_port(), str(tmp_path), backend), world_size=WORLD_SIZE, marker_dir=tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], "parameters differ across ranks"
     assert result["finite"] and result["moved"] and result["added"] > 0

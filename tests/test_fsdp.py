@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 import masksd
 
@@ -79,25 +79,22 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        wrapper = _build()
-        for path in UNITS:  # wrap first, then shard: masksd's hooks stay on the modules
-            fully_shard(wrapper.model.get_submodule(path), mesh=mesh)
-        fully_shard(wrapper, mesh=mesh, ignored_params={wrapper.model.backbone.logit_scale})
-        optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.5)
-        losses = []
-        for step in range(STEPS):
-            out = _step(wrapper, step, rank)
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-            losses.append(float(out.loss))
-        sharded = sum(hasattr(p, "full_tensor") for p in wrapper.parameters())
-        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in wrapper.named_parameters()}
-        torch.save({"full": full, "losses": losses, "sharded": sharded}, os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    wrapper = _build()
+    for path in UNITS:  # wrap first, then shard: masksd's hooks stay on the modules
+        fully_shard(wrapper.model.get_submodule(path), mesh=mesh)
+    fully_shard(wrapper, mesh=mesh, ignored_params={wrapper.model.backbone.logit_scale})
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.5)
+    losses = []
+    for step in range(STEPS):
+        out = _step(wrapper, step, rank)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss))
+    sharded = sum(hasattr(p, "full_tensor") for p in wrapper.parameters())
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in wrapper.named_parameters()}
+    torch.save({"full": full, "losses": losses, "sharded": sharded}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
 def _reference() -> dict[str, torch.Tensor]:
@@ -123,7 +120,7 @@ def _reference() -> dict[str, torch.Tensor]:
 
 
 def test_fsdp2_training_matches_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_ranks(_worker, (_free_port(), str(tmp_path)), world_size=WORLD_SIZE, marker_dir=tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     assert ranks[0]["sharded"] > 50  # the model really was sharded
     assert ranks[0]["losses"] != ranks[1]["losses"]  # different data per rank

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 from masksd.metrics import RISMetrics, intersection_union, mask_iou
 
@@ -130,22 +130,19 @@ def _rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        m = RISMetrics()
-        m.update(*_rank_data(rank))
-        synced = m.sync()
-        assert m.count == 3 + rank  # sync() does not mutate
-        m.all_reduce()
-        with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
-            json.dump({"sync": synced, "reduced": m.compute()}, f)
-    finally:
-        dist.destroy_process_group()
+    m = RISMetrics()
+    m.update(*_rank_data(rank))
+    synced = m.sync()
+    assert m.count == 3 + rank  # sync() does not mutate
+    m.all_reduce()
+    with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
+        json.dump({"sync": synced, "reduced": m.compute()}, f)
 
 
 @pytest.mark.slow
 def test_all_reduce_two_gloo_processes(tmp_path: Path) -> None:
     world = 2
-    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world_size=world, marker_dir=tmp_path)
     ref = RISMetrics()
     for rank in range(world):
         ref.update(*_rank_data(rank))

@@ -10,6 +10,7 @@ import tiny_models
 import torch
 import torch.nn.functional as F
 from objective_models import hooks_batch, towers_batch, towers_wrapper, train_step
+from spawn_ranks import run_ranks
 from tiny_models import assert_all_grads
 
 import masksd
@@ -333,34 +334,31 @@ def _ddp_worker(rank: int, port: int, result_dir: str, backend: str, mode: str) 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        torch.manual_seed(100 + rank)  # different initial weights per rank: DDP broadcasts rank 0's
-        if backend == "towers":
-            wrapper = towers_wrapper([towers_maskris(mode)], seed=rank)
-            batch = towers_batch
-        else:
-            wrapper = myris_wrapper(myris_maskris(mode), seed=rank)
-            batch = hooks_batch
-        model = DistributedDataParallel(wrapper.train())  # find_unused_parameters=False
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mask_gen = torch.Generator().manual_seed(2000 + rank)  # different masks per rank
-        losses = []
-        for step in range(STEPS):
-            images, ids, target = batch(4, seed=1000 * rank + step)
-            out = model(images, ids, target=target, generator=mask_gen)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            losses.append(out.losses["maskris"].item())
-        flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            result = {"identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-                      "finite": bool(torch.isfinite(flat).all()), "losses": losses}
-            Path(result_dir, "result.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(100 + rank)  # different initial weights per rank: DDP broadcasts rank 0's
+    if backend == "towers":
+        wrapper = towers_wrapper([towers_maskris(mode)], seed=rank)
+        batch = towers_batch
+    else:
+        wrapper = myris_wrapper(myris_maskris(mode), seed=rank)
+        batch = hooks_batch
+    model = DistributedDataParallel(wrapper.train())  # find_unused_parameters=False
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask_gen = torch.Generator().manual_seed(2000 + rank)  # different masks per rank
+    losses = []
+    for step in range(STEPS):
+        images, ids, target = batch(4, seed=1000 * rank + step)
+        out = model(images, ids, target=target, generator=mask_gen)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.losses["maskris"].item())
+    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        result = {"identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+                  "finite": bool(torch.isfinite(flat).all()), "losses": losses}
+        Path(result_dir, "result.json").write_text(json.dumps(result))
 
 
 @pytest.mark.slow
@@ -369,12 +367,11 @@ def test_ddp_replicas_stay_equal(tmp_path, backend, mode):
     import json
     import socket
 
-    import torch.multiprocessing as mp
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path), backend, mode), nprocs=WORLD_SIZE, join=True)
+    run_ranks(_ddp_worker, (port, str(tmp_path), backend, mode), world_size=WORLD_SIZE, marker_dir=tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"] and result["finite"]
     assert len(result["losses"]) == STEPS and all(math.isfinite(v) for v in result["losses"])

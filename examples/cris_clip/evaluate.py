@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         scores = evaluate(wrapper.unwrap(), loader, device=device, amp=args.amp, resolutions=(args.resolution,),
                           threshold=args.threshold, prec_compare=args.prec_compare)
         results[split] = scores[args.resolution]["prediction"]
-    if world > 1:
+    if world > 1:  # barrier first: torch < 2.8 can deadlock destroying a gloo group while a worker thread
+        dist.barrier()  # still frees the last collective (pytorch/pytorch#154976)
         dist.destroy_process_group()
     if rank == 0:
         step = ckpt["state"]["global_step"]

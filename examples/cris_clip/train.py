@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     for split in r.test_split:
         if split not in final:
             final[split] = evaluate(model, split_loader(split), device=device, amp=o.amp, resolutions=resolutions)
-    if world > 1:
+    if world > 1:  # barrier first: torch < 2.8 can deadlock destroying a gloo group while a worker thread
+        dist.barrier()  # still frees the last collective (pytorch/pytorch#154976)
         dist.destroy_process_group()
     if not master:
         return
