@@ -12,6 +12,8 @@ group and does everything else, except destroying the group: ``run_ranks`` marks
 *before* it destroys the group. Ranks that are done but still alive after a grace period are
 killed, with a warning; a rank that fails reports its traceback as ``mp.spawn`` would, and a run
 that does not finish within ``timeout_s`` raises ``TimeoutError``.
+
+``replicas`` (inside a worker) all-gathers a module's parameters and says whether the ranks agree.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 TEARDOWN_GRACE_S = 30.0  # a healthy teardown takes well under a second
 
@@ -78,3 +81,14 @@ def _kill(context: mp.ProcessContext) -> None:
     for process in context.processes:
         process.join()
 
+
+
+def replicas(module: nn.Module, world_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Collective: ``module``'s parameters flattened ``[P]``, and whether every rank holds rank 0's
+    bit for bit (``identical``, ``max_diff``, ``finite``)."""
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    return flat, {"identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
+                  "max_diff": max(float((gathered[0] - other).abs().max()) for other in gathered[1:]),
+                  "finite": bool(torch.isfinite(flat).all())}

@@ -16,7 +16,7 @@ import hook_models
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_ranks import run_ranks
+from spawn_ranks import replicas, run_ranks
 from tiny_models import make_batch, make_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -78,14 +78,10 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
         optimizer.step()
         losses.append(out.loss.item())
         masked += sum(int(sel["masked"].sum()) for sel in out.selections.values())
-    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-    dist.all_gather(gathered, flat)
+    flat, same = replicas(wrapper, WORLD_SIZE)
     if rank == 0:
         result = {
-            "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
-            "max_diff": max(float((gathered[0] - other).abs().max()) for other in gathered[1:]),
-            "finite": bool(torch.isfinite(flat).all()),
+            **same,
             "moved": not torch.equal(flat, start),
             "losses": losses,
             "masked": masked,

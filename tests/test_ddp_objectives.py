@@ -26,7 +26,7 @@ from objective_models import (
     towers_batch,
     towers_wrapper,
 )
-from spawn_ranks import run_ranks
+from spawn_ranks import replicas, run_ranks
 from tiny_models import EOT, SOT
 from torch.nn.parallel import DistributedDataParallel
 
@@ -70,13 +70,10 @@ def _worker(rank: int, port: int, result_dir: str, backend: str) -> None:
         optimizer.step()
         losses.append(out.loss.item())
         predicted.append(int(out.selections["mask_grounding"]["masked"].sum()))
-    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-    dist.all_gather(gathered, flat)
+    flat, same = replicas(wrapper, WORLD_SIZE)
     if rank == 0:
         result = {
-            "identical": all(torch.equal(gathered[0], other) for other in gathered[1:]),
-            "finite": bool(torch.isfinite(flat).all()),
+            **same,
             "moved": not torch.equal(flat, start),
             "losses": losses,
             "predicted": predicted,

@@ -10,7 +10,7 @@ import tiny_models
 import torch
 import torch.nn.functional as F
 from objective_models import hooks_batch, towers_batch, towers_wrapper, train_step
-from spawn_ranks import run_ranks
+from spawn_ranks import replicas, run_ranks
 from tiny_models import assert_all_grads
 
 import masksd
@@ -352,12 +352,9 @@ def _ddp_worker(rank: int, port: int, result_dir: str, backend: str, mode: str) 
         out.loss.backward()
         optimizer.step()
         losses.append(out.losses["maskris"].item())
-    flat = torch.cat([p.detach().flatten() for p in wrapper.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-    dist.all_gather(gathered, flat)
+    _, same = replicas(wrapper, WORLD_SIZE)
     if rank == 0:
-        result = {"identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-                  "finite": bool(torch.isfinite(flat).all()), "losses": losses}
+        result = {**same, "losses": losses}
         Path(result_dir, "result.json").write_text(json.dumps(result))
 
 
