@@ -364,7 +364,6 @@ def test_ddp_replicas_stay_equal(tmp_path, backend, mode):
     import json
     import socket
 
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
