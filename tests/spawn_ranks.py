@@ -82,7 +82,6 @@ def _kill(context: mp.ProcessContext) -> None:
         process.join()
 
 
-
 def replicas(module: nn.Module, world_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """Collective: ``module``'s parameters flattened ``[P]``, and whether every rank holds rank 0's
     bit for bit (``identical``, ``max_diff``, ``finite``)."""

@@ -113,7 +113,7 @@ def test_lavt_train_step_and_eval(lavt_style: ModuleType) -> None:
 # torch 2.1's oneDNN GELU backward on the CPU returns garbage (random, sometimes nan) when the
 # incoming gradient is not contiguous (pytorch/pytorch#107876, fixed in 2.2): LAVT's PWAM
 # (Conv1d -> GELU -> permute) hits it, so there the gradient is taken with oneDNN off.
-GELU_BACKWARD_NEEDS_ONEDNN_OFF = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 2)
+GELU_BACKWARD_NEEDS_ONEDNN_OFF = torch.__version__ < (2, 2)  # torch's TorchVersion compares to tuples
 
 
 def test_lavt_image_features_depend_on_text(lavt_style: ModuleType) -> None:
