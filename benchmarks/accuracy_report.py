@@ -171,7 +171,7 @@ def head_to_head_markdown(setting: str, result: dict[str, Any]) -> str:
     for name, by_split in result.items():
         seeds = by_split[SPLITS[0]]["seeds"]
         lines.append(f"| {name.replace('_minus_', ' − ')} | {len(seeds)} ({','.join(map(str, seeds))}) | "
-                     + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
+                     + " | ".join(fmt_ci(by_split[s]) for s in SPLITS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +198,8 @@ def _fmt(cell: dict[str, Any]) -> str:
     return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
 
 
-def _fmt_ci(d: dict[str, Any]) -> str:
+def fmt_ci(d: dict[str, Any]) -> str:
+    """A paired difference as ``+m [+lo, +hi]`` (and ``(control → treated)`` means where known)."""
     means = f" ({d['control_mean']:.2f} → {d['treated_mean']:.2f})" if "control_mean" in d else ""
     if math.isnan(d["ci95_low"]):
         return f"{d['mean']:+.2f} (1 pair){means}"
@@ -221,7 +222,7 @@ def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header:
         for name, by_split in diffs.items():
             seeds = ",".join(map(str, by_split[SPLITS[0]]["seeds"]))
             lines.append(f"| {name} − baseline | {len(by_split[SPLITS[0]]['seeds'])} ({seeds}) | "
-                         + " | ".join(_fmt_ci(by_split[s]) for s in SPLITS) + " |")
+                         + " | ".join(fmt_ci(by_split[s]) for s in SPLITS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -159,3 +160,36 @@ def test_finite_turns_nan_into_null_for_strict_json() -> None:
     data = finite({"one_pair": paired_difference([1.0], [0.0]), "x": (math.inf, 2.0)})
     assert data["one_pair"]["ci95_low"] is None and data["x"] == [None, 2.0]
     json.dumps(data, allow_nan=False)
+
+
+def test_fresh_draw_pairs_each_variant_with_the_baseline_by_seed_and_keeps_the_studys_draw_beside(tmp_path) -> None:
+    from benchmarks import fresh_draw
+
+    seeds = [0, 1, 2]
+    miou = {"baseline": [50.0, 52.0, 51.0], "masksd": [51.0, 52.5, 53.0], "random_selection": [50.0, 53.0, 50.0]}
+    eval_dir = tmp_path / "evals"
+    for variant, values in miou.items():
+        for seed, value in zip(seeds, values, strict=True):
+            out = eval_dir / "pretrained" / f"{variant}-lr0.008-seed{seed}.json"  # cached: nothing is evaluated
+            out.parent.mkdir(parents=True, exist_ok=True)
+            split = {"miou": value, "count": 2000.0}
+            out.write_text(json.dumps({"splits": {"test": split, "compositional": {**split, "miou": value / 2}}}))
+    study_difference = {"mean": 9.0, "ci95_low": 8.0, "ci95_high": 10.0}
+    study_json = {"study": "v3", "partial": False, "minus_baseline_setting": "pretrained",
+                  "lr_tuning": {"pretrained": {"chosen": "lr0.008"}},
+                  "seeds_run": {"pretrained": {v: seeds for v in miou}},
+                  "differences": {"pretrained": {"masksd": {"test": study_difference}}},
+                  "head_to_head": {"pretrained": {"masksd_minus_random_selection": {"test": study_difference}}}}
+    (tmp_path / "study.json").write_text(json.dumps(study_json))
+
+    result = fresh_draw.main(["--study-json", str(tmp_path / "study.json"), "--eval-dir", str(eval_dir),
+                              "--work-dir", str(tmp_path), "--out", str(tmp_path / "fresh")])
+
+    assert set(result["differences"]) == {"masksd_minus_baseline", "random_selection_minus_baseline",
+                                          "masksd_minus_random_selection"}
+    test = result["differences"]["masksd_minus_baseline"]["test"]
+    assert test["fresh_draw"]["values"] == [1.0, 0.5, 2.0] and test["study_draw"] == study_difference
+    head = result["differences"]["masksd_minus_random_selection"]["compositional"]
+    assert head["fresh_draw"]["values"] == [0.5, -0.25, 1.5] and head["study_draw"] is None
+    assert result["split_sizes"] == {"test": 2000, "compositional": 2000}
+    assert (tmp_path / "fresh.md").read_text().count("\n| ") == 4  # header and three comparisons
