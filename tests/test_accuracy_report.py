@@ -193,3 +193,33 @@ def test_fresh_draw_pairs_each_variant_with_the_baseline_by_seed_and_keeps_the_s
     assert head["fresh_draw"]["values"] == [0.5, -0.25, 1.5] and head["study_draw"] is None
     assert result["split_sizes"] == {"test": 2000, "compositional": 2000}
     assert (tmp_path / "fresh.md").read_text().count("\n| ") == 4  # header and three comparisons
+
+
+def test_by_expression_partitions_the_split_and_pairs_each_group_by_seed(tmp_path) -> None:
+    from benchmarks import by_expression as breakdown
+
+    by_group = breakdown.groups("compositional", 24, seed=0)
+    parts = [i for name, indices in by_group.items() if name != "all" for i in indices]
+    assert sorted(parts) == by_group["all"] == list(range(24))  # every sample in exactly one group
+    assert {name.split(",")[0] for name in by_group} <= {"all", "attribute", "location", "relation"}
+
+    cache = tmp_path / "evals" / "pretrained" / "compositional"  # cached results: nothing is evaluated
+    cache.mkdir(parents=True)
+    for variant, offset in (("baseline", 0.0), ("masksd", 1.0)):
+        for seed in (0, 1):
+            cache.joinpath(f"{variant}-lr0.008-seed{seed}.json").write_text(
+                json.dumps({g: 10.0 + offset * (seed + 1) + k for k, g in enumerate(by_group)}))
+    study_json = {"study": "v3", "minus_baseline_setting": "pretrained", "split_sizes": {"compositional": 24},
+                  "lr_tuning": {"pretrained": {"chosen": "lr0.008"}},
+                  "seeds_run": {"pretrained": {"baseline": [0, 1], "masksd": [0, 1]}}}
+    (tmp_path / "study.json").write_text(json.dumps(study_json))
+
+    result = breakdown.main(["--study-json", str(tmp_path / "study.json"), "--pairs", "masksd:baseline",
+                             "--eval-dir", str(tmp_path / "evals"), "--out", str(tmp_path / "out")])
+
+    assert result["group_sizes"] == {g: len(i) for g, i in by_group.items()}
+    for group in by_group:
+        assert result["differences"]["masksd_minus_baseline"][group]["values"] == [1.0, 2.0]
+    with pytest.raises(SystemExit):
+        breakdown.main(["--study-json", str(tmp_path / "study.json"), "--pairs", "maskris:baseline",
+                        "--eval-dir", str(tmp_path / "evals"), "--out", str(tmp_path / "out")])
