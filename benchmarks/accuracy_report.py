@@ -7,6 +7,7 @@ here runs a model.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -117,6 +118,15 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def write_report(stem: str | Path, result: dict[str, Any], markdown_text: str) -> None:
+    """Print ``markdown_text`` and write ``<stem>.json`` (strict JSON, :func:`finite`) and ``<stem>.md``."""
+    print(markdown_text)
+    stem = Path(stem)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+    stem.with_name(stem.name + ".md").write_text(markdown_text)
+    print(f"wrote {stem}.json, .md")
 
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -113,12 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["differences"].setdefault(f"{a}_minus_{b}", {})[group] = {**d, "seeds": seeds}
             cells.append(f"{report.fmt_ci(d)}, {sum(x > 0 for x in d['values'])}")
         lines.append(f"| {group} | {len(indices)} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report.finite(result), indent=2, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(f"wrote {out}.json, .md")
+    report.write_report(args.out, result, "\n".join(lines) + "\n")
     return result
 
 

@@ -119,12 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             positive = sum(v > 0 for v in new["values"])
             cells += [f"{report.fmt_ci(new)}, {positive}", report.fmt_ci(old) if old else "—"]
         lines.append(f"| {a} − {b} | {len(new['seeds'])} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report.finite(result), indent=2, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(f"wrote {out}.json, .md")
+    report.write_report(args.out, result, "\n".join(lines) + "\n")
     return result
 
 
