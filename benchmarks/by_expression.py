@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,11 @@ import torch
 from torch.utils.data import Subset
 
 from benchmarks import accuracy_report as report
-from benchmarks.accuracy import ROOT, STUDIES
-
-sys.path.insert(0, str(ROOT / "examples" / "cris_clip"))  # evaluate.py imports its siblings by plain name
-from config import context_length  # noqa: E402
-from data import RISDataset, eval_loader, raw_dataset  # noqa: E402
-from evaluate import evaluate, load_checkpoint  # noqa: E402
-from world_v2 import generate_sample  # noqa: E402
+from benchmarks.accuracy import STUDIES
+from examples.cris_clip.config import context_length
+from examples.cris_clip.data import RISDataset, eval_loader, raw_dataset
+from examples.cris_clip.evaluate import evaluate, load_checkpoint
+from examples.cris_clip.world_v2 import generate_sample
 
 
 def groups(split: str, size: int, seed: int) -> dict[str, list[int]]:

@@ -23,10 +23,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
-from model import EXTRA_OBJECTIVES, MODEL_CONFIGS, ModelConfig
-
 from masksd import DistillConfig, LMVSDConfig, VMLSDConfig
+
+if __package__:  # imported as examples.cris_clip.config (benchmarks)
+    from .data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
+    from .model import EXTRA_OBJECTIVES, MODEL_CONFIGS, ModelConfig
+else:  # a script run of this folder (train.py, evaluate.py) imports siblings by plain name
+    from data import CONTEXT_LENGTH, TEST_SPLITS, DataConfig
+    from model import EXTRA_OBJECTIVES, MODEL_CONFIGS, ModelConfig
 
 
 def _help(text: str, default: Any = None) -> Any:

@@ -64,13 +64,20 @@ class DataConfig:
 def raw_dataset(config: DataConfig, split: str) -> Dataset:
     """One split as ``{image uint8 [H,W,3], mask bool [H,W], sentence, id}`` items."""
     if config.dataset == "synthetic":
-        from synthetic import SyntheticReferDataset
-        from world_v2 import WorldV2Dataset
+        if __package__:  # imported as examples.cris_clip.data (tests, benchmarks)
+            from .synthetic import SyntheticReferDataset
+            from .world_v2 import WorldV2Dataset
+        else:  # a script run of this folder imports siblings by plain name
+            from synthetic import SyntheticReferDataset
+            from world_v2 import WorldV2Dataset
 
         n = config.num_train if split == "train" else config.num_val
         world = WorldV2Dataset if config.world == "v2" else SyntheticReferDataset
         return world(split, num_samples=n, seed=config.synthetic_seed)
-    from refer import ReferDataset  # needs pycocotools
+    if __package__:
+        from .refer import ReferDataset  # needs pycocotools
+    else:
+        from refer import ReferDataset  # needs pycocotools
 
     if config.data_root is None:
         raise ValueError(f"--dataset {config.dataset} needs --data-root (the folder holding {config.dataset}/)")

@@ -23,14 +23,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from config import Config, add_flags, apply_flags, context_length, extra_objectives
-from data import TEST_SPLITS, DataConfig, RISDataset, eval_loader, raw_dataset, unletterbox
-from model import build_model, build_objectives
 from torch import nn
 from torch.utils.data import DataLoader
 
 from masksd import MaskedSelfDistill
 from masksd.metrics import RISMetrics
+
+if __package__:  # imported as examples.cris_clip.evaluate (benchmarks)
+    from .config import Config, add_flags, apply_flags, context_length, extra_objectives
+    from .data import TEST_SPLITS, DataConfig, RISDataset, eval_loader, raw_dataset, unletterbox
+    from .model import build_model, build_objectives
+else:  # a script run of this folder (and train.py) imports siblings by plain name
+    from config import Config, add_flags, apply_flags, context_length, extra_objectives
+    from data import TEST_SPLITS, DataConfig, RISDataset, eval_loader, raw_dataset, unletterbox
+    from model import build_model, build_objectives
 
 THRESHOLD = 0.35  # CRIS: the sigmoid map binarised at 0.35 after warping back to the image
 PREDICTORS = ("prediction", "all_background", "whole_image")
