@@ -220,6 +220,19 @@ def train_command(study: Study, name: str, seed: int, lr: LR, clip: str | None, 
             *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
 
 
+def finished_runs(study_json: dict[str, Any], work_dir: str | Path) -> tuple[Path, dict[str, dict[int, Path]]]:
+    """A finished study's runs in its headline setting, from its ``accuracy_<study>.json``:
+    ``(the study's work dir, {variant: {seed: run dir}})``; SystemExit if the study is partial."""
+    if study_json.get("partial"):
+        raise SystemExit(f"study {study_json['study']} is partial ({study_json['runs_missing']} runs missing): "
+                         "finish it first")
+    name, setting = study_json["study"], study_json["minus_baseline_setting"]
+    runs_dir = Path(work_dir) / (STUDIES[name].runs_of or name)
+    chosen = study_json["lr_tuning"][setting]["chosen"]
+    return runs_dir, {v: {s: runs_dir / setting / f"{v}-{chosen}-seed{s}" for s in seeds}
+                      for v, seeds in study_json["seeds_run"][setting].items()}
+
+
 class Runner:
     """Runs (or reuses) train.py runs, ``jobs`` at a time."""
 

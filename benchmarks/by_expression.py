@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Subset
 
 from benchmarks import accuracy_report as report
-from benchmarks.accuracy import STUDIES
+from benchmarks.accuracy import finished_runs
 from examples.cris_clip.config import context_length
 from examples.cris_clip.data import RISDataset, eval_loader, raw_dataset
 from examples.cris_clip.evaluate import evaluate, load_checkpoint
@@ -68,29 +68,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     study_json = json.loads(Path(args.study_json).read_text())
     name, clip = study_json["study"], study_json["minus_baseline_setting"]
-    runs_dir = Path(args.work_dir) / (STUDIES[name].runs_of or name)
+    runs_dir, run_dirs = finished_runs(study_json, args.work_dir)
     eval_dir = Path(args.eval_dir) if args.eval_dir else runs_dir / "by_expression"
-    chosen = study_json["lr_tuning"][clip]["chosen"]
-    seeds_run = study_json["seeds_run"][clip]
     if any(pair.count(":") != 1 for pair in args.pairs):
         p.error(f"--pairs {args.pairs}: write each as a:b (variant names), reported as a − b")
     pairs = [tuple(pair.split(":")) for pair in args.pairs]
     variants = list(dict.fromkeys(v for pair in pairs for v in pair))
-    missing = [v for v in variants if v not in seeds_run]
+    missing = [v for v in variants if v not in run_dirs]
     if missing:
-        p.error(f"--pairs names {missing}, which {args.study_json} did not run (it has {sorted(seeds_run)})")
+        p.error(f"--pairs names {missing}, which {args.study_json} did not run (it has {sorted(run_dirs)})")
     by_group = groups(args.split, study_json["split_sizes"][args.split], seed=0)
 
     miou: dict[str, dict[int, dict[str, float]]] = {}
     for variant in variants:
-        for seed in seeds_run[variant]:
-            run_name = f"{variant}-{chosen}-seed{seed}"
-            cache = eval_dir / clip / args.split / f"{run_name}.json"
+        for seed, run in run_dirs[variant].items():
+            cache = eval_dir / clip / args.split / f"{run.name}.json"
             if not cache.is_file():
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(evaluate_groups(runs_dir / clip / run_name / "best.pt", args.split,
-                                                            by_group)) + "\n")
-                print(f"  {run_name}", flush=True)
+                cache.write_text(json.dumps(evaluate_groups(run / "best.pt", args.split, by_group)) + "\n")
+                print(f"  {run.name}", flush=True)
             miou.setdefault(variant, {})[seed] = json.loads(cache.read_text())
 
     result: dict[str, Any] = {"study": name, "split": args.split, "units": "percent",

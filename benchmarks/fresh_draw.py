@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import accuracy_report as report
-from benchmarks.accuracy import ROOT, STUDIES, run
+from benchmarks.accuracy import ROOT, finished_runs, run
 
 EVALUATE = ROOT / "examples" / "cris_clip" / "evaluate.py"
 
@@ -76,18 +76,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--synthetic-seed 0 is the study's own draw; choose another seed for a fresh one")
 
     study_json = json.loads(Path(args.study_json).read_text())
-    if study_json.get("partial"):
-        raise SystemExit(f"{args.study_json} is partial ({study_json['runs_missing']} runs missing): finish the study first")
-    name = study_json["study"]
-    runs_dir = Path(args.work_dir) / (STUDIES[name].runs_of or name)
+    name, clip = study_json["study"], study_json["minus_baseline_setting"]
+    runs_dir, run_dirs = finished_runs(study_json, args.work_dir)
     eval_dir = Path(args.eval_dir) if args.eval_dir else runs_dir / f"fresh_draw-seed{args.synthetic_seed}"
-    clip = study_json["minus_baseline_setting"]
-    chosen = study_json["lr_tuning"][clip]["chosen"]
-    jobs = [(v, s) for v, seeds in study_json["seeds_run"][clip].items() for s in seeds]
+    jobs = [(v, s) for v, by_seed in run_dirs.items() for s in by_seed]
 
     def one(job: tuple[str, int]) -> dict[str, Any]:
-        run_name = f"{job[0]}-{chosen}-seed{job[1]}"
-        return evaluate_run(runs_dir / clip / run_name / "best.pt", eval_dir / clip / f"{run_name}.json",
+        run = run_dirs[job[0]][job[1]]
+        return evaluate_run(run / "best.pt", eval_dir / clip / f"{run.name}.json",
                             seed=args.synthetic_seed, splits=args.splits, threads=args.threads)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
