@@ -100,12 +100,10 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     was_training = wrapper.training
     grads = {name: p.grad for name, p in wrapper.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in wrapper.named_buffers()}
-    hooked = isinstance(backend, HookBackend)
-    if hooked:
-        backend.call_log.clear()
-        backend.replay_log.clear()
-        backend.tap_log.clear()
-        backend.logging = True
+    backend.call_log.clear()
+    backend.replay_log.clear()
+    backend.tap_log.clear()
+    backend.logging = True
     try:
         for p in wrapper.parameters():
             p.grad = None
@@ -115,8 +113,7 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             out.loss.backward()
         no_grad = [n for n, p in wrapper.named_parameters() if p.requires_grad and p.grad is None]
     finally:
-        if hooked:
-            backend.logging = False
+        backend.logging = False
         for name, p in wrapper.named_parameters():
             p.grad = grads[name]
         with torch.no_grad():
@@ -126,15 +123,14 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         wrapper.train(was_training)
     facts = backend.describe()
     warnings = [f"{o.name}: {o.score_warning}" for o in objectives if getattr(o, "score_warning", None)]
-    if hooked:
-        warnings += _never_called(backend)
+    warnings += _never_called(backend)
     return WrapReport(
         backend=facts.get("backend", type(backend).__name__),
         fusion=str(facts.get("fusion", "")),
         passes=dict(facts.get("passes", {})),
-        calls=_nested(backend.call_log) if hooked else {},
-        replayed=_nested(backend.replay_log) if hooked else {},
-        taps=_nested(backend.tap_log) if hooked else {},
+        calls=_nested(backend.call_log),
+        replayed=_nested(backend.replay_log),
+        taps=_nested(backend.tap_log),
         losses={k: float(v) for k, v in out.losses.items()},
         no_grad=no_grad,
         warnings=warnings,

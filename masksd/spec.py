@@ -235,6 +235,9 @@ class ModalitySpec:
             (the image tensor ``[B, 3, H, W]``; the token ids ``[B, L]``, default
             ``maskable.ids``). masksd checks the batch sizes of both modalities against each
             other before the model runs, and input-space objectives (``MaskRIS``) corrupt it.
+        word_embedding: path of the input-embedding matrix ``[V, C]`` (an ``nn.Embedding`` or a
+            parameter) that objectives tie to (``MaskGrounding``, ``MaskRIS`` in embedding mode);
+            None: the ``embed`` module itself when it is an ``nn.Embedding``.
         units: ``(h_u, w_u)`` grid on which image tokens are selected and masked when no
             scoring tap gives one (e.g. a CNN's or Swin's last-stage grid over a stride-4
             stem, for ``scorer="prediction"`` or ``"random"``); masked units become solid blocks
@@ -252,6 +255,7 @@ class ModalitySpec:
     mask_token: MaskTokenInit = "learned"
     width: int | None = None
     argument: str | None = None
+    word_embedding: str | None = None
     units: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -311,6 +315,8 @@ class HookSpec:
             main branch's one forward (``bchw`` ``[B, D, h, w]``, ``bnc`` or ``nbc``), for the
             objectives that need them (``LanguageReconstruction``,
             ``CrossModalAlignment(features="fused")``); None when no objective needs them.
+        decoder: path of the decoder module, for ``DistillConfig(share_decoder=False)`` (paper
+            Table VII): each branch gets its own copy, swapped in for that branch's forward.
     """
 
     image: ModalitySpec | None = None
@@ -321,8 +327,11 @@ class HookSpec:
     loss: str | None = None
     fusion: Fusion = "auto"
     fused: Tap | None = None
+    decoder: str | None = None
 
     def __post_init__(self) -> None:
+        if self.decoder is not None and (not isinstance(self.decoder, str) or not self.decoder):
+            raise TypeError(f"HookSpec.decoder must be a module path string, got {self.decoder!r}")
         for name in ("image", "text"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, ModalitySpec):

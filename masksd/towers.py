@@ -44,16 +44,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from masksd.spec import HookSpec, Maskable, ModalitySpec, Tap
 
 __all__ = [
     "Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes", "scoring_tokens",
+    "decoder_foreign_parameters", "decoder_parameters_hidden", "tower_spec",
 ]
 
 _WRAPPER_PREFIXES = ("model.", "objectives.")  # masksd.checkpoints.MODEL_PREFIX / ADDED_PREFIX
@@ -318,10 +324,14 @@ class RISModel(nn.Module):
         text_tower: a ``Tower`` for text (an ``nn.Module``).
         decoder: ``decoder(image: Encoded, text: Encoded) -> logits``; an ``nn.Module`` if it has
             parameters.
+        decode_with_fused: in training, call ``decoder.forward_with_fused`` (when defined) instead
+            of the decoder, for masksd's objectives that read the fused features (``tower_spec``).
     """
 
-    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, decoder: Decoder) -> None:
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, decoder: Decoder, *,
+                 decode_with_fused: bool = False) -> None:
         super().__init__()
+        self.decode_with_fused = decode_with_fused and callable(getattr(decoder, "forward_with_fused", None))
         _check_tower(image_tower, "image_tower")
         _check_tower(text_tower, "text_tower")
         if not callable(decoder):
@@ -335,18 +345,250 @@ class RISModel(nn.Module):
         else:  # pragma: no cover - torch < 2.5
             self._register_load_state_dict_pre_hook(_refuse_training_state_dict, with_module=True)
 
+        self.sites = nn.ModuleDict({name: CallSite() for name in SITES})
+
     def encode(self, images: Any, texts: Any) -> tuple[Encoded, Encoded]:
         """Embed and encode both modalities (the main branch without the decoder)."""
-        image = self.image_tower.encode(self.image_tower.embed(images))
-        text = self.text_tower.encode(self.text_tower.embed(texts))
-        return image, text
+        return self._tower_pass("image", images), self._tower_pass("text", texts)
+
+    def _tower_pass(self, modality: str, inputs: Any) -> Encoded:
+        embedded = self.sites[f"{modality}_embed"](self._embed, modality, inputs)
+        return self.sites[f"{modality}_encode"](self._encode, modality, embedded)
+
+    def _embed(self, modality: str, inputs: Any) -> Embedded:
+        tower = getattr(self, f"{modality}_tower")
+        embedded = tower.embed(inputs)
+        if not isinstance(embedded, Embedded):
+            raise TypeError(
+                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.Embedded(tokens=..., "
+                f"maskable=...), got {type(embedded).__name__}"
+            )
+        if embedded.tokens.shape[-1] != tower.embed_dim:
+            raise ValueError(
+                f"{modality}_tower.embed_dim is {tower.embed_dim} but its embed() returns tokens of width "
+                f"{embedded.tokens.shape[-1]} (shape {tuple(embedded.tokens.shape)}); set embed_dim to the "
+                "width of the embedded tokens (the mask token has that size)"
+            )
+        return embedded
+
+    def _encode(self, modality: str, embedded: Embedded) -> Encoded:
+        tower = getattr(self, f"{modality}_tower")
+        encoded = tower.encode(embedded)
+        if not isinstance(encoded, Encoded):
+            raise TypeError(
+                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.Encoded(tokens=..., "
+                f"global_feature=..., features=...), got {type(encoded).__name__}"
+            )
+        return encoded
+
+    def _decode_with_fused(self, image: Encoded, text: Encoded) -> tuple[Tensor, Fused]:
+        name = f"decoder ({type(self.decoder).__name__}).forward_with_fused"
+        result = self.decoder.forward_with_fused(image, text)  # type: ignore[union-attr]
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise TypeError(f"{name} must return (logits, fused), got {type(result).__name__}")
+        return _logits(result[0], name), Fused.from_value(result[1], name)
 
     def forward(self, images: Any, texts: Any) -> Tensor:
         """Segmentation logits ``[B, 1, h, w]`` (or whatever shape the decoder returns).
+
+        With ``decode_with_fused`` (the tower entry sets it), a training forward calls the
+        decoder's ``forward_with_fused`` (same logits, by the contract), so that masksd reads the
+        fused features of the one decoder pass; otherwise the decoder is called as a module.
 
         Raises:
             ValueError: the image and text batch sizes differ (``Encoded.tokens.shape[0]``).
         """
         image, text = self.encode(images, texts)
         check_batch_sizes(image.tokens.shape[0], text.tokens.shape[0])
-        return self.decoder(image, text)
+        if self.training and self.decode_with_fused:
+            return self.sites["decode"](self._decode_with_fused, image, text)[0]
+        return _logits(self.sites["decode"](self.decoder, image, text), f"decoder ({type(self.decoder).__name__})")
+
+
+SITES = ("image_embed", "image_encode", "text_embed", "text_encode", "decode")
+
+
+class CallSite(nn.Module):
+    """A parameter-free call site of ``RISModel``: ``site(fn, *args)`` returns ``fn(*args)``.
+
+    A tower's ``embed`` and ``encode`` are methods, not module calls; calling them through a site
+    gives masksd's hooks a module to attach to (``tower_spec``). No parameters, no state: the bare
+    model's ``state_dict()`` keys are the towers' and the decoder's.
+    """
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+def _logits(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must return a logits tensor [B, 1, h, w], got {type(value).__name__}; "
+            "return the segmentation logits only"
+        )
+    return value
+
+
+def _module_path(model: nn.Module, value: Any) -> str | None:
+    """The path of ``value`` (a module or a parameter) on ``model``, or None."""
+    if isinstance(value, nn.Module):
+        return next((name for name, m in model.named_modules() if m is value), None)
+    return next((name for name, p in model.named_parameters() if p is value), None)
+
+
+def tower_spec(model: RISModel) -> HookSpec:
+    """The ``HookSpec`` of a ``RISModel``: the tower entry is this spec on the hook engine.
+
+    Each tower's ``embed`` and ``encode`` run through ``model.sites`` (``CallSite``); the embed
+    sites give the ``Embedded`` records masksd masks, the encode sites the ``Encoded`` scoring
+    features, and both are reused (skipped) in the branch that masks the other modality: late
+    fusion by construction. A decoder with ``forward_with_fused`` gives ``fused``; the text tower's
+    ``special_ids`` (the open_clip adapter's) become ``Maskable.never`` on the ``texts`` argument,
+    its ``word_embedding`` (or ``token_embedding``) the matrix objectives tie to.
+    """
+    text = model.text_tower
+    special = getattr(text, "special_ids", ())
+    never = tuple(int(i) for i in special) if isinstance(special, (tuple, list)) else ()
+    table = getattr(text, "word_embedding", None)
+    if table is None:
+        table = getattr(text, "token_embedding", None)
+    elif callable(table) and not isinstance(table, nn.Module):
+        table = table()
+    table_path = _module_path(model, table) if table is not None else None
+
+    def part(modality: str, **options: Any) -> ModalitySpec:
+        embed, encode = f"sites.{modality}_embed", f"sites.{modality}_encode"
+        return ModalitySpec(embed=embed, width=getattr(model, f"{modality}_tower").embed_dim, tokens=Tap(encode),
+                            reuse=(embed, encode), **options)
+
+    fused = model.decode_with_fused
+    return HookSpec(
+        image=part("image", argument="images"),
+        text=part("text", argument="texts", word_embedding=table_path,
+                  maskable=Maskable(ids="texts", never=never) if never else Maskable()),
+        fusion="late",
+        fused=Tap("sites.decode", select="[1]") if fused else None,
+        decoder="decoder" if isinstance(model.decoder, nn.Module) else None,
+    )
+
+
+def decoder_parameters_hidden(decoder: Any) -> list[str]:
+    """Names of ``nn.Module``/``nn.Parameter`` objects a plain-function decoder reaches.
+
+    A function or lambda that calls the user's neck and head keeps their parameters out of the
+    wrapper's ``parameters()`` and ``state_dict()``: no gradient step, no checkpoint.
+    """
+    if isinstance(decoder, nn.Module):
+        return []
+    found: list[str] = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and any(True for _ in value.parameters()):
+            found.append(f"{name} ({type(value).__name__})")
+        elif isinstance(value, nn.Parameter):
+            found.append(f"{name} (Parameter)")
+
+    target = getattr(decoder, "__func__", decoder)
+    owner = getattr(decoder, "__self__", None)
+    if owner is not None:
+        visit("self", owner)
+    for arg in getattr(decoder, "args", ()) or ():  # functools.partial
+        visit("partial argument", arg)
+    for key, arg in (getattr(decoder, "keywords", None) or {}).items():
+        visit(f"partial keyword {key}", arg)
+    code = getattr(target, "__code__", None)
+    if code is not None:
+        for cell_name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
+            try:
+                visit(cell_name, cell.cell_contents)
+            except ValueError:  # empty cell
+                continue
+        module_globals = getattr(target, "__globals__", {})
+        for global_name in code.co_names:
+            if global_name in module_globals:
+                visit(global_name, module_globals[global_name])
+        for default in getattr(target, "__defaults__", None) or ():
+            visit("default argument", default)
+    return found
+
+
+class ForeignParameters:
+    """What ran in a decoder call with trainable parameters outside the bare model.
+
+    Attributes:
+        modules: outermost modules (not the bare model's) with such parameters that ran.
+        parameters: further such ``nn.Parameter`` objects the logits depend on (used without a
+            module call, e.g. ``F.linear(x, head["w"])``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._own_modules = {id(m) for m in model.modules()}
+        self._own_parameters = {id(p) for p in model.parameters()}
+        self._thread = threading.get_ident()
+        self.modules: list[nn.Module] = []
+        self.parameters: list[nn.Parameter] = []
+
+    def _foreign(self, module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad and id(p) not in self._own_parameters]
+
+    def record(self, module: nn.Module, args: Any) -> None:
+        """Global forward pre-hook: note ``module`` if it is foreign (outermost call only)."""
+        if threading.get_ident() != self._thread or id(module) in self._own_modules:
+            return
+        if any(module is inner for found in self.modules for inner in found.modules()):
+            return
+        if self._foreign(module):
+            self.modules.append(module)
+
+    def add_graph(self, logits: Tensor) -> None:
+        """Add the foreign ``nn.Parameter`` leaves of the autograd graph of ``logits [B, 1, h, w]``
+        that no recorded module holds (one walk over the graph)."""
+        covered = {id(p) for module in self.modules for p in module.parameters()}
+        seen: set[Any] = set()
+        stack = [logits.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if (
+                isinstance(variable, nn.Parameter)
+                and id(variable) not in self._own_parameters
+                and id(variable) not in covered
+            ):
+                covered.add(id(variable))
+                self.parameters.append(variable)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def refuse(self, decoder: Any) -> None:
+        """Raise the ``ValueError`` that names what was found (nothing found: return)."""
+        found = [f"{type(m).__name__} ({sum(p.numel() for p in self._foreign(m)):,} parameters)" for m in self.modules]
+        found += [f"an nn.Parameter of shape {list(p.shape)} ({p.numel():,} values)" for p in self.parameters]
+        if not found:
+            return
+        name = getattr(decoder, "__qualname__", None) or type(decoder).__name__
+        raise ValueError(
+            f"decoder ({name}) uses trainable parameters that are not part of the wrapper: "
+            f"{', '.join(found)}. They would be neither trained (wrapper.parameters()) nor saved "
+            "(wrapper.state_dict()). Pass an nn.Module as decoder: wrap the callable in an nn.Module "
+            "that holds them as submodules (a dict or list of modules hides them: use nn.ModuleDict / "
+            "nn.ModuleList, and nn.Parameter attributes or nn.ParameterDict for raw parameters)"
+        )
+
+
+@contextmanager
+def decoder_foreign_parameters(model: nn.Module) -> Iterator[ForeignParameters]:
+    """Record, while the block runs, the modules outside ``model`` with trainable parameters.
+
+    A process-wide forward pre-hook (``register_module_forward_pre_hook``) is installed for the
+    block only (it records calls from this thread); call ``add_graph(logits)`` inside the block
+    for raw parameters and ``refuse(decoder)`` after it. Frozen modules (no parameter with
+    ``requires_grad``) are allowed: a fixed pretrained helper loaded by your own code.
+    """
+    found = ForeignParameters(model)
+    handle = register_module_forward_pre_hook(found.record)
+    try:
+        yield found
+    finally:
+        handle.remove()

@@ -30,17 +30,18 @@ wrapper with ``nn.SyncBatchNorm.convert_sync_batchnorm`` after wrapping is fine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.base import Backend, as_tensor_loss, running_stats_frozen
+from masksd.backends.base import as_tensor_loss, running_stats_frozen
 from masksd.backends.hooks import HookBackend
 from masksd.backends.inputs import check_same_batch, check_step_target, missing_target_error
 from masksd.backends.rng import RngTape
-from masksd.backends.towers import TowerBackend, decoder_parameters_hidden
+from masksd.backends.taps import resolve_module
 from masksd.check import WrapReport, run_check
 from masksd.checkpoints import ADDED_PREFIX
 from masksd.config import DistillConfig
@@ -49,7 +50,8 @@ from masksd.losses import segmentation_loss
 from masksd.objectives.base import DistillContext, Objective
 from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillation, LMVSDConfig, VMLSDConfig
 from masksd.spec import HookSpec
-from masksd.towers import Decoder, RISModel
+from masksd.torch_compat import is_compiling
+from masksd.towers import Decoder, RISModel, decoder_foreign_parameters, decoder_parameters_hidden, tower_spec
 
 __all__ = ["Criterion", "DistillOutput", "MaskedSelfDistill", "wrap"]
 
@@ -135,27 +137,30 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         config: DistillConfig | None = None,
         extra_objectives: Sequence[Objective] = (),
         criterion: Criterion | None = None,
-        backend: Backend | None = None,
+        backend: HookBackend | None = None,
     ) -> None:
         super().__init__()
         options = dict(lmvsd=lmvsd, vmlsd=vmlsd, supervision=supervision, share_decoder=share_decoder,
                        hard_targets=hard_targets, threshold=threshold, seg_weight=seg_weight, dropout=dropout)
         towers = (image_tower, text_tower, decoder)
+        self._positional_target = backend is None  # the tower entry: wrapper(images, texts, target)
+        self._check_decoder = backend is None  # refuse a decoder's hidden parameters at the first step
         if backend is None:
             if any(part is None for part in towers):
                 raise TypeError(
-                    "MaskedSelfDistill needs image_tower, text_tower and decoder (the tower backend); "
+                    "MaskedSelfDistill needs image_tower, text_tower and decoder (the tower entry); "
                     "to wrap an unchanged model use masksd.wrap(model, spec)"
                 )
-            hidden = decoder_parameters_hidden(decoder)  # type: ignore[arg-type]
+            hidden = decoder_parameters_hidden(decoder)
             if hidden:
                 raise TypeError(
                     f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
                     "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
                     "that holds them as submodules"
                 )
-            backend = TowerBackend(RISModel(image_tower, text_tower, decoder))  # type: ignore[arg-type]
-        elif any(part is not None for part in towers) or not isinstance(backend, Backend):
+            model = RISModel(image_tower, text_tower, decoder, decode_with_fused=True)  # type: ignore[arg-type]
+            backend = HookBackend(model, tower_spec(model))
+        elif any(part is not None for part in towers) or not isinstance(backend, HookBackend):
             raise TypeError("give either the towers (image_tower, text_tower, decoder) or backend=, not both")
         self._setup(backend, _config_from_kwargs(config, options), extra_objectives, criterion)
 
@@ -184,22 +189,24 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         return cls(backend=backend, config=config, extra_objectives=extra_objectives, criterion=criterion)
 
     def _setup(
-        self, backend: Backend, config: DistillConfig, extra_objectives: Sequence[Objective], criterion: Criterion | None
+        self, backend: HookBackend, config: DistillConfig, extra_objectives: Sequence[Objective], criterion: Criterion | None
     ) -> None:
         self.model = backend.model
         self.backend = backend
         self.config = config
         self.seg_weight = float(config.seg_weight)
         self._disabled: frozenset[str] = frozenset()  # objectives skipped (``disabled_objectives``)
-        hooked = isinstance(backend, HookBackend)
-        if hooked and not config.share_decoder:
-            raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
+        decoder_path = backend.spec.decoder
+        if not config.share_decoder and decoder_path is None:
+            raise ValueError(
+                "share_decoder=False gives each branch its own decoder copy: name the decoder module in "
+                "HookSpec(decoder='<module path>')"
+            )
         objectives: dict[str, Objective] = {}
         for name, modality, branch in (("lmvsd", "image", config.lmvsd), ("vmlsd", "text", config.vmlsd)):
             if branch is None:
                 continue
-            if hooked:
-                self._check_branch(name, modality, branch)
+            self._check_branch(name, modality, branch)
             kwargs: dict[str, Any] = dict(
                 name=name, masked_modality=modality, embed_dim=backend.embed_width(modality), config=branch,
                 supervision=config.supervision, hard_targets=config.hard_targets, threshold=config.threshold,
@@ -207,7 +214,8 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
             if config.share_decoder:
                 objective = GuidedMaskedDistillation(**kwargs)
             else:
-                objective = GuidedMaskedDistillation.with_private_decoder(self.model.decoder, **kwargs)
+                shared = resolve_module(self.model, decoder_path, "HookSpec.decoder")  # type: ignore[arg-type]
+                objective = GuidedMaskedDistillation.with_private_decoder(shared, engine=backend, **kwargs)
             if objective.mask_token is not None:
                 backend.init_mask_token(modality, objective.mask_token)
             objectives[name] = objective
@@ -220,7 +228,7 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable as criterion(logits, target) -> loss, got {type(criterion).__name__}")
-        if criterion is not None and hooked and self.backend.spec.loss is not None:  # type: ignore[attr-defined]
+        if criterion is not None and self.backend.spec.loss is not None:
             raise ValueError(
                 "give either criterion= (your loss on the logits) or HookSpec.loss (the loss your model "
                 "returns), not both: both would be the main segmentation term"
@@ -228,7 +236,7 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         self.criterion = criterion
 
     def _check_branch(self, name: str, modality: str, branch: BranchConfig) -> None:
-        spec: HookSpec = self.backend.spec  # type: ignore[attr-defined]
+        spec = self.backend.spec
         if getattr(spec, modality) is None:
             raise ValueError(f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None")
         other = "text" if modality == "image" else "image"
@@ -251,12 +259,12 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
 
     # ------------------------------------------------------------------------------ access
     @property
-    def spec(self) -> HookSpec | None:
-        """The ``HookSpec`` of a hooked model (None for the tower backend)."""
-        return getattr(self.backend, "spec", None)
+    def spec(self) -> HookSpec:
+        """The ``HookSpec`` the engine runs (the tower entry's: ``masksd.towers.tower_spec``)."""
+        return self.backend.spec
 
     def unwrap(self) -> nn.Module:
-        """The bare model (the user's object for hooked models; a ``RISModel`` for towers)."""
+        """The bare model (the user's object for ``wrap``; a ``RISModel`` for the tower entry)."""
         return self.model
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
@@ -294,9 +302,14 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         backend = self.backend
+        if self._positional_target and len(args) == 3:  # the tower entry: wrapper(images, texts, target)
+            if target is not None:
+                raise TypeError("target given twice (positionally and as target=)")
+            *args, target = args  # type: ignore[assignment]
+            args = tuple(args)
         args, kwargs, target = backend.split_inputs(args, kwargs, target)
         if not self.training:
-            named_in_model = self.spec is not None and self.spec.target is not None
+            named_in_model = self.spec.target is not None
             if target is not None and not named_in_model:
                 raise ValueError(
                     "a target was passed in eval mode, where the wrapper returns the bare model's output "
@@ -305,7 +318,18 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
             return backend.eval_forward(args, kwargs)
         valid = self._check_inputs(args, kwargs, target)
         backend.rng_tape = RngTape(self.model) if self.config.dropout == "replay" else None
-        main = backend.run_main(args, kwargs, target)
+        check = self._check_decoder and not is_compiling()
+        with decoder_foreign_parameters(self.model) if check else nullcontext() as foreign:
+            main = backend.run_main(args, kwargs, target)
+            if foreign is not None:
+                foreign.add_graph(main.logits)
+        if foreign is not None:
+            try:
+                foreign.refuse(getattr(self.model, "decoder", None))
+            except ValueError:
+                backend.release()
+                raise
+            self._check_decoder = False
         try:
             return self._objectives(main, generator, valid)
         finally:
@@ -321,7 +345,7 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
             needed_by = backend.target_needed_by()
             if needed_by is None and self.criterion is not None:
                 needed_by = "criterion= computes the segmentation loss from it"
-            if needed_by is None and getattr(self.spec, "loss", None) is None:
+            if needed_by is None and self.spec.loss is None:
                 needed_by = "masksd's segmentation loss"
             if needed_by is not None:
                 raise missing_target_error(needed_by)
@@ -363,8 +387,7 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         for name, objective in active:
             total = total + objective.weight * terms[name]
         losses = {name: term.detach() for name, term in terms.items()}
-        output = main.output if isinstance(self.backend, HookBackend) else None
-        return DistillOutput(logits=main.logits, loss=total, losses=losses, selections=selections, output=output)
+        return DistillOutput(logits=main.logits, loss=total, losses=losses, selections=selections, output=main.output)
 
 
 def wrap(

@@ -225,11 +225,21 @@ def test_embedding_mode_replaces_both_modalities_in_one_pass():
     assert torch.equal(changed, masked_units.view(4, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2))
 
 
+class _SentenceTower(tiny_models.TinyTextTower):
+    """A text tower that tokenises sentences itself (its input is a list of strings, not ids)."""
+
+    def embed(self, sentences):
+        ids = torch.tensor([[tiny_models.SOT, 5 + len(s) % 7, tiny_models.EOT] for s in sentences])
+        return super().embed(ids)
+
+
 def test_towers_input_mode_refuses_non_id_texts():
-    wrapper = towers_wrapper([towers_maskris(image_ratio=0.0)], lmvsd=None, vmlsd=None)
-    wrapper.backend._main, wrapper.backend._inputs = object(), (torch.zeros(1, 3, 16, 16), ["a sentence"])
+    image_tower, _, decoder = tiny_models.make_model(0)
+    wrapper = masksd.MaskedSelfDistill(image_tower, _SentenceTower(), decoder, lmvsd=None, vmlsd=None,
+                                       extra_objectives=[towers_maskris(image_ratio=0.0)]).train()
+    images, _, target = tiny_models.make_batch(2, torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="not integer token ids"):
-        wrapper.backend.raw_input("text")
+        wrapper(images, ["a sentence", "another one"], target)
 
 
 # -------------------------------------------------------------------------- RIS-style models

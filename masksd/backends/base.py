@@ -1,20 +1,8 @@
-"""The backend contract: how the engine runs a model's main branch and its masked branches.
-
-The engine (``masksd.MaskedSelfDistill``) owns selection, losses, BatchNorm handling and
-reporting; a backend only knows how to run *one* model:
-
-* ``TowerBackend`` (``masksd.backends.towers``): a model built from towers and a decoder
-  (``embed`` / ``encode`` / ``decoder`` are called directly);
-* ``HookBackend`` (``masksd.backends.hooks``): an unchanged ``nn.Module``, driven through
-  forward hooks described by a ``HookSpec``.
-
-Both return the main branch as a ``MainBranch`` and run a masked branch with
-``run_masked(modality, masked, mask_token)``.
-"""
+"""What the engine's main branch produced (``MainBranch``), and the checks of what a model gives
+back: logits, token ids, its own loss; BatchNorm statistics frozen in the branches."""
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,10 +11,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.rng import RngTape
 from masksd.towers import Embedded, Encoded, Fused
 
-__all__ = ["Backend", "MainBranch", "Modality", "running_stats_frozen"]
+__all__ = ["MainBranch", "Modality", "running_stats_frozen"]
 
 Modality = Literal["image", "text"]
 
@@ -61,112 +48,6 @@ class MainBranch:
     def __post_init__(self) -> None:
         if self.raw_logits is None:
             self.raw_logits = self.logits
-
-
-class Backend(abc.ABC):
-    """Runs one kind of model for the engine (see the module docstring).
-
-    ``rng_tape`` is set by the engine when the branches replay the main branch's dropout draws
-    (``DistillConfig(dropout="replay")``, see ``masksd.backends.rng``); None means fresh draws.
-    """
-
-    rng_tape: RngTape | None = None
-
-    model: nn.Module
-
-    @abc.abstractmethod
-    def embed_width(self, modality: Modality) -> int:
-        """Width C of the embedded tokens of ``modality`` (the size of its mask token)."""
-
-    def init_mask_token(self, modality: Modality, token: Tensor) -> None:  # noqa: B027 - optional hook
-        """Initialise ``token [C]`` in place (default: keep the engine's ``N(0, 0.02²)`` draw)."""
-
-    @abc.abstractmethod
-    def split_inputs(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None
-    ) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
-        """Separate the model's inputs from the target: ``(args, kwargs, target)``."""
-
-    @abc.abstractmethod
-    def eval_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The bare model's inference forward, untouched."""
-
-    @abc.abstractmethod
-    def run_main(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> MainBranch:
-        """One training forward of the bare model, recording what the objectives need."""
-
-    @abc.abstractmethod
-    def run_masked(
-        self,
-        modality: Modality,
-        masked: Tensor,
-        mask_token: Tensor | None,
-        *,
-        decoder: nn.Module | None = None,
-    ) -> Tensor:
-        """Re-run the model with ``masked [B, N]`` embedded tokens of ``modality`` replaced by
-        ``mask_token [C]`` (None: unmasked); returns the branch's logits ``[B, 1, h, w]``."""
-
-    def batch_sizes(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> dict[str, int]:
-        """Batch sizes of the step's inputs by name (checked against each other before the model runs)."""
-        return {}
-
-    def target_needed_by(self) -> str | None:
-        """Why the model itself needs the target in training (None: it does not)."""
-        return None
-
-    def release(self) -> None:  # noqa: B027 - optional hook
-        """Drop references to this step's tensors (called after every training forward)."""
-
-    # Optional capabilities of the main branch, for objectives beyond LMVSD/VMLSD (see
-    # ``masksd.objectives``); each raises a TypeError naming what the model must provide.
-    def token_ids(self) -> Tensor:
-        """Token ids ``[B, L]`` (int64) of the main branch's embedded words."""
-        raise TypeError(f"the {type(self).__name__} backend cannot provide token ids")
-
-    def word_embedding(self) -> Tensor:
-        """The model's own input-embedding matrix ``[V, C]`` (the parameter itself, not a copy)."""
-        raise TypeError(f"the {type(self).__name__} backend cannot provide the input-embedding matrix")
-
-    def encoded_with_grad(self, modality: Modality) -> Encoded | None:
-        """The main branch's scoring features of ``modality`` *with* their autograd graph."""
-        raise TypeError(f"the {type(self).__name__} backend cannot provide features with gradients")
-
-    def fused(self) -> Fused:
-        """The decoder's fused features ``[B, N, D]`` of the main branch's one decoder pass."""
-        raise TypeError(f"the {type(self).__name__} backend cannot provide the decoder's fused features")
-
-    def encode_masked(self, modality: Modality, masked: Tensor, mask_token: Tensor) -> dict[str, Encoded | None]:
-        """Re-encode with ``masked [B, N]`` embedded tokens of ``modality`` replaced by
-        ``mask_token [C]``, without decoding; returns both modalities' scoring features (with
-        gradients) as the decoder would see them in that pass."""
-        raise TypeError(f"the {type(self).__name__} backend cannot re-encode without decoding")
-
-    # Full extra passes (MaskRIS, ``masksd.objectives.maskris``).
-    def raw_input(self, modality: Modality) -> Tensor:
-        """The main branch's raw input of ``modality`` as the model received it: the images
-        ``[B, C, H, W]`` (float) or the token ids ``[B, L]`` (integer)."""
-        raise TypeError(f"the {type(self).__name__} backend cannot provide the raw {modality} input")
-
-    def special_ids(self) -> tuple[int, ...]:
-        """Token ids the model declares never maskable (hooks: ``HookSpec.text.maskable.never``)."""
-        return ()
-
-    def run_corrupted(self, image: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
-        """Logits ``[B, 1, h, w]`` of one full forward of the model on replaced raw inputs
-        (``image [B, C, H, W]``, ``ids [B, L]``; None keeps the main branch's), with none of
-        masksd's token masking applied."""
-        raise TypeError(f"the {type(self).__name__} backend cannot re-run the model on other inputs")
-
-    def run_replaced(self, tokens: Mapping[Modality, Tensor]) -> Tensor:
-        """Logits ``[B, 1, h, w]`` of one full forward in which the embedded tokens of every
-        modality in ``tokens`` are replaced, jointly, by the given ``[B, N, C]`` tensors (the
-        ``Embedded.tokens`` view; masksd puts them back into the model's layout)."""
-        raise TypeError(f"the {type(self).__name__} backend cannot run a joint replaced-token pass")
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for the wrap-time report (fusion, passes per branch, ...)."""
-        return {}
 
 
 def rng_devices(model: nn.Module) -> list[int]:

@@ -29,6 +29,7 @@ from masksd.backends.hook_probe import OTHER
 from masksd.backends.inputs import image_argument
 from masksd.backends.rng import RngTape
 from masksd.backends.taps import Replay
+from masksd.towers import Embedded
 
 __all__ = ["MaskedBranches"]
 
@@ -42,7 +43,8 @@ def reuse_point(path: str, call: int) -> str:
 
 @torch.compiler.disable
 def _install_replays(
-    reused: list[tuple[str, nn.Module]], cache: dict[str, list[Any]], replays: dict[str, Replay]
+    reused: list[tuple[str, nn.Module]], cache: dict[str, list[Any]], replays: dict[str, Replay],
+    embeds: dict[str, list[Any]] | None = None,
 ) -> list[tuple[nn.Module, Any]]:
     """Replace each reused module's ``forward`` by a ``Replay`` of its main-branch outputs; returns
     what ``_remove_replays`` restores. Run eagerly: under ``torch.compile`` of the wrapper, dynamo
@@ -53,7 +55,8 @@ def _install_replays(
     for path, module in reused:
         saved.append((module, module.__dict__.get("forward")))
         replay = replays.setdefault(path, Replay(path, []))
-        replay.outputs, replay.calls = cache.get(path, []), 0
+        outputs = (embeds or {}).get(path)
+        replay.outputs, replay.calls = (outputs if outputs is not None else cache.get(path, [])), 0
         module.forward = replay  # type: ignore[method-assign]
     return saved
 
@@ -67,6 +70,14 @@ def _remove_replays(saved: list[tuple[nn.Module, Any]]) -> None:
             replay.outputs = []  # the main branch's outputs are not kept by the stand-in
         if forward is not None:
             module.forward = forward  # type: ignore[method-assign]
+
+
+@torch.compiler.disable
+def _swap_module(parent: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``parent.<name>`` (eagerly, as ``_install_replays``); returns the old one."""
+    old = parent._modules[name]
+    parent._modules[name] = module
+    return old  # type: ignore[return-value]
 
 
 class MaskedBranches:
@@ -84,9 +95,17 @@ class MaskedBranches:
     def run_masked(self, modality, masked, mask_token, *, decoder=None):  # type: ignore[no-untyped-def]
         """Logits ``[B, 1, h, w]`` of a forward with ``masked [B, N]`` tokens of ``modality``
         replaced by ``mask_token [C]`` (None: unmasked)."""
-        if decoder is not None:
-            raise ValueError("share_decoder=False needs the tower backend; a hooked model has one decoder")
-        output = self._masked_forward(modality, masked, mask_token)
+        if decoder is None:
+            output = self._masked_forward(modality, masked, mask_token)
+        else:
+            path = self.spec.decoder  # type: ignore[attr-defined]
+            owner, _, name = path.rpartition(".")
+            parent = self.model.get_submodule(owner) if owner else self.model  # type: ignore[attr-defined]
+            shared = _swap_module(parent, name, decoder)
+            try:
+                output = self._masked_forward(modality, masked, mask_token)
+            finally:
+                _swap_module(parent, name, shared)
         return self._branch_logits(output, f"the masked-{modality} branch")
 
     def _branch_logits(self, output: Any, where: str) -> Tensor:
@@ -106,7 +125,8 @@ class MaskedBranches:
             raise RuntimeError("run_masked() called before run_main()")
         args, kwargs = self._main_inputs  # type: ignore[attr-defined]
         reused = self._reuse[OTHER[modality]] if self.reuse_allowed(modality) else []  # type: ignore[attr-defined]
-        replays = _install_replays(reused, self._cache, self._replays)  # type: ignore[attr-defined]
+        replays = _install_replays(self._with_embeds(reused, [modality]), self._cache, self._replays,  # type: ignore[attr-defined]
+                                   self._embed_outputs)  # type: ignore[attr-defined]
         self._masked, self._mask, self._token = modality, masked, mask_token
         tape = self.rng_tape
         try:
@@ -116,6 +136,14 @@ class MaskedBranches:
             _remove_replays(replays)
             self._masked, self._mask, self._token = None, None, None
         return output
+
+    def _with_embeds(self, reused: list[tuple[str, nn.Module]], modalities: list[Modality]) -> list[tuple[str, nn.Module]]:
+        """``reused`` plus the embed modules of ``modalities``: a branch replays their main-branch
+        outputs (its inputs are the main branch's) and masks those, instead of embedding again."""
+        embeds = [(path, module) for path, module in self._embed_modules.items()  # type: ignore[attr-defined]
+                  if path in {self.spec.modality(m).embed for m in modalities}]  # type: ignore[attr-defined]
+        paths = {path for path, _ in embeds}
+        return [item for item in reused if item[0] not in paths] + embeds
 
     def _replay_rng_at_reuse(self, path: str, module: nn.Module, main: bool) -> None:
         """Record (main branch) or restore (a branch that skipped the module) the generator state
@@ -154,8 +182,17 @@ class MaskedBranches:
         arguments = self._bind(*self._main_inputs)  # type: ignore[attr-defined]
         name = self._input_name(modality, arguments)
         value = arguments[name]
-        if not isinstance(value, Tensor):
-            raise TypeError(f"the {modality} argument {name!r} is a {type(value).__name__}, not a tensor")
+        if modality == "image" and not (isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 4):
+            raise TypeError(
+                f"the image argument {name!r} is {_describe(value)}, not a float [B, C, H, W] tensor; "
+                "input-space corruption needs the image tensor (or use MaskRISConfig(mode='embedding'))"
+            )
+        integer = isinstance(value, Tensor) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if modality == "text" and not (integer and value.dim() == 2):
+            raise TypeError(
+                f"the text argument {name!r} is {_describe(value)}, not integer token ids [B, L]; input-space "
+                "corruption replaces ids, so pass the ids, or use MaskRISConfig(mode='embedding') or text_ratio=0"
+            )
         return value
 
     def special_ids(self) -> tuple[int, ...]:
@@ -188,11 +225,14 @@ class MaskedBranches:
                 raise ValueError(f"replacement {modality} tokens {tuple(value.shape)} must have the embedded shape {expected}")
         args, kwargs = self._main_inputs  # type: ignore[attr-defined]
         self._replaced = dict(tokens)
+        replays = _install_replays(self._with_embeds([], list(tokens)), self._cache, self._replays,  # type: ignore[attr-defined]
+                                   self._embed_outputs)  # type: ignore[attr-defined]
         tape = self.rng_tape
         try:
             with tape.branch(MAIN_START) if tape is not None else nullcontext():
                 output = self._forward("replaced", args, kwargs)  # type: ignore[attr-defined]
         finally:
+            _remove_replays(replays)
             self._replaced = None
         return self._branch_logits(output, "the joint replaced-token pass")
 
@@ -201,7 +241,10 @@ class MaskedBranches:
         tokens = (self._replaced or {}).get(modality)
         if tokens is None:
             return None
-        raw = self._embedded[modality]  # type: ignore[attr-defined]
+        main = self._embedded[modality]  # type: ignore[attr-defined]
+        if isinstance(main, Embedded):
+            return main.with_tokens(tokens.to(main.tokens.dtype))
+        raw = main
         layout = self.spec.modality(modality).layout  # type: ignore[attr-defined]
         if layout == "bchw":
             tokens = rearrange(tokens, "b (h w) c -> b c h w", h=raw.shape[-2], w=raw.shape[-1])
@@ -210,3 +253,9 @@ class MaskedBranches:
         elif layout == "bcn":
             tokens = rearrange(tokens, "b n c -> b c n")
         return tokens.to(raw.dtype)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from masksd.adapters.clip_dense import STEP_PREFIX as DENSE_STEP
 from masksd.backends.base import MainBranch, Modality, check_ids
-from masksd.backends.taps import layout_grid, resolve_module, to_bnc
+from masksd.backends.taps import layout_grid, resolve_module, resolve_tensor, to_bnc
 from masksd.towers import Encoded, Fused
 
 if TYPE_CHECKING:
@@ -62,27 +62,33 @@ class HookCapabilities:
             raise StopForward
 
     def token_ids(self) -> Tensor:
-        text = self.spec.modality("text")
-        name = text.maskable.ids
+        embedded = self._main_branch().embedded["text"]
+        name = self.spec.modality("text").maskable.ids
+        ids = embedded.extras.get("ids")
+        if ids is not None:
+            return check_ids(ids, embedded.maskable, "Embedded.extras['ids']")
         if name is None:
             raise TypeError(
-                "HookSpec.text.maskable.ids is not set: name the forward argument that holds the token ids "
-                "[B, L], e.g. Maskable(ids='input_ids', never=(pad_id, ...))"
+                "the text tokens carry no ids: put them in Embedded.extras['ids'] in the tower's embed(), or "
+                "name the forward argument that holds the token ids [B, L] in HookSpec.text.maskable.ids, "
+                "e.g. Maskable(ids='input_ids', never=(pad_id, ...)) (objectives that read token_ids need one)"
             )
         arguments = self._bind(*self._main_inputs)
         if name not in arguments:
             raise ValueError(f"HookSpec.text.maskable.ids: the forward call has no argument {name!r}")
-        embedded = self._main_branch().embedded["text"]
         return check_ids(arguments[name], embedded.maskable, f"the forward argument {name!r}")
 
     def word_embedding(self) -> Tensor:
-        path = self.spec.modality("text").embed
+        text = self.spec.modality("text")
+        if text.word_embedding is not None:
+            return resolve_tensor(self.model, text.word_embedding, "HookSpec.text.word_embedding")
+        path = text.embed
         module = resolve_module(self.model, path, "HookSpec.text.embed")
         if not isinstance(module, nn.Embedding):
             raise TypeError(
                 f"HookSpec.text.embed {path!r} is a {type(module).__name__}, not an nn.Embedding, so it holds "
                 "no input-embedding matrix to tie to; point HookSpec.text.embed at the word-embedding table "
-                "(e.g. 'bert.embeddings.word_embeddings')"
+                "(e.g. 'bert.embeddings.word_embeddings') or set ModalitySpec(word_embedding=...)"
             )
         return module.weight
 
@@ -107,10 +113,13 @@ class HookCapabilities:
         if tap is None:
             raise TypeError(
                 "HookSpec.fused is not set: declare a Tap on the decoder's fused features, e.g. "
-                "HookSpec(fused=Tap('decoder.fuse', layout='bchw')) (see docs/objectives.md)"
+                "HookSpec(fused=Tap('decoder.fuse', layout='bchw')); with towers, define "
+                "forward_with_fused(image, text) -> (logits, fused) on the decoder (see docs/objectives.md)"
             )
         self._main_branch()
         raw = self._tap(tap, None, "HookSpec.fused", self._main_values)
+        if isinstance(raw, Fused):
+            return raw
         if not isinstance(raw, Tensor) or raw.dim() != (4 if tap.layout == "bchw" else 3):
             found = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
             raise ValueError(f"HookSpec.fused (layout {tap.layout!r}) gives {found}; check its module, select and layout")

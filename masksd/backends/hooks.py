@@ -25,16 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from masksd.backends.base import (
-    Backend,
     MainBranch,
     Modality,
     as_tensor_loss,
     check_logits,
 )
-from masksd.backends.hook_branches import MAIN_START, MaskedBranches
+from masksd.backends.hook_branches import MAIN_START, MaskedBranches, reuse_point
 from masksd.backends.hook_features import HookCapabilities
 from masksd.backends.hook_probe import DEPENDS, MODALITIES, OTHER, FusionProbe
 from masksd.backends.inputs import hook_batch_sizes
+from masksd.backends.rng import RngTape
 from masksd.backends.taps import (
     Replay,
     captured,
@@ -49,6 +49,7 @@ from masksd.backends.taps import (
     refuse_wrapped,
     replace_in_layout,
     resolve_module,
+    with_tokens,
     spec_taps,
     tap_label,
     to_bnc,
@@ -69,7 +70,7 @@ NOT_FIRED_HINT = (
 
 __all__ = ["HookBackend", "refuse_wrapped"]
 
-class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
+class HookBackend(MaskedBranches, FusionProbe, HookCapabilities):
     """Backend of ``masksd.wrap(model, spec)`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, spec: HookSpec) -> None:
@@ -77,6 +78,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         if not isinstance(spec, HookSpec):
             raise TypeError(f"spec must be a masksd.HookSpec, got {type(spec).__name__}")
         self.model, self.spec = model, spec
+        self.rng_tape: RngTape | None = None  # set by the engine for DistillConfig(dropout="replay")
         self._signature = inspect.signature(model.forward)
         self._mode = "off"
         self._masked: Modality | None = None
@@ -96,7 +98,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         self._values: dict[tuple[str, str], list[Any]] = {}
         self._embedded: dict[str, Tensor] = {}
         self._leaves: dict[str, Tensor] = {}
-        self._cache: dict[str, list[Any]] = {}
+        self._cache: dict[str, list[Any]] = {}  # reuse module path -> its main-branch outputs
+        self._embed_outputs: dict[str, list[Any]] = {}  # embed module path -> its main-branch outputs
         self._replays: dict[str, Replay] = {}
         self._main: MainBranch | None = None
         self._main_values: dict[tuple[str, str], list[Any]] = {}  # the main branch's taps (objectives)
@@ -104,6 +107,11 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         self._modalities = [m for m in MODALITIES if getattr(spec, m) is not None]
         self._reuse = {
             m: expand_patterns(model, spec.modality(m).reuse, f"HookSpec.{m}.reuse") for m in self._modalities
+        }
+        self._reuse_paths = {path for m in self._modalities for path, _ in self._reuse[m]}
+        self._embed_modules = {
+            spec.modality(m).embed: resolve_module(model, spec.modality(m).embed, f"HookSpec.{m}.embed")
+            for m in self._modalities
         }
         # modality -> its features depend on the other modality's tokens (None: unknown)
         self.depends: dict[str, bool | None] | None = None
@@ -152,7 +160,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def _count(self, role: str, path: str) -> int:
         index = self._calls[(role, path)]
         self._calls[(role, path)] += 1
-        self._log(self.call_log, path)
+        if path not in self._reuse_paths:  # a reuse module's own hook counts its calls
+            self._log(self.call_log, path)
         return index
 
     def _log(self, counter: Counter[tuple[str, str]], name: str) -> None:
@@ -164,18 +173,22 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         if self._mode == "off":
             return None
         spec = self.spec.modality(modality)
-        if self._count("embed", spec.embed) != (spec.call or 0):
+        index = self._count("embed", spec.embed)
+        if self._mode in ("main", "masked", "replaced"):
+            self._embed_call(spec.embed, module, output)
+        if index != (spec.call or 0):
             return None
-        if not isinstance(output, Tensor) or not output.is_floating_point():
+        tokens = output.tokens if isinstance(output, Embedded) else output
+        if not isinstance(tokens, Tensor) or not tokens.is_floating_point():
             raise TypeError(
-                f"HookSpec.{modality}.embed {spec.embed!r} must output a floating tensor, got "
-                f"{type(output).__name__}; choose the module whose output is the embedded tokens"
+                f"HookSpec.{modality}.embed {spec.embed!r} must output a floating tensor (or a masksd.Embedded), "
+                f"got {type(output).__name__}; choose the module whose output is the embedded tokens"
             )
         if self._mode == "probe":
-            self._leaves[modality] = output.detach().requires_grad_(True)
-            return self._leaves[modality].clone()  # not a leaf: later in-place ops stay legal
+            self._leaves[modality] = tokens.detach().requires_grad_(True)
+            return with_tokens(output, self._leaves[modality].clone())  # not a leaf: in-place ops stay legal
         if self._mode == "main":
-            self._embedded[modality] = kept = captured(output)
+            self._embedded[modality] = kept = self._embed_outputs[spec.embed][index]
             self._watch_in_place(f"HookSpec.{modality}.embed {spec.embed!r}", kept)
             return None
         if self._mode == "replaced":  # run_replaced (MaskRIS embedding mode); "corrupted": inert
@@ -187,7 +200,23 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         if self._token is None:
             return main
         grid = self._main.embedded[modality].grid if self._main else None  # type: ignore[union-attr]
-        return replace_in_layout(main, self._mask, self._token, spec.layout, grid)  # type: ignore[arg-type]
+        raw = main.tokens if isinstance(main, Embedded) else main
+        return with_tokens(main, replace_in_layout(raw, self._mask, self._token, spec.layout, grid))  # type: ignore[arg-type]
+
+    def _embed_call(self, path: str, module: nn.Module, output: Any) -> None:
+        """Main branch: keep every output of an embed module (a masked branch replays them instead of
+        running the module again) and, for dropout replay, the generator state after it; a branch
+        that replayed the module restores that state."""
+        tape = self.rng_tape
+        if self._mode == "main":
+            outputs = self._embed_outputs.setdefault(path, [])
+            outputs.append(captured(output))
+            if tape is not None:
+                tape.record(reuse_point(path, len(outputs) - 1))
+            return
+        replay = module.__dict__.get("forward")
+        if tape is not None and isinstance(replay, Replay):
+            tape.restore(reuse_point(path, replay.calls - 1))
 
     def _watch_in_place(self, name: str, kept: Any) -> None:
         """Remember the versions of a kept value's tensors, to refuse later in-place changes
@@ -300,6 +329,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
     def run_main(self, args, kwargs, target):  # type: ignore[override]
         self.probe(args, kwargs)
         self._cache.clear()
+        self._embed_outputs.clear()
         self._embedded.clear()
         self._watch.clear()
         self._main_inputs = (args, kwargs)
@@ -331,10 +361,16 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
                 + ("" if fired else NOT_FIRED_HINT)
             )
         raw = self._embedded[modality]
-        tokens = to_bnc(raw, spec.layout)
-        grid = layout_grid(raw, spec.layout, spec.grid, square=modality == "image")
-        maskable = maskable_from_rule(spec.maskable, arguments, tokens, f"HookSpec.{modality}.maskable")
-        return Embedded(tokens=tokens, maskable=maskable, grid=grid, extras={"layout": spec.layout, "units": spec.units})
+        extras = {"layout": spec.layout, "units": spec.units}
+        if isinstance(raw, Embedded):  # the module gives masksd's own record (the tower entry's sites)
+            maskable = raw.maskable & maskable_from_rule(spec.maskable, arguments, raw.tokens, f"HookSpec.{modality}.maskable")
+            embedded = Embedded(tokens=raw.tokens, maskable=maskable, grid=raw.grid, extras={**raw.extras, **extras})
+        else:
+            tokens = to_bnc(raw, spec.layout)
+            grid = layout_grid(raw, spec.layout, spec.grid, square=modality == "image")
+            maskable = maskable_from_rule(spec.maskable, arguments, tokens, f"HookSpec.{modality}.maskable")
+            embedded = Embedded(tokens=tokens, maskable=maskable, grid=grid, extras=extras)
+        return embedded
 
     def _check_in_place(self) -> None:
         for name, tensor, version in self._watch:
@@ -359,6 +395,8 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
             tokens, grid = None, None
             if spec.tokens is not None:
                 raw = self._tap(spec.tokens, None, f"{where}.tokens", source)
+                if isinstance(raw, Encoded):  # masksd's own record (the tower entry): scorers detach
+                    return raw
                 tokens = cut(project(self.model, spec.tokens.project, to_bnc(raw, spec.tokens.layout)))
                 aligned = tokens.shape[1] == embedded.tokens.shape[1]
                 grid = embedded.grid if aligned else layout_grid(raw, spec.tokens.layout, None, square=modality == "image")
@@ -381,6 +419,7 @@ class HookBackend(MaskedBranches, FusionProbe, HookCapabilities, Backend):
         self._watch.clear()
         self._embedded.clear()
         self._cache.clear()
+        self._embed_outputs.clear()
         for values in self._values.values():
             values.clear()
 

@@ -19,6 +19,7 @@ from masksd.adapters.clip_dense import STEP_PREFIX as DENSE_STEP
 from masksd.adapters.clip_dense import apply_dense_step
 from masksd.spec import HookSpec, Maskable, Tap
 from masksd.torch_compat import is_compiling
+from masksd.towers import Embedded
 
 __all__ = [
     "Replay",
@@ -33,9 +34,11 @@ __all__ = [
     "refuse_checkpointed_embedding",
     "refuse_wrapped",
     "resolve_module",
+    "resolve_tensor",
     "spec_taps",
     "tap_label",
     "to_bnc",
+    "with_tokens",
 ]
 
 
@@ -54,6 +57,19 @@ def resolve_module(model: nn.Module, path: str, argument: str) -> nn.Module:
             f"{argument}: the model ({type(model).__name__}) has no module {path!r}{hint}. Paths are "
             "relative to the bare model, as in model.named_modules()"
         ) from None
+
+
+def resolve_tensor(model: nn.Module, path: str, argument: str) -> Tensor:
+    """The ``[V, C]`` matrix at ``path``: an ``nn.Embedding``'s weight or a parameter/tensor attribute."""
+    try:
+        value: Any = model.get_submodule(path)
+    except AttributeError:
+        owner, _, name = path.rpartition(".")
+        value = getattr(resolve_module(model, owner, argument) if owner else model, name, None)
+    value = value.weight if isinstance(value, nn.Embedding) else value
+    if not isinstance(value, Tensor) or value.dim() != 2:
+        raise ValueError(f"{argument} {path!r} is neither an nn.Embedding nor a [V, C] parameter of the model")
+    return value
 
 
 def expand_patterns(model: nn.Module, patterns: tuple[str, ...], argument: str) -> list[tuple[str, nn.Module]]:
@@ -173,6 +189,12 @@ def replace_in_layout(
     where = mask_in_layout(masked, layout, grid)
     shape = {"bchw": (1, -1, 1, 1), "bcn": (1, -1, 1)}.get(layout, (1, 1, -1))
     return torch.where(where, token.to(embedded.dtype).view(shape), embedded)
+
+
+def with_tokens(embedded: Any, tokens: Tensor) -> Any:
+    """An embed module's output with its tokens replaced: ``tokens`` itself, or for a
+    ``masksd.Embedded`` (the tower entry's sites) a copy carrying ``tokens``."""
+    return embedded.with_tokens(tokens) if isinstance(embedded, Embedded) else tokens
 
 
 def inside_activation_checkpoint() -> bool:

@@ -163,11 +163,13 @@ class GuidedMaskedDistillation(Objective):
         self._check_scores = True
 
     @classmethod
-    def with_private_decoder(cls, decoder: Decoder, **kwargs: object) -> GuidedMaskedDistillation:
-        """Build a branch with an independent copy of ``decoder`` (unshared weights)."""
+    def with_private_decoder(cls, decoder: Decoder, *, engine: object = None, **kwargs: object) -> GuidedMaskedDistillation:
+        """Build a branch with an independent copy of ``decoder`` (unshared weights). Hooks the
+        ``engine`` registered inside the decoder stay the engine's (not copies of it)."""
         if not isinstance(decoder, nn.Module):
             raise TypeError("share_decoder=False needs the decoder to be an nn.Module to copy it")
-        return cls(decoder=copy.deepcopy(decoder), **kwargs)  # type: ignore[arg-type]
+        memo = {id(engine): engine} if engine is not None else {}
+        return cls(decoder=copy.deepcopy(decoder, memo), **kwargs)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         c = self.config
