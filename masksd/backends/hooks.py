@@ -49,10 +49,10 @@ from masksd.backends.taps import (
     refuse_wrapped,
     replace_in_layout,
     resolve_module,
-    with_tokens,
     spec_taps,
     tap_label,
     to_bnc,
+    with_tokens,
 )
 from masksd.spec import HookSpec, Output, Tap, apply_selector
 from masksd.torch_compat import is_compiling
