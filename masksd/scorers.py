@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,50 @@ from masksd.towers import Encoded, align_scores, scoring_tokens
 if TYPE_CHECKING:
     from masksd.objectives.base import DistillContext
 
-__all__ = ["SCORERS", "Units", "score", "surgery_scores", "units_of"]
+__all__ = ["SCORERS", "Needs", "Units", "register_scorer", "score", "scorer_needs", "surgery_scores", "units_of"]
 
-SCORERS = ("correlation", "late_interaction", "prediction", "random")
 Scorer = Callable[["DistillContext", str], Tensor]
+Needs = Literal["tokens", "other_global", "other_tokens", "image"]
+NEEDS: tuple[str, ...] = ("tokens", "other_global", "other_tokens", "image")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: Callable[..., Tensor]
+    needs: tuple[Needs, ...]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_scorer(name: str, *, needs: tuple[Needs, ...] = ()) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a scorer under ``name`` (``BranchConfig(scorer=name)``), with what it needs from the
+    model, checked when the wrapper is built: ``"tokens"`` (the masked modality's scoring tokens),
+    ``"other_global"`` (the other modality's global feature, or its tokens to pool),
+    ``"other_tokens"`` (the other modality's tokens), ``"image"`` (images only).
+
+    The function is ``fn(context, modality, *, metric, surgery) -> [B, N_u]`` scores (see the module
+    docstring); a decorator::
+
+        @register_scorer("saliency", needs=("image",))
+        def saliency(context, modality, *, metric, surgery): ...
+    """
+    unknown = [n for n in needs if n not in NEEDS]
+    if unknown:
+        raise ValueError(f"register_scorer({name!r}): unknown needs {unknown}; choose from {NEEDS}")
+
+    def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        _REGISTRY[name] = _Entry(fn, tuple(needs))
+        return fn
+
+    return add
+
+
+def scorer_needs(name: str) -> tuple[Needs, ...]:
+    """What the registered scorer ``name`` needs (``register_scorer``); ValueError when unknown."""
+    if name not in _REGISTRY:
+        raise ValueError(f"scorer must be one of {tuple(_REGISTRY)} or a callable, got {name!r}")
+    return _REGISTRY[name].needs
 
 
 @dataclass
@@ -97,7 +137,8 @@ def units_of(context: DistillContext, modality: str) -> Units:
     return Units(embedded.maskable, embedded.grid, embedded.grid, coarse=False)
 
 
-def _correlation(context: DistillContext, modality: str, metric: str, surgery: bool) -> Tensor:
+@register_scorer("correlation", needs=("tokens", "other_global"))
+def _correlation(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
     encoded, other = context.encoded(modality), context.encoded("text" if modality == "image" else "image")
     if encoded is None or other is None or not _declared(encoded):
         raise ValueError(
@@ -148,7 +189,8 @@ def _onto_units(context: DistillContext, modality: str, scores: Tensor) -> Tenso
     return scores
 
 
-def _late_interaction(context: DistillContext, modality: str, metric: str) -> Tensor:
+@register_scorer("late_interaction", needs=("tokens", "other_tokens"))
+def _late_interaction(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
     other = "text" if modality == "image" else "image"
     mine, theirs = context.encoded(modality), context.encoded(other)
     if mine is None or theirs is None or not (_declared(mine) and _declared(theirs)):
@@ -173,7 +215,8 @@ def _late_interaction(context: DistillContext, modality: str, metric: str) -> Te
     return _onto_units(context, modality, scores)
 
 
-def _prediction(context: DistillContext, modality: str) -> Tensor:
+@register_scorer("prediction", needs=("image",))
+def _prediction(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
     units = units_of(context, modality)
     if modality != "image" or units.grid is None:
         raise ValueError(
@@ -185,7 +228,8 @@ def _prediction(context: DistillContext, modality: str) -> Tensor:
     return rearrange(pooled, "b 1 h w -> b (h w)")
 
 
-def _random(context: DistillContext, modality: str) -> Tensor:
+@register_scorer("random")
+def _random(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
     maskable = units_of(context, modality).maskable
     return torch.rand(maskable.shape, generator=context.generator, device=maskable.device)
 
@@ -199,16 +243,9 @@ def score(
         raise ValueError(f"surgery=True works with scorer='correlation' only, got {getattr(scorer, '__name__', scorer)!r}")
     if callable(scorer):
         scores: Any = scorer(context, modality)
-    elif scorer == "correlation":
-        scores = _correlation(context, modality, metric, surgery)
-    elif scorer == "late_interaction":
-        scores = _late_interaction(context, modality, metric)
-    elif scorer == "prediction":
-        scores = _prediction(context, modality)
-    elif scorer == "random":
-        scores = _random(context, modality)
     else:
-        raise ValueError(f"scorer must be one of {SCORERS} or a callable, got {scorer!r}")
+        scorer_needs(scorer)  # a name registered since the config was built is fine; others are refused
+        scores = _REGISTRY[scorer].fn(context, modality, metric=metric, surgery=surgery)
     expected = tuple(units_of(context, modality).maskable.shape)
     if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
         raise ValueError(
@@ -216,3 +253,6 @@ def score(
             f"{expected}, got {tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
         )
     return scores
+
+
+SCORERS: tuple[str, ...] = tuple(_REGISTRY)  # the built-in scorers' names

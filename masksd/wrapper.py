@@ -49,6 +49,7 @@ from masksd.controls import ObjectiveControls
 from masksd.losses import segmentation_loss
 from masksd.objectives.base import DistillContext, Objective
 from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillation, LMVSDConfig, VMLSDConfig
+from masksd.scorers import SCORERS, scorer_needs
 from masksd.spec import HookSpec
 from masksd.torch_compat import is_compiling
 from masksd.towers import Decoder, RISModel, decoder_foreign_parameters, decoder_parameters_hidden, tower_spec
@@ -236,26 +237,30 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         self.criterion = criterion
 
     def _check_branch(self, name: str, modality: str, branch: BranchConfig) -> None:
+        """Refuse, at wrap time, a branch whose scorer needs features the spec does not declare."""
         spec = self.backend.spec
         if getattr(spec, modality) is None:
             raise ValueError(f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None")
+        if callable(branch.scorer):
+            return
         other = "text" if modality == "image" else "image"
-        if branch.scorer == "correlation":
-            mine, theirs = getattr(spec, modality), getattr(spec, other)
-            if mine.tokens is None or theirs is None or (theirs.tokens is None and theirs.global_ is None):
-                raise ValueError(
-                    f"{name} uses scorer='correlation', which needs HookSpec.{modality}.tokens and "
-                    f"HookSpec.{other}.global_ (or .tokens) in one shared space; declare them, or choose "
-                    f"{type(branch).__name__}(scorer='prediction') or 'random'"
-                )
-        if branch.scorer == "late_interaction":
-            mine, theirs = getattr(spec, modality), getattr(spec, other)
-            if mine.tokens is None or theirs is None or theirs.tokens is None:
-                raise ValueError(
-                    f"{name} uses scorer='late_interaction', which needs HookSpec.image.tokens and "
-                    f"HookSpec.text.tokens in one shared space; declare them, or choose "
-                    f"{type(branch).__name__}(scorer='correlation'), 'prediction' or 'random'"
-                )
+        mine, theirs = getattr(spec, modality), getattr(spec, other)
+        present = {
+            "tokens": mine.tokens is not None,
+            "other_global": theirs is not None and (theirs.tokens is not None or theirs.global_ is not None),
+            "other_tokens": theirs is not None and theirs.tokens is not None,
+            "image": modality == "image",
+        }
+        wanted = {"tokens": f"HookSpec.{modality}.tokens", "other_global": f"HookSpec.{other}.global_ (or .tokens)",
+                  "other_tokens": f"HookSpec.{other}.tokens", "image": "image tokens (it masks images only)"}
+        missing = [wanted[need] for need in scorer_needs(branch.scorer) if not present[need]]
+        if missing:
+            raise ValueError(
+                f"{name} uses scorer={branch.scorer!r}, which needs {' and '.join(missing)}"
+                + (" in one shared space" if "image" not in scorer_needs(branch.scorer) else "")
+                + f"; declare them, or choose {type(branch).__name__}(scorer=...) among "
+                f"{[n for n in SCORERS if n != branch.scorer]}"
+            )
 
     # ------------------------------------------------------------------------------ access
     @property

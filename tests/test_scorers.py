@@ -65,3 +65,28 @@ def test_late_interaction_on_a_hooked_cnn_scores_the_coarse_grid_and_needs_both_
     with pytest.raises(ValueError, match="scorer='late_interaction'.*HookSpec.text.tokens"):
         masksd.wrap(TinyRIS(), no_text_tokens, lmvsd=LMVSDConfig(scorer="late_interaction"),
                     vmlsd=VMLSDConfig(scorer="random"))
+
+
+def test_a_registered_scorer_is_chosen_by_name_and_its_needs_are_checked_at_wrap_time():
+    from masksd.scorers import register_scorer
+
+    calls = []
+
+    @register_scorer("test_first_units", needs=("tokens", "other_global"))
+    def first_units(context, modality, *, metric, surgery):  # prefers the first units of each row
+        calls.append((modality, metric))
+        maskable = context.embedded(modality).maskable
+        return -torch.arange(maskable.shape[1], dtype=torch.float32).expand(maskable.shape)
+
+    wrapper = wrap(lmvsd=LMVSDConfig(top_k=0.25, ratio=0.0, scorer="test_first_units"), vmlsd=None)
+    out = step(wrapper, batch(2))
+    kept = out.selections["lmvsd"]["kept"]
+    assert calls == [("image", "dot")] and kept[:, : kept.shape[1] // 4].all() and not kept[:, kept.shape[1] // 4 :].any()
+    spec = tiny_spec()
+    no_tokens = masksd.HookSpec(image=ModalitySpec(embed=spec.image.embed, layout=spec.image.layout), text=spec.text)
+    with pytest.raises(ValueError, match=r"scorer='test_first_units', which needs HookSpec.image.tokens"):
+        masksd.wrap(TinyRIS(), no_tokens, lmvsd=LMVSDConfig(scorer="test_first_units"), vmlsd=None)
+    with pytest.raises(ValueError, match=r"scorer must be one of .*'test_first_units'.*got 'nope'"):
+        LMVSDConfig(scorer="nope")
+    with pytest.raises(ValueError, match=r"unknown needs \['everything'\]"):
+        register_scorer("broken", needs=("everything",))  # type: ignore[arg-type]

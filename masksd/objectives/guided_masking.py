@@ -28,7 +28,7 @@ from masksd.losses import consistency_loss, segmentation_loss
 from masksd.masking import sample_mask, select_top_k
 from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
 from masksd.scorer_health import MasksdWarning, score_problem
-from masksd.scorers import SCORERS, score, units_of
+from masksd.scorers import score, scorer_needs, units_of
 from masksd.towers import Decoder
 
 __all__ = ["BranchConfig", "LMVSDConfig", "VMLSDConfig", "GuidedMaskedDistillation"]
@@ -80,8 +80,8 @@ class BranchConfig:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.metric not in ("dot", "cosine"):
             raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
-        if not callable(self.scorer) and self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS} or a callable, got {self.scorer!r}")
+        if not callable(self.scorer):
+            scorer_needs(self.scorer)
         if not isinstance(self.surgery, bool):
             raise TypeError(f"surgery must be a bool, got {type(self.surgery).__name__}")
         if self.surgery and self.scorer != "correlation":
