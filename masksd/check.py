@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from masksd.backends.base import rng_devices
-from masksd.backends.hooks import HookBackend
+from masksd.engine.plan import Plan
+from masksd.engine.recorder import Recorder
+from masksd.engine.rng import rng_devices
 
 __all__ = ["WrapReport", "run_check"]
 
@@ -27,7 +28,7 @@ class WrapReport:
     """What ``MaskedSelfDistill.check`` found (``str(report)`` prints it).
 
     Attributes:
-        backend: ``"hooks"`` or ``"towers"``.
+        backend: ``"hooks"`` (one engine runs both entries).
         fusion: ``"late"``, ``"text->image"``, ``"image->text"``, ``"bidirectional"`` (or why
             it is unknown).
         passes: per branch, what it re-runs (``"full forward"``, or which modules it skips).
@@ -92,7 +93,8 @@ def _nested(counter: Any) -> dict[str, dict[str, int]]:
 def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> WrapReport:
     """One instrumented training step of ``wrapper`` (a ``MaskedSelfDistill``; see the module
     docstring)."""
-    backend = wrapper.backend
+    runner = wrapper.runner
+    recorder: Recorder = runner.recorder
     objectives = list(wrapper.objectives.values())  # type: ignore[union-attr]
     for objective in objectives:
         if callable(getattr(objective, "recheck_scores", None)):
@@ -100,20 +102,15 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     was_training = wrapper.training
     grads = {name: p.grad for name, p in wrapper.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in wrapper.named_buffers()}
-    backend.call_log.clear()
-    backend.replay_log.clear()
-    backend.tap_log.clear()
-    backend.logging = True
     try:
         for p in wrapper.parameters():
             p.grad = None
-        with torch.random.fork_rng(devices=rng_devices(wrapper)):
+        with torch.random.fork_rng(devices=rng_devices(wrapper)), recorder.logged():
             wrapper.train()
             out = wrapper(*args, **kwargs)
             out.loss.backward()
         no_grad = [n for n, p in wrapper.named_parameters() if p.requires_grad and p.grad is None]
     finally:
-        backend.logging = False
         for name, p in wrapper.named_parameters():
             p.grad = grads[name]
         with torch.no_grad():
@@ -121,29 +118,29 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
                 if not torch.equal(b, buffers[name]):  # untouched buffers keep their version
                     b.copy_(buffers[name])
         wrapper.train(was_training)
-    facts = backend.describe()
+    facts = runner.describe()
     warnings = [f"{o.name}: {o.score_warning}" for o in objectives if getattr(o, "score_warning", None)]
-    warnings += _never_called(backend)
+    warnings += _never_called(runner.plan, recorder)
     return WrapReport(
-        backend=facts.get("backend", type(backend).__name__),
+        backend="hooks",
         fusion=str(facts.get("fusion", "")),
         passes=dict(facts.get("passes", {})),
-        calls=_nested(backend.call_log),
-        replayed=_nested(backend.replay_log),
-        taps=_nested(backend.tap_log),
+        calls=_nested(recorder.call_log),
+        replayed=_nested(recorder.replay_log),
+        taps=_nested(recorder.tap_log),
         losses={k: float(v) for k, v in out.losses.items()},
         no_grad=no_grad,
         warnings=warnings,
     )
 
 
-def _never_called(backend: HookBackend) -> list[str]:
+def _never_called(plan: Plan, recorder: Recorder) -> list[str]:
     """A ``reuse`` module the main branch never called as a module: nothing can be reused."""
     return [
         f"reuse module {path!r} never ran as a module in the main branch (the model uses it another way, e.g. "
         "its weights directly, or not at all), so the masked branches cannot reuse its output and compute "
         "whatever the model does with it again: correct, but it costs that computation; list in `reuse` the "
         "modules the model calls (see the calls above), or drop this one"
-        for path in backend.reuse_paths()
-        if not backend.call_log.get(("main", path)) and not backend.replay_log.get(("main", path))
+        for path in plan.reuse_paths()
+        if not recorder.call_log.get(("main", path)) and not recorder.replay_log.get(("main", path))
     ]

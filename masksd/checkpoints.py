@@ -79,7 +79,9 @@ def _outer_prefix(state: Mapping[str, Tensor]) -> str | None:
     return prefixes.pop() if len(prefixes) == 1 and training_only else None
 
 
-def split_training_state_dict(training_state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def split_training_state_dict(
+    training_state_dict: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split a wrapper's state dict into ``(bare, added)``.
 
     Args:

@@ -1,4 +1,4 @@
-"""``DistillConfig``: everything ``MaskedSelfDistill`` / ``masksd.wrap`` take, in one object.
+"""``DistillConfig`` and the branch configs: everything ``MaskedSelfDistill`` / ``masksd.wrap`` take.
 
 It serialises to a plain dict (``to_dict`` / ``from_dict``), so a training script can store it
 in its checkpoints and compare it on resume instead of keeping a list of keys by hand.
@@ -7,15 +7,90 @@ in its checkpoints and compare it on resume instead of keeping a list of keys by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from masksd.backends.rng import DROPOUT_MODES, DropoutMode
-from masksd.objectives.guided_masking import BranchConfig, LMVSDConfig, VMLSDConfig
+from masksd.scorers import scorer_needs
 from masksd.spec import _callable_from_str, _callable_to_str
+from masksd.step import Modality
 
-__all__ = ["DistillConfig"]
+__all__ = ["BranchConfig", "DistillConfig", "DropoutMode", "LMVSDConfig", "Modality", "VMLSDConfig"]
+
+Supervision = Literal["distill", "ground_truth"]
+DropoutMode = Literal["fresh", "replay"]
+DROPOUT_MODES: tuple[str, ...] = ("fresh", "replay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchConfig:
+    """Settings of one masked self-distillation branch.
+
+    Attributes:
+        enabled: run this branch at all.
+        top_k: fraction of valid tokens kept by correlation filtering, in (0, 1].
+        ratio: fraction α of the kept tokens replaced by the mask token, in [0, 1].
+        weight: loss weight λ (>= 0).
+        masking: False is the "no masking" ablation (paper Table V): the branch re-encodes the
+            unmasked tokens and no mask token is created.
+        metric: correlation ``"dot"`` (paper) or ``"cosine"``.
+        scorer: how tokens are ranked before top-K: ``"correlation"`` (paper),
+            ``"prediction"`` (main prediction pooled onto the image grid; images only),
+            ``"random"`` (ablation), or a callable ``scorer(step, modality) -> [B, N_u]``
+            (see ``masksd.scorers``).
+        surgery: feature surgery on the correlation scores (CLIP Surgery): each token's score against
+            its own sample's global feature minus its mean score against all the batch's global
+            features (``masksd.scorers.surgery_scores``); ``scorer="correlation"`` only.
+    """
+
+    enabled: bool = True
+    top_k: float = 0.5
+    ratio: float = 0.25
+    weight: float = 0.75
+    masking: bool = True
+    metric: Literal["dot", "cosine"] = "dot"
+    scorer: str | Callable[..., Any] = "correlation"
+    surgery: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "ratio", "weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not 0.0 < self.top_k <= 1.0:
+            raise ValueError(f"top_k must lie in (0, 1], got {self.top_k}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio}")
+        if self.weight < 0.0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.metric not in ("dot", "cosine"):
+            raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
+        if not callable(self.scorer):
+            scorer_needs(self.scorer)  # a registered name (masksd.scorers.register_scorer)
+        if not isinstance(self.surgery, bool):
+            raise TypeError(f"surgery must be a bool, got {type(self.surgery).__name__}")
+        if self.surgery and self.scorer != "correlation":
+            raise ValueError(f"surgery=True works with scorer='correlation' only, got scorer={self.scorer!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMVSDConfig(BranchConfig):
+    """Language-guided masked visual branch; defaults = paper Table III best (0.5 / 0.25 / 0.75)."""
+
+    top_k: float = 0.5
+    ratio: float = 0.25
+    weight: float = 0.75
+
+
+@dataclass(frozen=True, kw_only=True)
+class VMLSDConfig(BranchConfig):
+    """Visual-guided masked language branch; defaults = paper Table IV best (0.5 / 0.1 / 0.1)."""
+
+    top_k: float = 0.5
+    ratio: float = 0.1
+    weight: float = 0.1
+
+
 
 _BRANCH_TYPES = {t.__name__: t for t in (BranchConfig, LMVSDConfig, VMLSDConfig)}
 
@@ -73,6 +148,22 @@ class DistillConfig:
             raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {self.dropout!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+
+    @classmethod
+    def merged(cls, config: DistillConfig | None, options: Mapping[str, Any]) -> DistillConfig:
+        """The configuration of ``config=`` or of keyword ``options`` (``DistillConfig`` fields),
+        not both: what ``MaskedSelfDistill`` / ``masksd.wrap`` receive."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unexpected options {unknown}; see masksd.DistillConfig ({sorted(names)})")
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, DistillConfig):
+            raise TypeError(f"config must be a masksd.DistillConfig, got {type(config).__name__}")
+        if options:
+            raise TypeError(f"give either config= or the options {sorted(options)}, not both")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-compatible) that ``from_dict`` restores."""

@@ -30,7 +30,8 @@ __all__ = ["SelectionStats", "kept_by_role", "selection_precision", "target_on_u
 def target_on_units(target: Tensor, grid: tuple[int, int]) -> Tensor:
     """The share of every unit covered by the target: ``[B, H, W]`` → ``[B, h_u * w_u]`` in [0, 1]."""
     if not isinstance(target, Tensor) or target.dim() != 3:
-        raise ValueError(f"target must be a [B, H, W] mask, got {getattr(target, 'shape', type(target).__name__)}")
+        raise ValueError("target must be a [B, H, W] mask, "
+                         f"got {getattr(target, 'shape', type(target).__name__)}")
     pooled = F.adaptive_avg_pool2d(target[:, None].float(), tuple(grid))
     return rearrange(pooled, "b 1 h w -> b (h w)")
 
@@ -54,7 +55,8 @@ def selection_precision(kept: Tensor, target: Tensor, grid: tuple[int, int]) -> 
         raise ValueError(f"kept must be a [B, N] bool tensor, got {tuple(kept.shape)} {kept.dtype}")
     share = target_on_units(target.to(kept.device), grid)
     if share.shape != kept.shape:
-        raise ValueError(f"kept {tuple(kept.shape)} does not match the grid {grid} for a batch of {share.shape[0]}")
+        raise ValueError(f"kept {tuple(kept.shape)} does not match the grid {grid} "
+                         f"for a batch of {share.shape[0]}")
     on_target = (share * kept).sum()
     return {
         "kept": kept.sum().float(),

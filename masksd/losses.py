@@ -97,7 +97,9 @@ _pending: dict[torch.device, deque[_PendingCheck]] = {}
 _checked_devices: set[torch.device] = set()
 
 
-def _target_problem(low: float, high: float, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> str | None:
+def _target_problem(
+    low: float, high: float, dtype: torch.dtype, shape: tuple[int, ...], name: str
+) -> str | None:
     """The error message for a target whose values span ``[low, high]``, or None if it is fine."""
     if 0.0 <= low and high <= 1.0:  # False for NaN
         return None

@@ -236,7 +236,9 @@ def replace_tokens(tokens: Tensor, masked: Tensor, mask_token: Tensor) -> Tensor
     return torch.where(masked[..., None], mask_token.to(tokens.dtype), tokens)
 
 
-def nearest_units(grid: tuple[int, int], unit_grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
+def nearest_units(
+    grid: tuple[int, int], unit_grid: tuple[int, int], device: torch.device | None = None
+) -> Tensor:
     """The unit each fine position is nearest-assigned to: ``[h * w]`` int64 indices into the
     ``h_u * w_u`` units (row-major).
 

@@ -6,7 +6,7 @@ tokens is 0 up to float noise (norm 6e-7 against a token norm of 27.7) — every
 noise and top-K keeps an arbitrary subset while looking like guided selection. The same happens
 when all scores of a sample are equal, or when most of them tie (a ReLU'd tap with many zeros).
 
-``score_problem(context, modality, scores)`` returns a message naming the problem and the fix,
+``score_problem(step, modality, scores)`` returns a message naming the problem and the fix,
 or None. The guided-masking objectives call it on their first training step (a warning) and on
 every ``wrapper.check(...)`` (listed in the report's ``warnings``). Cost: one sort of the
 ``[B, N_u]`` scores, once.
@@ -14,15 +14,11 @@ every ``wrapper.check(...)`` (listed in the report's ``warnings``). Cost: one so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
+from masksd.step import Step
 from masksd.towers import scoring_tokens
-
-if TYPE_CHECKING:
-    from masksd.objectives.base import DistillContext
 
 __all__ = ["MasksdWarning", "score_problem"]
 
@@ -38,9 +34,9 @@ class MasksdWarning(UserWarning):
     """A warning from masksd about how a model is wrapped (filter it with ``warnings``)."""
 
 
-def _global_problem(context: DistillContext, modality: str) -> str | None:
+def _global_problem(step: Step, modality: str) -> str | None:
     other = "text" if modality == "image" else "image"
-    theirs, mine = context.encoded(other), context.encoded(modality)
+    theirs, mine = step.encoded(other), step.encoded(modality)
     if theirs is None or mine is None:
         return None
     global_norm = theirs.global_feature.detach().float().norm(dim=-1).median()
@@ -80,13 +76,13 @@ def _flat_or_tied(scores: Tensor, maskable: Tensor) -> str | None:
     return None
 
 
-def score_problem(context: DistillContext, modality: str, scores: Tensor, maskable: Tensor, scorer: object) -> str | None:
+def score_problem(step: Step, modality: str, scores: Tensor, maskable: Tensor, scorer: object) -> str | None:
     """A message when ``scores [B, N_u]`` of ``modality`` (over ``maskable [B, N_u]`` units) carry
     no ranking, else None (see the module docstring). ``random`` scorers are never checked."""
     if scorer == "random":
         return None
     name = getattr(scorer, "__name__", scorer)
-    problem = _global_problem(context, modality) if scorer == "correlation" else None
+    problem = _global_problem(step, modality) if scorer == "correlation" else None
     if problem is None:
         flat = _flat_or_tied(scores, maskable)
         if flat is not None:

@@ -1,6 +1,6 @@
 """Scorers: which tokens a masked branch keeps before masking a random share of them.
 
-A scorer maps one step's ``DistillContext`` and the masked modality to scores over that
+A scorer maps one step's ``Step`` and the masked modality to scores over that
 modality's *units* (``[B, N_u]``, higher = keep first):
 
 * ``"correlation"`` (the paper, Eqs. 3 and 6): each token's scoring feature against the other
@@ -18,37 +18,34 @@ modality's *units* (``[B, N_u]``, higher = keep first):
   modalities' tokens in one space. For a CLIP whose global sentence feature does not point at
   the referent's patches while its words do (``docs/benchmarks.md`` §2).
 * ``"random"``: uniform scores (an ablation: top-K becomes a random subset).
-* any callable ``scorer(context, modality) -> [B, N_u]``.
+* any callable ``scorer(step, modality) -> [B, N_u]``.
 
 A tower (or tap) may give scoring features other than the tokens the decoder consumes,
 ``Encoded.scoring`` (CLIP ViT dense-alignment features: ``masksd.adapters.clip_dense``); the
 token scorers read those (``masksd.towers.scoring_tokens``).
 
-Units are the grid the scores live on. When a tower's (or a tap's) scoring tokens lie on a
-coarser grid than the embedded tokens (a CNN's last stage over its stem), selection happens on
-that grid and the boolean mask is expanded onto the embedded grid (``masksd.masking.expand_mask``).
+Scores live on the modality's units (``masksd.step.Units``): the embedded tokens, or a coarser
+scoring grid onto which masks are expanded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from masksd.masking import correlation_scores, expand_mask, shrink_mask
-from masksd.towers import Encoded, align_scores, scoring_tokens
+from masksd.masking import correlation_scores
+from masksd.step import Step, other
+from masksd.towers import align_scores, scoring_tokens
 
-if TYPE_CHECKING:
-    from masksd.objectives.base import DistillContext
+__all__ = ["SCORERS", "Needs", "register_scorer", "score", "scorer_needs", "surgery_scores"]
 
-__all__ = ["SCORERS", "Needs", "Units", "register_scorer", "score", "scorer_needs", "surgery_scores", "units_of"]
-
-Scorer = Callable[["DistillContext", str], Tensor]
+Scorer = Callable[[Step, str], Tensor]
 Needs = Literal["tokens", "other_global", "other_tokens", "image"]
 NEEDS: tuple[str, ...] = ("tokens", "other_global", "other_tokens", "image")
 
@@ -68,11 +65,11 @@ def register_scorer(name: str, *, needs: tuple[Needs, ...] = ()) -> Callable[[Ca
     ``"other_global"`` (the other modality's global feature, or its tokens to pool),
     ``"other_tokens"`` (the other modality's tokens), ``"image"`` (images only).
 
-    The function is ``fn(context, modality, *, metric, surgery) -> [B, N_u]`` scores (see the module
+    The function is ``fn(step, modality, *, metric, surgery) -> [B, N_u]`` scores (see the module
     docstring); a decorator::
 
         @register_scorer("saliency", needs=("image",))
-        def saliency(context, modality, *, metric, surgery): ...
+        def saliency(step, modality, *, metric, surgery): ...
     """
     unknown = [n for n in needs if n not in NEEDS]
     if unknown:
@@ -92,64 +89,19 @@ def scorer_needs(name: str) -> tuple[Needs, ...]:
     return _REGISTRY[name].needs
 
 
-@dataclass
-class Units:
-    """Where selection happens for one modality.
-
-    Attributes:
-        maskable: ``[B, N_u]`` bool, units that may be kept and masked.
-        grid: ``(h_u, w_u)`` of the units, or None for sequences.
-        embedded_grid: ``(h, w)`` of the embedded tokens (None for sequences).
-        coarse: True when units are coarser than the embedded tokens (masks get expanded).
-    """
-
-    maskable: Tensor
-    grid: tuple[int, int] | None
-    embedded_grid: tuple[int, int] | None
-    coarse: bool
-
-    def expand(self, unit_mask: Tensor, embedded_maskable: Tensor) -> Tensor:
-        """``[B, N_u]`` unit mask → ``[B, N]`` mask over the embedded tokens."""
-        if not self.coarse:
-            return unit_mask
-        assert self.grid is not None and self.embedded_grid is not None
-        return expand_mask(unit_mask, self.grid, self.embedded_grid) & embedded_maskable
-
-
-def units_of(context: DistillContext, modality: str) -> Units:
-    """The units of ``modality`` this step (see the module docstring)."""
-    embedded = context.embedded(modality)
-    encoded = context.encoded(modality)
-    count = embedded.tokens.shape[1]
-    declared = embedded.extras.get("units") if isinstance(embedded.extras, dict) else None
-    if declared is not None and embedded.grid is not None and tuple(declared) != tuple(embedded.grid):
-        if encoded is not None and _declared(encoded) and encoded.grid is not None and encoded.grid != tuple(declared):
-            raise ValueError(
-                f"ModalitySpec.units is {tuple(declared)} but the {modality} scoring tokens lie on a "
-                f"{encoded.grid} grid; drop units= (the tokens' grid is used) or tap tokens on that grid"
-            )
-        grid = tuple(declared)
-        return Units(shrink_mask(embedded.maskable, embedded.grid, grid), grid, embedded.grid, coarse=True)  # type: ignore[arg-type]
-    if encoded is not None and encoded.grid is not None and embedded.grid is not None:
-        if encoded.grid != embedded.grid and encoded.tokens.shape[1] != count:
-            maskable = shrink_mask(embedded.maskable, embedded.grid, encoded.grid)
-            return Units(maskable, encoded.grid, embedded.grid, coarse=True)
-    return Units(embedded.maskable, embedded.grid, embedded.grid, coarse=False)
-
-
 @register_scorer("correlation", needs=("tokens", "other_global"))
-def _correlation(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
-    encoded, other = context.encoded(modality), context.encoded("text" if modality == "image" else "image")
-    if encoded is None or other is None or not _declared(encoded):
+def _correlation(step: Step, modality: str, *, metric: str, surgery: bool) -> Tensor:
+    encoded, theirs = step.encoded(modality), step.encoded(other(modality))
+    if encoded is None or theirs is None or not step.view(modality).tokens_declared:
         raise ValueError(
             f"scorer 'correlation' needs scoring features: {modality} tokens and the other modality's "
             "global feature in one space (towers provide them; for a hooked model declare "
             f"HookSpec.{modality}.tokens and the other modality's global_/tokens), or choose "
             "scorer='prediction' or 'random'"
         )
-    tokens, guide = scoring_tokens(encoded).detach(), other.global_feature.detach()
+    tokens, guide = scoring_tokens(encoded).detach(), theirs.global_feature.detach()
     scores = surgery_scores(guide, tokens, metric=metric) if surgery else correlation_scores(guide, tokens, metric=metric)
-    return _onto_units(context, modality, scores)
+    return _onto_units(step, modality, scores)
 
 
 def surgery_scores(global_feature: Tensor, tokens: Tensor, *, metric: str = "dot") -> Tensor:
@@ -175,25 +127,19 @@ def surgery_scores(global_feature: Tensor, tokens: Tensor, *, metric: str = "dot
         return torch.einsum("bd,bnd->bn", centred, tokens)
 
 
-def _declared(encoded: Any) -> bool:
-    """False when a hooked model's encoded tokens are a stand-in (no ``tokens`` tap declared)."""
-    return not (isinstance(encoded, Encoded) and isinstance(encoded.features, dict)
-                and encoded.features.get("declared_tokens") is False)
-
-
-def _onto_units(context: DistillContext, modality: str, scores: Tensor) -> Tensor:
+def _onto_units(step: Step, modality: str, scores: Tensor) -> Tensor:
     """Scores over the encoded tokens → over the units (legacy towers: onto the embedded tokens)."""
-    embedded = context.embedded(modality)
-    if scores.shape[1] != embedded.tokens.shape[1] and units_of(context, modality).coarse is False:
-        scores = align_scores(getattr(context.model, f"{modality}_tower", None), scores, embedded)
+    embedded = step.embedded(modality)
+    if scores.shape[1] != embedded.tokens.shape[1] and step.view(modality).units.coarse is False:
+        scores = align_scores(getattr(step.model, f"{modality}_tower", None), scores, embedded)
     return scores
 
 
 @register_scorer("late_interaction", needs=("tokens", "other_tokens"))
-def _late_interaction(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
-    other = "text" if modality == "image" else "image"
-    mine, theirs = context.encoded(modality), context.encoded(other)
-    if mine is None or theirs is None or not (_declared(mine) and _declared(theirs)):
+def _late_interaction(step: Step, modality: str, *, metric: str, surgery: bool) -> Tensor:
+    side = other(modality)
+    mine, theirs = step.encoded(modality), step.encoded(side)
+    if mine is None or theirs is None or not (step.view(modality).tokens_declared and step.view(side).tokens_declared):
         raise ValueError(
             "scorer 'late_interaction' needs the token features of both modalities in one space "
             "(towers provide them; for a hooked model declare HookSpec.image.tokens and "
@@ -205,48 +151,48 @@ def _late_interaction(context: DistillContext, modality: str, *, metric: str, su
             ours, others = F.normalize(ours, dim=-1), F.normalize(others, dim=-1)
         similarity = torch.einsum("bnd,bmd->bnm", ours, others)
     # the other side's real tokens: words that may be masked (no SOT/EOT/padding); every patch
-    embedded = context.embedded(other)
-    if other == "text" and embedded.maskable.shape[1] == others.shape[1]:
+    embedded = step.embedded(side)
+    if side == "text" and embedded.maskable.shape[1] == others.shape[1]:
         valid = embedded.maskable
     else:
         valid = torch.ones(others.shape[:2], dtype=torch.bool, device=others.device)
     similarity = similarity.masked_fill(~valid[:, None, :], float("-inf"))
     scores = torch.where(valid.any(dim=1, keepdim=True), similarity.amax(dim=-1), similarity.new_zeros(()))
-    return _onto_units(context, modality, scores)
+    return _onto_units(step, modality, scores)
 
 
 @register_scorer("prediction", needs=("image",))
-def _prediction(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
-    units = units_of(context, modality)
+def _prediction(step: Step, modality: str, *, metric: str, surgery: bool) -> Tensor:
+    units = step.view(modality).units
     if modality != "image" or units.grid is None:
         raise ValueError(
             "scorer 'prediction' pools the main prediction onto the image grid: it works for images "
             "only (use 'random' or 'correlation' for words)"
         )
-    probability = torch.sigmoid(context.main_logits.detach().float())
+    probability = torch.sigmoid(step.logits.detach().float())
     pooled = F.adaptive_avg_pool2d(probability, units.grid)
     return rearrange(pooled, "b 1 h w -> b (h w)")
 
 
 @register_scorer("random")
-def _random(context: DistillContext, modality: str, *, metric: str, surgery: bool) -> Tensor:
-    maskable = units_of(context, modality).maskable
-    return torch.rand(maskable.shape, generator=context.generator, device=maskable.device)
+def _random(step: Step, modality: str, *, metric: str, surgery: bool) -> Tensor:
+    maskable = step.view(modality).units.maskable
+    return torch.rand(maskable.shape, generator=step.generator, device=maskable.device)
 
 
 def score(
-    context: DistillContext, modality: str, scorer: str | Scorer, *, metric: str = "dot", surgery: bool = False
+    step: Step, modality: str, scorer: str | Scorer, *, metric: str = "dot", surgery: bool = False
 ) -> Tensor:
     """Scores ``[B, N_u]`` of ``modality``'s units under ``scorer`` (see the module docstring);
     ``surgery`` applies to ``"correlation"`` only."""
     if surgery and scorer != "correlation":
         raise ValueError(f"surgery=True works with scorer='correlation' only, got {getattr(scorer, '__name__', scorer)!r}")
     if callable(scorer):
-        scores: Any = scorer(context, modality)
+        scores: Any = scorer(step, modality)
     else:
         scorer_needs(scorer)  # a name registered since the config was built is fine; others are refused
-        scores = _REGISTRY[scorer].fn(context, modality, metric=metric, surgery=surgery)
-    expected = tuple(units_of(context, modality).maskable.shape)
+        scores = _REGISTRY[scorer].fn(step, modality, metric=metric, surgery=surgery)
+    expected = tuple(step.view(modality).units.maskable.shape)
     if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
         raise ValueError(
             f"scorer {getattr(scorer, '__name__', scorer)!r} for {modality} must return scores of shape "

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from masksd.layouts import LAYOUTS, Layout
+
 __all__ = ["HookSpec", "Maskable", "ModalitySpec", "Output", "Tap", "apply_selector"]
 
-Layout = Literal["bnc", "bchw", "nbc", "bcn"]
 Fusion = Literal["auto", "late", "text->image", "image->text", "bidirectional"]
-LAYOUTS = ("bnc", "bchw", "nbc", "bcn")
 FUSIONS = ("auto", "late", "text->image", "image->text", "bidirectional")
 
 
@@ -77,14 +78,19 @@ def apply_selector(value: Any, select: str, *, where: str = "value") -> Any:
     """Apply a selector string such as ``"[0]"`` or ``"['logits'][:, 1:]"`` to ``value``."""
     if not select:
         return value
-    tree = _parse_selector(select)
-    code = compile(ast.Expression(tree), "<masksd selector>", "eval")
+    code = _compiled(select)
     try:
         return eval(code, {"__builtins__": {}}, {"x": value})  # noqa: S307 - parsed and restricted above
     except (IndexError, KeyError, AttributeError, TypeError) as error:
         raise ValueError(
             f"select {select!r} failed on {where} ({_describe(value)}): {type(error).__name__}: {error}"
         ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(select: str) -> Any:
+    """``select`` parsed, checked and compiled once (a spec's selectors run at every step)."""
+    return compile(ast.Expression(_parse_selector(select)), "<masksd selector>", "eval")
 
 
 def _describe(value: Any) -> str:

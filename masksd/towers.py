@@ -201,7 +201,7 @@ class Fused:
             side = math.isqrt(int(value.shape[1]))
             return cls(tokens=value, grid=(side, side) if side * side == value.shape[1] else None)
         raise ValueError(
-            f"{where} must give fused features [B, D, h, w] or [B, N, D] (or a masksd.Fused), got "
+            f"{where} must give fused features [B, D, h, w] or [B, N, D] (or a masksd.towers.Fused), got "
             f"{_describe(value)}"
         )
 
@@ -360,7 +360,7 @@ class RISModel(nn.Module):
         embedded = tower.embed(inputs)
         if not isinstance(embedded, Embedded):
             raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.Embedded(tokens=..., "
+                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.towers.Embedded(tokens=..., "
                 f"maskable=...), got {type(embedded).__name__}"
             )
         if embedded.tokens.shape[-1] != tower.embed_dim:
@@ -376,7 +376,7 @@ class RISModel(nn.Module):
         encoded = tower.encode(embedded)
         if not isinstance(encoded, Encoded):
             raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.Encoded(tokens=..., "
+                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.towers.Encoded(tokens=..., "
                 f"global_feature=..., features=...), got {type(encoded).__name__}"
             )
         return encoded

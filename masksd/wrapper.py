@@ -9,13 +9,13 @@ Training forward (``wrapper.train()``)::
 
 Eval forward (``wrapper.eval()``) runs the bare model only: ``unwrap()(...)``, bit for bit.
 
-Two ways in, one engine (selection, losses, BatchNorm handling and reporting are shared):
+Two ways in, one engine (``masksd.engine``: a ``HookSpec`` compiled once, hooks, one runner):
 
 * ``masksd.wrap(model, spec)``: the user's unchanged ``nn.Module``, driven through forward hooks
-  described by a ``HookSpec`` (``masksd.backends.hooks``). Its ``state_dict()`` keys never
-  change, so trained weights load into the user's own class with ``strict=True``.
+  described by a ``HookSpec``. Its ``state_dict()`` keys never change, so trained weights load
+  into the user's own class with ``strict=True``.
 * ``MaskedSelfDistill(image_tower, text_tower, decoder)``: a model built from towers
-  (``masksd.towers``); the bare model is a ``RISModel``.
+  (``masksd.towers``); the bare model is a ``RISModel`` and its spec ``tower_spec(model)``.
 
 State dict of the wrapper: the bare model under ``model.`` and the training-only parameters
 (mask tokens, objective heads, private decoders) under ``objectives.``; ``added_state_dict()``
@@ -25,32 +25,39 @@ BatchNorm (and SyncBatchNorm) layers of the bare model normalise the masked bran
 branches' own batch statistics, but only the main branch updates their running statistics:
 inference sees unmasked inputs. The layers are looked up at every step, so converting the
 wrapper with ``nn.SyncBatchNorm.convert_sync_batchnorm`` after wrapping is fine.
+
+Loss weights change during training with ``set_weights`` (ramps, warm-ups); objectives switch off
+for some steps with ``disabled_objectives`` (nothing runs, no loss is reported). A weight of 0
+still runs its branch; under DDP with ``find_unused_parameters=False`` a disabled objective's
+parameters get no gradient, which DDP refuses: set its weight to 0 instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from masksd.backends.base import as_tensor_loss, running_stats_frozen
-from masksd.backends.hooks import HookBackend
-from masksd.backends.inputs import check_same_batch, check_step_target, missing_target_error
-from masksd.backends.rng import RngTape
-from masksd.backends.taps import resolve_module
 from masksd.check import WrapReport, run_check
 from masksd.checkpoints import ADDED_PREFIX
-from masksd.config import DistillConfig
-from masksd.controls import ObjectiveControls
+from masksd.config import BranchConfig, DistillConfig
+from masksd.engine.inputs import check_inputs, split_target
+from masksd.engine.outputs import as_tensor_loss
+from masksd.engine.plan import resolve_module
+from masksd.engine.rng import RngTape, running_stats_frozen
+from masksd.engine.runner import Runner
 from masksd.losses import segmentation_loss
-from masksd.objectives.base import DistillContext, Objective
-from masksd.objectives.guided_masking import BranchConfig, GuidedMaskedDistillation, LMVSDConfig, VMLSDConfig
+from masksd.objectives.base import Objective
+from masksd.objectives.guided_masking import GuidedMaskedDistillation
 from masksd.scorers import SCORERS, scorer_needs
 from masksd.spec import HookSpec
+from masksd.step import other
 from masksd.torch_compat import is_compiling
 from masksd.towers import Decoder, RISModel, decoder_foreign_parameters, decoder_parameters_hidden, tower_spec
 
@@ -60,7 +67,6 @@ __all__ = ["Criterion", "DistillOutput", "MaskedSelfDistill", "wrap"]
 #: model produces them (``HookSpec.logits``'s value before any two-class conversion, e.g. LAVT's
 #: ``[B, 2, H, W]``; the tower decoder's ``[B, 1, h, w]``) and the target as passed to the wrapper.
 Criterion = Callable[[Tensor, Tensor], Tensor]
-
 
 
 @dataclass
@@ -75,8 +81,8 @@ class DistillOutput:
         selections: per objective, ``{"kept": [B, N_u] bool, "masked": [B, N_u] bool,
             "logits": [B, 1, h, w], "grid": (h_u, w_u) or None}`` (detached) over the units the
             branch selected on (patches; a CNN's coarse grid; words).
-        output: the bare model's own return value of the main branch (hooked models), so
-            trainers that read the model's loss dict or tuple can still do so.
+        output: the bare model's own return value of the main branch, so that trainers that
+            read the model's loss dict or tuple can still do so.
     """
 
     logits: Tensor
@@ -86,34 +92,18 @@ class DistillOutput:
     output: Any = None
 
 
-def _config_from_kwargs(config: DistillConfig | None, options: dict[str, Any]) -> DistillConfig:
-    defaults = {f.name: f.default for f in fields(DistillConfig) if f.name not in ("lmvsd", "vmlsd")}
-    defaults.update(lmvsd=True, vmlsd=True)
-    if config is None:
-        return DistillConfig(**options)
-    if not isinstance(config, DistillConfig):
-        raise TypeError(f"config must be a masksd.DistillConfig, got {type(config).__name__}")
-    changed = sorted(k for k, v in options.items() if v is not defaults[k] and v != defaults[k])
-    if changed:
-        raise TypeError(f"give either config= or the options {changed}, not both")
-    return config
-
-
-class MaskedSelfDistill(ObjectiveControls, nn.Module):
+class MaskedSelfDistill(nn.Module):
     """Wrap a model with CM-MaskSD training objectives (see the module docstring).
 
     Args:
-        image_tower / text_tower / decoder: the tower backend's model parts
+        image_tower / text_tower / decoder: the tower entry's model parts
             (``decoder(image: Encoded, text: Encoded) -> logits [B, 1, h, w]``). For an
             unchanged ``nn.Module`` use ``masksd.wrap(model, spec)`` instead.
-        lmvsd / vmlsd / supervision / share_decoder / hard_targets / threshold / seg_weight:
-            the fields of ``DistillConfig`` (paper defaults); or pass ``config=``.
-        config: a ``DistillConfig`` holding all of the above.
-        dropout: ``"fresh"`` or ``"replay"`` dropout draws in the branches (``DistillConfig``).
+        config: a ``DistillConfig`` (default: the paper's settings); or give its fields as
+            keyword ``options`` (``lmvsd=LMVSDConfig(...)``, ``vmlsd=None``, ...), not both.
         extra_objectives: further ``Objective`` plug-ins run after the two branches.
         criterion: your own segmentation loss ``criterion(logits, target) -> scalar`` (see
             ``masksd.wrap``); None: masksd's BCE (or the model's own loss, ``HookSpec.loss``).
-        backend: a ready ``Backend`` instead of the towers (``from_model`` passes a ``HookBackend``).
 
     Forward:
         Towers: ``forward(images, texts, target=None, *, generator=None)``. Hooked model:
@@ -123,47 +113,26 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
 
     def __init__(
         self,
-        image_tower: nn.Module | None = None,
-        text_tower: nn.Module | None = None,
-        decoder: Decoder | None = None,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
+        decoder: Decoder,
         *,
-        lmvsd: LMVSDConfig | BranchConfig | bool | None = True,
-        vmlsd: VMLSDConfig | BranchConfig | bool | None = True,
-        supervision: Literal["distill", "ground_truth"] = "distill",
-        share_decoder: bool = True,
-        hard_targets: bool = False,
-        threshold: float = 0.5,
-        seg_weight: float = 1.0,
-        dropout: Literal["fresh", "replay"] = "fresh",
         config: DistillConfig | None = None,
         extra_objectives: Sequence[Objective] = (),
         criterion: Criterion | None = None,
-        backend: HookBackend | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        options = dict(lmvsd=lmvsd, vmlsd=vmlsd, supervision=supervision, share_decoder=share_decoder,
-                       hard_targets=hard_targets, threshold=threshold, seg_weight=seg_weight, dropout=dropout)
-        towers = (image_tower, text_tower, decoder)
-        self._positional_target = backend is None  # the tower entry: wrapper(images, texts, target)
-        self._check_decoder = backend is None  # refuse a decoder's hidden parameters at the first step
-        if backend is None:
-            if any(part is None for part in towers):
-                raise TypeError(
-                    "MaskedSelfDistill needs image_tower, text_tower and decoder (the tower entry); "
-                    "to wrap an unchanged model use masksd.wrap(model, spec)"
-                )
-            hidden = decoder_parameters_hidden(decoder)
-            if hidden:
-                raise TypeError(
-                    f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
-                    "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
-                    "that holds them as submodules"
-                )
-            model = RISModel(image_tower, text_tower, decoder, decode_with_fused=True)  # type: ignore[arg-type]
-            backend = HookBackend(model, tower_spec(model))
-        elif any(part is not None for part in towers) or not isinstance(backend, HookBackend):
-            raise TypeError("give either the towers (image_tower, text_tower, decoder) or backend=, not both")
-        self._setup(backend, _config_from_kwargs(config, options), extra_objectives, criterion)
+        hidden = decoder_parameters_hidden(decoder)
+        if hidden:
+            raise TypeError(
+                f"decoder is a plain function that uses modules with parameters ({', '.join(hidden)}); "
+                "their parameters would be neither trained nor saved. Make the decoder an nn.Module "
+                "that holds them as submodules"
+            )
+        model = RISModel(image_tower, text_tower, decoder, decode_with_fused=True)
+        self._setup(model, tower_spec(model), DistillConfig.merged(config, options), extra_objectives, criterion)
+        self._towers = True  # wrapper(images, texts, target): the target may come third
 
     @classmethod
     def from_model(
@@ -177,28 +146,28 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         **options: Any,
     ) -> MaskedSelfDistill:
         """Wrap an unchanged ``model`` described by ``spec`` (what ``masksd.wrap`` does)."""
-        backend = HookBackend(model, spec)
-        unknown = set(options) - {f.name for f in fields(DistillConfig)}
-        if unknown:
-            raise TypeError(f"unexpected options {sorted(unknown)}; see masksd.DistillConfig")
-        if config is not None and options:
-            raise TypeError(f"give either config= or the options {sorted(options)}, not both")
+        if not isinstance(spec, HookSpec):
+            raise TypeError(f"spec must be a masksd.HookSpec, got {type(spec).__name__}")
+        absent = {m: None for m in ("lmvsd", "vmlsd") if getattr(spec, "image" if m == "lmvsd" else "text") is None}
         if config is None:
-            defaults = {"lmvsd": True if spec.image is not None else None,
-                        "vmlsd": True if spec.text is not None else None}
-            config = DistillConfig(**{**defaults, **options})
-        return cls(backend=backend, config=config, extra_objectives=extra_objectives, criterion=criterion)
+            options = {**absent, **options}
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper._setup(model, spec, DistillConfig.merged(config, options), extra_objectives, criterion)
+        wrapper._towers = False
+        return wrapper
 
     def _setup(
-        self, backend: HookBackend, config: DistillConfig, extra_objectives: Sequence[Objective], criterion: Criterion | None
+        self, model: nn.Module, spec: HookSpec, config: DistillConfig, extra_objectives: Sequence[Objective],
+        criterion: Criterion | None,
     ) -> None:
-        self.model = backend.model
-        self.backend = backend
-        self.config = config
-        self.seg_weight = float(config.seg_weight)
+        runner = Runner(model, spec)
+        self.model = model
+        self.runner = runner
+        self._config = config  # the branch weights live in their objectives (``config``)
         self._disabled: frozenset[str] = frozenset()  # objectives skipped (``disabled_objectives``)
-        decoder_path = backend.spec.decoder
-        if not config.share_decoder and decoder_path is None:
+        self._check_decoder = isinstance(model, RISModel)  # refuse a decoder's hidden parameters once
+        if not config.share_decoder and spec.decoder is None:
             raise ValueError(
                 "share_decoder=False gives each branch its own decoder copy: name the decoder module in "
                 "HookSpec(decoder='<module path>')"
@@ -209,16 +178,16 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
                 continue
             self._check_branch(name, modality, branch)
             kwargs: dict[str, Any] = dict(
-                name=name, masked_modality=modality, embed_dim=backend.embed_width(modality), config=branch,
+                name=name, masked_modality=modality, embed_dim=runner.width(modality), config=branch,
                 supervision=config.supervision, hard_targets=config.hard_targets, threshold=config.threshold,
             )
             if config.share_decoder:
                 objective = GuidedMaskedDistillation(**kwargs)
             else:
-                shared = resolve_module(self.model, decoder_path, "HookSpec.decoder")  # type: ignore[arg-type]
-                objective = GuidedMaskedDistillation.with_private_decoder(shared, engine=backend, **kwargs)
+                shared = resolve_module(model, spec.decoder, "HookSpec.decoder")  # type: ignore[arg-type]
+                objective = GuidedMaskedDistillation.with_private_decoder(shared, engine=runner.recorder, **kwargs)
             if objective.mask_token is not None:
-                backend.init_mask_token(modality, objective.mask_token)
+                runner.init_mask_token(modality, objective.mask_token)
             objectives[name] = objective
         for objective in extra_objectives:
             if not isinstance(objective, Objective):
@@ -229,7 +198,7 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable as criterion(logits, target) -> loss, got {type(criterion).__name__}")
-        if criterion is not None and self.backend.spec.loss is not None:
+        if criterion is not None and spec.loss is not None:
             raise ValueError(
                 "give either criterion= (your loss on the logits) or HookSpec.loss (the loss your model "
                 "returns), not both: both would be the main segmentation term"
@@ -238,26 +207,27 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
 
     def _check_branch(self, name: str, modality: str, branch: BranchConfig) -> None:
         """Refuse, at wrap time, a branch whose scorer needs features the spec does not declare."""
-        spec = self.backend.spec
+        spec = self.runner.spec
         if getattr(spec, modality) is None:
             raise ValueError(f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None")
         if callable(branch.scorer):
             return
-        other = "text" if modality == "image" else "image"
-        mine, theirs = getattr(spec, modality), getattr(spec, other)
+        side = other(modality)
+        mine, theirs = getattr(spec, modality), getattr(spec, side)
         present = {
             "tokens": mine.tokens is not None,
             "other_global": theirs is not None and (theirs.tokens is not None or theirs.global_ is not None),
             "other_tokens": theirs is not None and theirs.tokens is not None,
             "image": modality == "image",
         }
-        wanted = {"tokens": f"HookSpec.{modality}.tokens", "other_global": f"HookSpec.{other}.global_ (or .tokens)",
-                  "other_tokens": f"HookSpec.{other}.tokens", "image": "image tokens (it masks images only)"}
-        missing = [wanted[need] for need in scorer_needs(branch.scorer) if not present[need]]
+        wanted = {"tokens": f"HookSpec.{modality}.tokens", "other_global": f"HookSpec.{side}.global_ (or .tokens)",
+                  "other_tokens": f"HookSpec.{side}.tokens", "image": "image tokens (it masks images only)"}
+        needs = scorer_needs(branch.scorer)
+        missing = [wanted[need] for need in needs if not present[need]]
         if missing:
             raise ValueError(
                 f"{name} uses scorer={branch.scorer!r}, which needs {' and '.join(missing)}"
-                + (" in one shared space" if "image" not in scorer_needs(branch.scorer) else "")
+                + (" in one shared space" if "image" not in needs else "")
                 + f"; declare them, or choose {type(branch).__name__}(scorer=...) among "
                 f"{[n for n in SCORERS if n != branch.scorer]}"
             )
@@ -266,7 +236,18 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
     @property
     def spec(self) -> HookSpec:
         """The ``HookSpec`` the engine runs (the tower entry's: ``masksd.towers.tower_spec``)."""
-        return self.backend.spec
+        return self.runner.spec
+
+    @property
+    def seg_weight(self) -> float:
+        """The weight of the main segmentation term (``config.seg_weight``)."""
+        return self._config.seg_weight
+
+    @property
+    def config(self) -> DistillConfig:
+        """The configuration as it stands (weights changed by ``set_weights`` included)."""
+        branches = {name: self.objectives[name].config for name in ("lmvsd", "vmlsd") if name in self.objectives}
+        return dataclasses.replace(self._config, **branches)
 
     def unwrap(self) -> nn.Module:
         """The bare model (the user's object for ``wrap``; a ``RISModel`` for the tower entry)."""
@@ -286,13 +267,50 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
         return self.objectives.load_state_dict(stripped, strict=strict)
 
     def describe(self) -> dict[str, Any]:
-        """Backend, fusion type and what each branch runs (see also ``check``)."""
-        return self.backend.describe()
+        """Fusion type and what each branch runs (see also ``check``)."""
+        return {"backend": "hooks", **self.runner.describe()}
 
     def check(self, *args: Any, **kwargs: Any) -> WrapReport:
         """Run one instrumented training step on a sample batch and return a ``WrapReport``;
         the model's parameters, gradients, buffers and RNG state are left as they were."""
         return run_check(self, args, kwargs)
+
+    # --------------------------------------------------------------------------- controls
+    def _objective_names(self, names: Any, argument: str) -> list[str]:
+        unknown = [name for name in names if name not in self.objectives]
+        if unknown:
+            raise ValueError(f"{argument}: no objective named {unknown}; this wrapper has {list(self.objectives)}")
+        return list(names)
+
+    def set_weights(self, **weights: float) -> None:
+        """Set loss weights by name: ``seg`` (the main term) and any objective (``lmvsd``,
+        ``vmlsd``, extra objectives' names). Values are finite numbers >= 0; each is stored once,
+        in the objective's ``config`` (``wrapper.config`` reads them), so what is saved stays true."""
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"set_weights: {name} must be a finite number >= 0, got {value!r}")
+        names = self._objective_names([n for n in weights if n != "seg"], "set_weights")
+        if "seg" in weights:
+            self._config = dataclasses.replace(self._config, seg_weight=float(weights["seg"]))
+        for name in names:
+            objective, weight = self.objectives[name], float(weights[name])
+            own = getattr(objective, "config", None)
+            if dataclasses.is_dataclass(own) and any(f.name == "weight" for f in dataclasses.fields(own)):
+                objective.config = dataclasses.replace(own, weight=weight)
+            else:
+                objective.weight = weight
+
+    @contextmanager
+    def disabled_objectives(self, *names: str) -> Iterator[None]:
+        """Within the block, training steps skip the named objectives (none named: all of them);
+        ``out.losses`` then holds ``"seg"`` and the objectives still on. Nests; restores on exit."""
+        chosen = self._objective_names(names, "disabled_objectives") if names else list(self.objectives)
+        before = self._disabled
+        self._disabled = before | frozenset(chosen)
+        try:
+            yield
+        finally:
+            self._disabled = before
 
     # ----------------------------------------------------------------------------- forward
     def forward(
@@ -306,93 +324,54 @@ class MaskedSelfDistill(ObjectiveControls, nn.Module):
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        backend = self.backend
-        if self._positional_target and len(args) == 3:  # the tower entry: wrapper(images, texts, target)
+        if self._towers and len(args) == 3:  # the tower entry: wrapper(images, texts, target)
             if target is not None:
                 raise TypeError("target given twice (positionally and as target=)")
-            *args, target = args  # type: ignore[assignment]
-            args = tuple(args)
-        args, kwargs, target = backend.split_inputs(args, kwargs, target)
+            args, target = args[:2], args[2]
+        plan = self.runner.plan
+        args, kwargs, target = split_target(plan, args, kwargs, target)
         if not self.training:
-            named_in_model = self.spec.target is not None
-            if target is not None and not named_in_model:
+            if target is not None and self.spec.target is None:
                 raise ValueError(
                     "a target was passed in eval mode, where the wrapper returns the bare model's output "
                     "and ignores it; call wrapper.train() for a training step, or drop the target"
                 )
-            return backend.eval_forward(args, kwargs)
-        valid = self._check_inputs(args, kwargs, target)
-        backend.rng_tape = RngTape(self.model) if self.config.dropout == "replay" else None
+            return self.model(*args, **kwargs)
+        valid = check_inputs(plan, args, kwargs, target, criterion=self.criterion is not None)
+        tape = RngTape(self.model) if self._config.dropout == "replay" else None
         check = self._check_decoder and not is_compiling()
         with decoder_foreign_parameters(self.model) if check else nullcontext() as foreign:
-            main = backend.run_main(args, kwargs, target)
+            step = self.runner.run_main(args, kwargs, target, generator=generator, tape=tape)
             if foreign is not None:
-                foreign.add_graph(main.logits)
+                foreign.add_graph(step.logits)
         if foreign is not None:
-            try:
-                foreign.refuse(getattr(self.model, "decoder", None))
-            except ValueError:
-                backend.release()
-                raise
+            foreign.refuse(getattr(self.model, "decoder", None))
             self._check_decoder = False
-        try:
-            return self._objectives(main, generator, valid)
-        finally:
-            backend.release()
-            backend.rng_tape = None
-
-    def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None) -> Tensor | None:
-        """masksd's checks of a training step, before the model runs (``masksd.backends.inputs``);
-        returns the deferred target check's flag (CUDA) or None."""
-        backend = self.backend
-        batch = check_same_batch(backend.batch_sizes(args, kwargs, target))
-        if target is None:
-            needed_by = backend.target_needed_by()
-            if needed_by is None and self.criterion is not None:
-                needed_by = "criterion= computes the segmentation loss from it"
-            if needed_by is None and self.spec.loss is None:
-                needed_by = "masksd's segmentation loss"
-            if needed_by is not None:
-                raise missing_target_error(needed_by)
-            return None
-        return check_step_target(target, batch=batch)
-
-    def _objectives(self, main: Any, generator: torch.Generator | None, valid: Tensor | None) -> DistillOutput:
+        # the main segmentation term
         if self.criterion is not None:
-            seg = as_tensor_loss(self.criterion(main.raw_logits, main.target), "criterion(logits, target)")
-        elif main.model_loss is not None:
-            seg = main.model_loss
+            seg = as_tensor_loss(self.criterion(step.raw_logits, step.target), "criterion(logits, target)")
+        elif step.model_loss is not None:
+            seg = step.model_loss
         else:
-            seg = segmentation_loss(main.logits, main.target)
+            seg = segmentation_loss(step.logits, step.target)
         if valid is not None:  # a CUDA target whose check is still in flight: a bad one gives NaN
             seg = torch.where(valid.to(seg.device), seg, torch.full_like(seg, float("nan")))
-        context = DistillContext(
-            model=self.model,
-            image_embedded=main.embedded.get("image"),
-            text_embedded=main.embedded.get("text"),
-            image_encoded=main.encoded.get("image"),
-            text_encoded=main.encoded.get("text"),
-            main_logits=main.logits,
-            target=main.target,
-            generator=generator,
-            backend=self.backend,
-            output=main.output,
-        )
+        # the objectives, each on the step's record (BatchNorm running statistics left to the main branch)
         terms = {"seg": seg}
         selections: dict[str, dict[str, Any]] = {}
         active = [(name, objective) for name, objective in self.objectives.items() if name not in self._disabled]
         with running_stats_frozen(self.model):
             for name, objective in active:
-                result = objective(context)
+                result = objective(step, self.runner)
                 terms[name] = result.loss.float()
                 selections[name] = result.info
-        # The weighted sum and the detached copies only now: a compiled region must not return a
-        # loss and its detached copy (or 1.0 * loss) as two outputs (docs/troubleshooting.md).
-        total = self.seg_weight * terms["seg"]
+        # the weighted sum and the detached copies only now: a compiled region must not return a
+        # loss and its detached copy (or 1.0 * loss) as two outputs (docs/troubleshooting.md)
+        total = self._config.seg_weight * terms["seg"]
         for name, objective in active:
             total = total + objective.weight * terms[name]
         losses = {name: term.detach() for name, term in terms.items()}
-        return DistillOutput(logits=main.logits, loss=total, losses=losses, selections=selections, output=main.output)
+        return DistillOutput(logits=step.logits, loss=total, losses=losses, selections=selections, output=step.output)
 
 
 def wrap(

@@ -8,7 +8,8 @@ from tiny_models import TinyDecoder, TinyImageTower, make_batch, make_model
 from torch import nn
 
 import masksd.towers as tower_backend
-from masksd import DistillConfig, Embedded, LMVSDConfig, MaskedSelfDistill, RISModel
+from masksd import DistillConfig, LMVSDConfig, MaskedSelfDistill
+from masksd.towers import Embedded, RISModel
 
 GLOBAL_PARTS: list[nn.Module] = []  # a module-level list a decoder function reads (hidden from the wrapper)
 
@@ -34,7 +35,7 @@ def test_embed_that_returns_a_tuple():
     _, text_tower, decoder = make_model()
     wrapper = MaskedSelfDistill(TupleTower(), text_tower, decoder).train()
     images, ids, target = _batch()
-    with pytest.raises(TypeError, match=r"image_tower \(TupleTower\)\.embed must return masksd.Embedded.*tuple"):
+    with pytest.raises(TypeError, match=r"image_tower \(TupleTower\)\.embed must return masksd.towers.Embedded.*tuple"):
         wrapper(images, ids, target)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import masksd
 from masksd import HookSpec, LMVSDConfig, ModalitySpec, Output, Tap, VMLSDConfig
-from masksd.backends.base import as_tensor_loss
+from masksd.engine.outputs import as_tensor_loss
 
 
 def wrapped(model_cls=TinyRIS, spec=None, seed: int = 0, **options) -> masksd.MaskedSelfDistill:
@@ -40,7 +40,8 @@ def test_state_dict_keys_untouched_and_strict_load_into_users_class():
     out.loss.backward()
     assert set(out.losses) == {"seg", "lmvsd", "vmlsd"}
     assert wrapper.unwrap().state_dict().keys() == TinyRIS().state_dict().keys()
-    assert set(wrapper.state_dict()) == {"model." + k for k in TinyRIS().state_dict()} | set(wrapper.added_state_dict())
+    assert set(wrapper.state_dict()) == ({"model." + k for k in TinyRIS().state_dict()}
+                                         | set(wrapper.added_state_dict()))
     assert set(wrapper.added_state_dict()) == {"objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"}
     fresh = TinyRIS()
     fresh.load_state_dict(wrapper.unwrap().state_dict(), strict=True)
@@ -98,7 +99,8 @@ def test_cnn_units_are_solid_blocks_on_the_embedding_grid():
     embed = wrapper.unwrap().patch_embed
 
     def record(module, args, output):
-        if wrapper.backend._mode == "masked" and wrapper.backend._masked == "image":
+        run = wrapper.runner.recorder.run  # the run in progress
+        if run is not None and run.label == "masked image":
             seen["masked"] = output.detach()
 
     embed.register_forward_hook(record)  # registered after masksd's: sees the replaced output
@@ -135,7 +137,7 @@ def test_early_fusion_is_probed_and_vmlsd_runs_a_full_forward():
 def test_early_fusion_probe_catches_a_wrong_reuse_declaration():
     wrapper = wrapped(EarlyFusionRIS, early_spec())
     train_step(wrapper)
-    assert wrapper.backend.depends == {"image": True, "text": False}
+    assert wrapper.describe()["depends"] == {"image": True, "text": False}
 
 
 def test_loss_returning_model_with_target_argument_and_module_tap():
@@ -190,7 +192,8 @@ def test_as_tensor_loss_follows_mmseg_parse_losses():
     a, b, m = torch.tensor(1.0), torch.tensor([2.0, 4.0]), torch.tensor(50.0)
     assert float(as_tensor_loss({"loss_ce": a, "loss_dice": b, "acc_seg": m}, "x")) == 4.0  # b averaged
     assert float(as_tensor_loss({"decode": {"loss_ce": a, "acc_seg": m}, "aux": {"loss_ce": a}}, "x")) == 2.0
-    assert float(as_tensor_loss({"loss": {"ce": a, "dice": a}, "acc": m}, "x")) == 2.0  # unnamed inside: whole
+    # unnamed inside: whole
+    assert float(as_tensor_loss({"loss": {"ce": a, "dice": a}, "acc": m}, "x")) == 2.0
     assert float(as_tensor_loss({"losses": {"loss_bce": a, "acc_seg": m}}, "x")) == 1.0
     assert float(as_tensor_loss({"loss_aux": [a, a, a], "pred": m}, "x")) == 3.0  # lists summed
     assert float(as_tensor_loss(a, "x")) == 1.0

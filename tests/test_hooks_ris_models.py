@@ -82,7 +82,8 @@ def test_cris_maskclip_dense_tokens_from_the_attention_pool_projections():
 
     def record(name):
         def hook(module, args, output):
-            if wrapper.backend._mode == "main":
+            run = wrapper.runner.recorder.run  # the run in progress
+            if run is not None and run.label == "main":
                 seen[name] = (args, output)
         return hook
 

@@ -15,7 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 import masksd
 from masksd import HookSpec, LMVSDConfig, Maskable, ModalitySpec, Tap, VMLSDConfig
 from masksd.masking import select_top_k
-from masksd.scorers import units_of
 
 
 # ------------------------------------------------------------------------ models and helpers
@@ -72,7 +71,7 @@ def prompt_spec(embed_call: int | None = 1, tap_call: int | None = 1) -> HookSpe
 
 def later_positions_first(context, modality: str) -> Tensor:
     """A callable scorer: units further along the sequence (or the grid) score higher."""
-    maskable = units_of(context, modality).maskable
+    maskable = context.view(modality).units.maskable
     return torch.arange(maskable.shape[1], dtype=torch.float32).expand(maskable.shape)
 
 
@@ -85,8 +84,8 @@ def record_embeddings(wrapper, module: nn.Module, run: str) -> list[Tensor]:
     seen: list[Tensor] = []
 
     def hook(mod, args, output):
-        backend = wrapper.backend
-        if backend._mode == run.split()[0] and (run == "main" or backend._masked == run.split()[1]):
+        current = wrapper.runner.recorder.run  # the run in progress
+        if current is not None and current.label == run:
             seen.append(output.detach())
 
     module.register_forward_hook(hook)
@@ -196,7 +195,8 @@ def test_check_counts_the_tap_hooks_per_run():
     assert report.taps["probe"]["decoder [logits]"] == 1
     text = str(report)
     assert "  main run:\n    modules ran: " in text
-    assert "    taps fired: backbone [image.tokens] ×1, decoder (input) [fused] ×1, decoder [logits] ×1" in text
+    assert ("    taps fired: backbone [image.tokens] ×1, decoder (input) [fused] ×1, decoder [logits] ×1"
+            in text)
     assert text.index("probe run:") < text.index("main run:") < text.index("masked image run:")
 
 

@@ -21,7 +21,8 @@ from objective_models import (
 )
 from tiny_models import make_model
 
-from masksd import CrossModalAlignment, CrossModalAlignmentConfig, MaskedSelfDistill
+from masksd import MaskedSelfDistill
+from masksd.objectives import CrossModalAlignment, CrossModalAlignmentConfig
 from masksd.objectives._common import target_on_grid
 from masksd.objectives.alignment import alignment_loss
 
@@ -79,7 +80,8 @@ def test_small_object_falls_back_to_its_largest_cell():
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31), scale=st.floats(0.01, 100.0), batch=st.integers(1, 4), cells=st.integers(2, 12))
+@given(seed=st.integers(0, 2**31), scale=st.floats(0.01, 100.0), batch=st.integers(1, 4),
+       cells=st.integers(2, 12))
 def test_invariances(seed, scale, batch, cells):
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, cells, 5, generator=g, dtype=torch.float64).float()
@@ -90,7 +92,8 @@ def test_invariances(seed, scale, batch, cells):
     permutation = torch.randperm(cells, generator=g)
     order = torch.randperm(batch, generator=g)
     checks = [
-        alignment_loss(features[:, permutation], sentence, fraction[:, permutation])[0],  # cells jointly permuted
+        # cells jointly permuted
+        alignment_loss(features[:, permutation], sentence, fraction[:, permutation])[0],
         alignment_loss(features * scale, sentence * scale, fraction)[0],  # positive rescaling
         alignment_loss(features[order], sentence[order], fraction[order])[0],  # batch order
     ]
@@ -128,10 +131,11 @@ def test_encoder_variant_trains_both_towers_and_matches_the_pure_loss(backend):
     seen = {}
 
     def record(module, args, output):  # while the step's backend still holds the main branch
-        context = args[0]
-        image, text = context.encoded_with_grad("image"), context.encoded_with_grad("text")
+        context, runner = args
+        image, text = runner.encoded_with_grad(context, "image"), runner.encoded_with_grad(context, "text")
         assert image.tokens.requires_grad and text.global_feature.requires_grad
-        torch.testing.assert_close(image.tokens.detach(), context.encoded("image").tokens)  # the same features
+        # the same features
+        torch.testing.assert_close(image.tokens.detach(), context.encoded("image").tokens)
         fraction = target_on_grid(context.target, output.info["grid"])
         seen["expected"] = alignment_loss(image.tokens, text.global_feature, fraction)[0]
 
@@ -148,7 +152,8 @@ def test_encoder_variant_trains_both_towers_and_matches_the_pure_loss(backend):
 @pytest.mark.parametrize("backend", ["towers", "hooks"])
 def test_fused_variant_uses_the_main_decoder_pass(backend):
     build, batch = (towers_wrapper, towers_batch) if backend == "towers" else (hooks_wrapper, hooks_batch)
-    cal = CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=WIDTH, fused_dim=WIDTH)
+    cal = CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=WIDTH,
+                              fused_dim=WIDTH)
     wrapper = build([cal], lmvsd=None, vmlsd=None)
     decoder_inputs = []
     decoder = wrapper.unwrap().decoder
@@ -187,8 +192,8 @@ def test_config_and_construction_errors():
         CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=16, fused_dim=16)])
     with pytest.raises(TypeError, match="forward_with_fused"):
         train_step(wrapper, towers_batch())
-    wrapper = hooks_wrapper([CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"), text_dim=16,
-                                                 fused_dim=16)], spec=hook_models.tiny_spec())
+    wrapper = hooks_wrapper([CrossModalAlignment(config=CrossModalAlignmentConfig(features="fused"),
+                                                 text_dim=16, fused_dim=16)], spec=hook_models.tiny_spec())
     with pytest.raises(TypeError, match="HookSpec.fused"):
         train_step(wrapper, hooks_batch())
 

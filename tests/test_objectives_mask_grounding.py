@@ -23,8 +23,10 @@ from objective_models import (
     towers_wrapper,
     train_step,
 )
+from torch import nn
 
-from masksd import Maskable, MaskGrounding, MaskGroundingConfig
+from masksd import Maskable
+from masksd.objectives import MaskGrounding, MaskGroundingConfig
 from masksd.objectives._common import trailing_padding
 from masksd.objectives.mask_grounding import mask_centers, select_words
 
@@ -33,7 +35,8 @@ SMALL = dict(width=16, layers=1, heads=2, ffn=32, dropout=0.0)
 
 def grounding(**config) -> MaskGrounding:
     torch.manual_seed(3)
-    return MaskGrounding(word_dim=WIDTH, text_dim=WIDTH, image_dim=WIDTH, config=MaskGroundingConfig(**{**SMALL, **config}))
+    return MaskGrounding(word_dim=WIDTH, text_dim=WIDTH, image_dim=WIDTH,
+                         config=MaskGroundingConfig(**{**SMALL, **config}))
 
 
 def capture_head(objective: MaskGrounding) -> list:
@@ -83,8 +86,8 @@ def test_loss_is_the_mean_cross_entropy_of_the_tied_head(backend):
     info = out.selections["mask_grounding"]
     assert torch.equal(info["predictions"][selected], logits.argmax(1))
     assert (info["predictions"][~selected] == -1).all()
-    torch.testing.assert_close(out.loss, out.losses["seg"] + 0.75 * out.losses["lmvsd"] + 0.1 * out.losses["vmlsd"]
-                               + 0.1 * out.losses["mask_grounding"])
+    torch.testing.assert_close(out.loss, out.losses["seg"] + 0.75 * out.losses["lmvsd"]
+                               + 0.1 * out.losses["vmlsd"] + 0.1 * out.losses["mask_grounding"])
 
 
 def test_mask_centers_closed_form_and_empty_mask():
@@ -94,7 +97,8 @@ def test_mask_centers_closed_form_and_empty_mask():
     target[1, 2:10, 0:1] = 1
     centers, present = mask_centers(target, "centroid")
     torch.testing.assert_close(centers[0], torch.tensor([7 / 16, 4 / 16]))
-    torch.testing.assert_close(centers[1], torch.tensor([(16 * 4 + 8 * 0.5) / 24 / 16, (16 * 1 + 8 * 6) / 24 / 16]))
+    torch.testing.assert_close(centers[1], torch.tensor([(16 * 4 + 8 * 0.5) / 24 / 16,
+                                                         (16 * 1 + 8 * 6) / 24 / 16]))
     assert present.tolist() == [True, True, False] and torch.equal(centers[2], torch.zeros(2))
     box, _ = mask_centers(target, "box")
     torch.testing.assert_close(box[0], centers[0])  # a rectangle: both agree
@@ -119,7 +123,8 @@ def test_output_layer_is_the_models_embedding_matrix(backend):
     added = wrapper.added_parameters()
     assert not any(id(p) in model_ids or p.data_ptr() in model_ptrs for p in added.values())
     assert not any(p.shape == table(wrapper).shape for p in added.values())
-    assert not any(k.endswith(("token_embedding.weight", "word_embed.weight")) for k in wrapper.added_state_dict())
+    assert not any(k.endswith(("token_embedding.weight", "word_embed.weight"))
+                   for k in wrapper.added_state_dict())
     (grad,) = torch.autograd.grad(logits.sum(), table(wrapper), retain_graph=True)
     assert grad.abs().sum() > 0  # the word table is trained through the head
     out.loss.backward()
@@ -128,7 +133,8 @@ def test_output_layer_is_the_models_embedding_matrix(backend):
 @pytest.mark.parametrize("backend", ["towers", "hooks", "hooks_early_fusion"])
 def test_changing_a_masked_words_id_does_not_change_its_logits(backend):
     """Leak test: the selected words are replaced before encoding, so their original ids are invisible."""
-    if backend == "hooks_early_fusion":  # image features depend on the text: they must come from the masked pass
+    if backend == "hooks_early_fusion":
+        # image features depend on the text: they must come from the masked pass
         def build(objectives):
             return hooks_wrapper(objectives, model_cls=hook_models.EarlyFusionRIS,
                                  spec=hook_models.early_spec(), lmvsd=None, vmlsd=None)
@@ -163,7 +169,8 @@ def test_padding_never_changes_the_masked_words_logits(backend):
     images, ids, target = batch()
     pad = ids == 0  # both tiny models pad with id 0
     assert pad.any() and (~pad).any()
-    noise = {"scale": 0.0, "values": torch.randn(*ids.shape, WIDTH, generator=torch.Generator().manual_seed(9))}
+    noise = {"scale": 0.0,
+             "values": torch.randn(*ids.shape, WIDTH, generator=torch.Generator().manual_seed(9))}
     if backend == "towers":
         tower = wrapper.unwrap().text_tower
         encode = tower.encode
@@ -171,7 +178,8 @@ def test_padding_never_changes_the_masked_words_logits(backend):
         def noisy_encode(embedded):
             encoded = encode(embedded)
             where = encoded.features["pad_mask"][..., None]
-            return dataclasses.replace(encoded, tokens=encoded.tokens + where * noise["scale"] * noise["values"])
+            return dataclasses.replace(encoded,
+                                       tokens=encoded.tokens + where * noise["scale"] * noise["values"])
 
         tower.encode = noisy_encode
     else:
@@ -216,7 +224,8 @@ def sentences(draw):
 @given(ids=sentences(), ratio=st.floats(0.0, 1.0), min_masked=st.integers(0, 3), seed=st.integers(0, 2**31))
 def test_select_words_counts_and_never_specials(ids, ratio, min_masked, seed):
     maskable = ids > 2
-    selected = select_words(maskable, ratio=ratio, min_masked=min_masked, generator=torch.Generator().manual_seed(seed))
+    selected = select_words(maskable, ratio=ratio, min_masked=min_masked,
+                            generator=torch.Generator().manual_seed(seed))
     assert not (selected & ~maskable).any()  # never PAD/SOT/EOT
     n = maskable.sum(1)
     m = selected.sum(1)
@@ -231,12 +240,13 @@ def test_select_words_mean_count_and_replacement_share():
     maskable = torch.zeros(4000, 9, dtype=torch.bool)
     maskable[:, 1:8] = True  # n = 7: 0.15 · 7 = 1.05
     mg = grounding()
-    from masksd.objectives.base import DistillContext
+    from masksd.step import Step, View, units_of
     from masksd.towers import Embedded
-    context = DistillContext(model=None, image_embedded=None, text_embedded=Embedded(torch.zeros(4000, 9, 1), maskable),
-                             image_encoded=None, text_encoded=None, main_logits=torch.zeros(1),
-                             generator=torch.Generator().manual_seed(0))
-    selected, replaced = mg.select(context)
+    words = Embedded(torch.zeros(4000, 9, 1), maskable)
+    step = Step(model=nn.Identity(), logits=torch.zeros(1), raw_logits=torch.zeros(1), target=None,
+                generator=torch.Generator().manual_seed(0),
+                views={"text": View(embedded=words, encoded=None, units=units_of("text", words, None))})
+    selected, replaced = mg.select(step)
     m = selected.sum(1).float()
     assert abs(m.mean().item() - 1.05) < 3 * math.sqrt(0.05 * 0.95 / 4000)  # E[max(1, SR(1.05))] = 1.05
     share = replaced.sum() / selected.sum()

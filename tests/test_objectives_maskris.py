@@ -14,8 +14,9 @@ from spawn_ranks import replicas, run_ranks
 from tiny_models import assert_all_grads
 
 import masksd
-from masksd import HookSpec, Maskable, MaskRIS, MaskRISConfig, ModalitySpec, Tap
+from masksd import HookSpec, Maskable, ModalitySpec, Tap
 from masksd.losses import consistency_loss
+from masksd.objectives import MaskRIS, MaskRISConfig
 from masksd.objectives.maskris import corrupt_ids, mask_image, random_subset
 
 TOWER_SPECIALS = (tiny_models.PAD, tiny_models.SOT, tiny_models.EOT)

@@ -18,7 +18,7 @@ from objective_models import (
     train_step,
 )
 
-from masksd import LanguageReconstruction, LanguageReconstructionConfig
+from masksd.objectives import LanguageReconstruction, LanguageReconstructionConfig
 from masksd.objectives.reconstruction import reconstruction_loss
 
 
@@ -80,8 +80,8 @@ def test_in_the_wrapper_fused_from_the_main_pass_and_every_parameter_trained(bac
     seen = {}
 
     def record(module, args, output):
-        context = args[0]
-        fused = context.fused()
+        context, runner = args
+        fused = runner.fused(context)
         words = context.encoded("text").tokens.detach()
         prediction = module.reconstruct(fused.tokens, words.shape[1])
         seen["fused"] = fused.tokens
@@ -137,7 +137,7 @@ def test_nothing_supervised_reports_no_cosine():
 def test_towers_fused_is_the_main_pass_not_a_masked_one():
     rec = reconstruction()
     seen = {}
-    rec.register_forward_pre_hook(lambda module, args: seen.update(fused=args[0].fused().tokens))
+    rec.register_forward_pre_hook(lambda module, args: seen.update(fused=args[1].fused(args[0]).tokens))
     wrapper = towers_wrapper([rec])
     decoder = wrapper.unwrap().decoder
     history = []

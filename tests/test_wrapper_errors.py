@@ -11,14 +11,8 @@ from tiny_models import tiny_step as step
 from tiny_models import tiny_wrapper as wrap
 from torch import nn
 
-from masksd import (
-    LMVSDConfig,
-    MaskedSelfDistill,
-    Objective,
-    ObjectiveOutput,
-    VMLSDConfig,
-)
-from masksd.objectives import BranchConfig
+from masksd import LMVSDConfig, MaskedSelfDistill, Objective, VMLSDConfig
+from masksd.objectives import BranchConfig, ObjectiveOutput
 
 MASK_TOKENS = {"objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"}
 
@@ -152,10 +146,10 @@ class LogitEnergy(Objective):
         self.scale = nn.Parameter(torch.ones(()))
         self.seen = None
 
-    def forward(self, context):
-        self.seen = context
-        loss = (self.scale * context.main_logits.float()).pow(2).mean()
-        return ObjectiveOutput(loss=loss, info={"energy_map": context.main_logits.detach().pow(2)})
+    def forward(self, step, runner):
+        self.seen = step
+        loss = (self.scale * step.logits.float()).pow(2).mean()
+        return ObjectiveOutput(loss=loss, info={"energy_map": step.logits.detach().pow(2)})
 
 
 def test_extra_objective_adds_its_loss_term():
@@ -177,7 +171,7 @@ def test_extra_objective_adds_its_loss_term():
     context = energy.seen
     assert context.model is wrapper.unwrap()
     assert context.target is target
-    assert context.main_logits is out.logits
+    assert context.logits is out.logits
     out.loss.backward()
     assert_all_grads(wrapper)
 

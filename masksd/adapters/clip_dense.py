@@ -36,13 +36,14 @@ Two ways in:
 * hooks: ``clip_dense_tap(model, "<path of clip.visual>", mode=...)`` (or the path of a
   transformers ``CLIPModel``) builds a ``Tap`` on the last block's *input*. Its ``project`` chain
   starts with the step ``"clip_dense:<mode>:<P>:<block path>"`` (then ``ln_post`` / ``post_layernorm``
-  and the projection), which ``masksd.backends.taps.project`` evaluates. Plain strings, so the spec
-  still serialises.
+  and the projection), a projection step this module registers with the engine
+  (``masksd.engine.plan.register_projection``). Plain strings, so the spec still serialises.
 
 Works for open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``), its
 ``CustomResidualAttentionBlock`` without qk-norm, scaled-cosine or head-scale options, OpenAI
-CLIP's block, which CRIS uses (same attribute names), and transformers' ``CLIPEncoderLayer``. The weights are read outside the
-block's own forward. Under FSDP, compute the features where the block's parameters are gathered.
+CLIP's block, which CRIS uses (same attribute names), and transformers' ``CLIPEncoderLayer``. The
+weights are read outside the block's own forward. Under FSDP, compute the features where the block's
+parameters are gathered.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from masksd.engine.plan import register_projection
 from masksd.spec import Tap
 
 __all__ = [
-    "DENSE_MODES", "DenseMode", "check_block", "clip_dense_tap", "dense_block_tokens", "dense_mix", "dense_step",
-    "joint_dense_tokens",
+    "DENSE_MODES", "DenseMode", "check_block", "clip_dense_tap", "dense_block_tokens", "dense_mix",
+    "dense_step", "joint_dense_tokens",
 ]
 
 DenseMode = Literal["value", "clearclip"]
@@ -72,7 +74,8 @@ STEP_PREFIX = "clip_dense:"
 def check_mode(mode: Any, argument: str) -> None:
     """Refuse anything but ``"value"`` / ``"clearclip"`` (``argument`` names the setting)."""
     if mode not in DENSE_MODES:
-        raise ValueError(f"{argument} must be one of {DENSE_MODES} (or None for the plain patch tokens), got {mode!r}")
+        raise ValueError(f"{argument} must be one of {DENSE_MODES} (or None for the plain patch tokens), "
+                         f"got {mode!r}")
 
 
 class _BlockParts(NamedTuple):
@@ -96,13 +99,15 @@ def hf_layer_problem(block: nn.Module) -> str | None:
     missing = [] if isinstance(getattr(block, "layer_norm1", None), nn.Module) else ["layer_norm1"]
     missing += [f"self_attn.{name}" for name in ("q_proj", "v_proj", "out_proj")
                 if not isinstance(getattr(attn, name, None), nn.Module)]
-    missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim") if not isinstance(getattr(attn, name, None), int)]
+    missing += [f"self_attn.{name}" for name in ("num_heads", "head_dim")
+                if not isinstance(getattr(attn, name, None), int)]
     missing += [] if isinstance(getattr(attn, "scale", None), (int, float)) else ["self_attn.scale"]
     if missing:
         return f"lacks {', '.join(missing)}"
     width = getattr(attn.q_proj, "out_features", None)
     if isinstance(width, int) and attn.num_heads * attn.head_dim != width:
-        return f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} (not the width {width})"
+        return (f"has self_attn.num_heads · head_dim = {attn.num_heads} · {attn.head_dim} "
+                f"(not the width {width})")
     return None
 
 
@@ -113,8 +118,8 @@ def _hf_parts(block: nn.Module, where: str) -> _BlockParts:
         raise ValueError(f"{where}: dense scoring features need a transformers CLIPEncoderLayer; its "
                          f"{type(block).__name__} {problem}")
     attn = block.self_attn
-    return _BlockParts(block.layer_norm1, attn.q_proj, attn.v_proj, attn.out_proj, attn.num_heads, float(attn.scale),
-                       nn.Identity())
+    return _BlockParts(block.layer_norm1, attn.q_proj, attn.v_proj, attn.out_proj, attn.num_heads,
+                       float(attn.scale), nn.Identity())
 
 
 def _parts(block: nn.Module, where: str) -> _BlockParts:
@@ -125,8 +130,8 @@ def _parts(block: nn.Module, where: str) -> _BlockParts:
     attn = getattr(block, "attn", None)
     ln_1, weight = getattr(block, "ln_1", None), getattr(attn, "in_proj_weight", None)
     out_proj, heads = getattr(attn, "out_proj", None), getattr(attn, "num_heads", None)
-    if not isinstance(ln_1, nn.Module) or not isinstance(weight, Tensor) or not isinstance(out_proj, nn.Module) \
-            or not isinstance(heads, int):
+    if not isinstance(ln_1, nn.Module) or not isinstance(weight, Tensor) \
+            or not isinstance(out_proj, nn.Module) or not isinstance(heads, int):
         raise ValueError(
             f"{where}: dense scoring features need a CLIP residual attention block (ln_1, and attn with a "
             f"packed in_proj_weight, out_proj and num_heads), got {type(block).__name__}; open_clip's and "
@@ -134,9 +139,10 @@ def _parts(block: nn.Module, where: str) -> _BlockParts:
         )
     if isinstance(getattr(attn, "base_layer", None), nn.Module):  # e.g. PEFT's LoRA MultiheadAttention
         raise ValueError(
-            f"{where}: its attention is wrapped by an adapter ({type(attn).__name__}); dense scoring features "
-            "read the packed in_proj_weight, which would be the base layer's and miss the adapter. Score "
-            "with the plain patch tokens (dense=None / a plain tap), or adapt other layers than the last block"
+            f"{where}: its attention is wrapped by an adapter ({type(attn).__name__}); dense scoring "
+            "features read the packed in_proj_weight, which would be the base layer's and miss the adapter. "
+            "Score with the plain patch tokens (dense=None / a plain tap), or adapt other layers than the "
+            "last block"
         )
     identities = [getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), getattr(attn, "ln_inner", None),
                   getattr(block, "ln_attn", None)]
@@ -211,8 +217,8 @@ def dense_block_tokens(block: nn.Module, x: Tensor, *, mode: str, prefix_tokens:
     check_mode(mode, "mode")
     parts = _parts(block, type(block).__name__)
     with _without_dropout(parts.q, parts.v, parts.out_proj):
-        mixed = dense_mix(parts.norm(x), parts.q, parts.v, parts.heads, mode=mode, prefix_tokens=prefix_tokens,
-                          scale=parts.scale)
+        mixed = dense_mix(parts.norm(x), parts.q, parts.v, parts.heads, mode=mode,
+                          prefix_tokens=prefix_tokens, scale=parts.scale)
         return parts.after(parts.out_proj(mixed))
 
 
@@ -221,7 +227,8 @@ def _without_dropout(*projections: Any) -> Iterator[None]:
     """Run adapter-wrapped projections (modules with children, e.g. a LoRA layer and its
     ``lora_dropout``) in eval mode: a score must not be noisy, nor draw from the RNG the masked
     branches replay. Plain ``nn.Linear`` (no children) is left alone."""
-    wrapped = [m for m in projections if isinstance(m, nn.Module) and m.training and next(m.children(), None) is not None]
+    wrapped = [m for m in projections
+               if isinstance(m, nn.Module) and m.training and next(m.children(), None) is not None]
     for module in wrapped:
         module.eval()
     try:
@@ -235,7 +242,8 @@ def joint_dense_tokens(visual: nn.Module, x: Tensor, *, mode: str, prefix_tokens
     """``dense_block_tokens`` of ``visual.transformer.resblocks[-1]`` on its input ``x [B, P + N, W]``,
     then ``visual.ln_post`` and ``visual.proj``: ``[B, N, D]`` in CLIP's joint space, without gradient."""
     with torch.no_grad():
-        tokens = dense_block_tokens(visual.transformer.resblocks[-1], x, mode=mode, prefix_tokens=prefix_tokens)
+        tokens = dense_block_tokens(visual.transformer.resblocks[-1], x, mode=mode,
+                                    prefix_tokens=prefix_tokens)
         tokens = visual.ln_post(tokens)
         proj = getattr(visual, "proj", None)
         return tokens if proj is None else tokens @ proj.to(tokens.dtype)
@@ -253,14 +261,16 @@ def apply_dense_step(model: nn.Module, step: str, value: Tensor) -> Tensor:
         mode, prefix, path = step[len(STEP_PREFIX):].split(":", 2)
         prefix_tokens = int(prefix)
     except ValueError:
-        raise ValueError(f"Tap.project step {step!r} must read 'clip_dense:<mode>:<prefix tokens>:<block path>'") from None
+        raise ValueError(f"Tap.project step {step!r} must read "
+                         "'clip_dense:<mode>:<prefix tokens>:<block path>'") from None
     check_mode(mode, f"Tap.project step {step!r}: mode")
     try:
         block = model.get_submodule(path)
     except AttributeError:
         raise ValueError(f"Tap.project step {step!r}: the model has no module {path!r}") from None
     if value.dim() != 3:
-        raise ValueError(f"Tap.project step {step!r} needs the block's input [B, P + N, W], got {tuple(value.shape)}")
+        raise ValueError(f"Tap.project step {step!r} needs the block's input [B, P + N, W], "
+                         f"got {tuple(value.shape)}")
     return dense_block_tokens(block, value, mode=mode, prefix_tokens=prefix_tokens)
 
 
@@ -278,7 +288,8 @@ def _has(model: nn.Module, path: str) -> bool:
 
 
 def clip_dense_tap(
-    model: nn.Module, visual: str, *, mode: str = "value", prefix_tokens: int = 1, projection: str | None = None
+    model: nn.Module, visual: str, *, mode: str = "value", prefix_tokens: int = 1,
+    projection: str | None = None,
 ) -> Tap:
     """A ``Tap`` giving dense-alignment patch features of a CLIP ViT inside a hooked ``model``.
 
@@ -297,8 +308,9 @@ def clip_dense_tap(
     Returns:
         ``Tap("<last block>", kind="input", select="[0]", project=("clip_dense:<mode>:<P>:<block>",
         "<final norm>", "<projection>"))``, e.g. for open_clip ``<visual>.transformer.resblocks.<last>``,
-        ``<visual>.ln_post``, ``<visual>.proj``; for transformers ``<visual>.vision_model.encoder.layers.<last>``,
-        ``<visual>.vision_model.post_layernorm``, ``<visual>.visual_projection``. Use it as
+        ``<visual>.ln_post``, ``<visual>.proj``; for transformers
+        ``<visual>.vision_model.encoder.layers.<last>``, ``<visual>.vision_model.post_layernorm``,
+        ``<visual>.visual_projection``. Use it as
         ``ModalitySpec(tokens=...)``. The blocks' input must be batch first (open_clip >= 2.32) and
         passed positionally (transformers passes it so).
     """
@@ -315,25 +327,31 @@ def clip_dense_tap(
     if isinstance(resblocks, (nn.ModuleList, nn.Sequential)) and len(resblocks) and hasattr(tower, "ln_post"):
         blocks, norm = _join(visual, "transformer.resblocks"), _join(visual, "ln_post")
         default = _join(visual, "proj") if getattr(tower, "proj", None) is not None else None
-    elif isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) and hasattr(tower, "post_layernorm"):
+    elif isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) \
+            and hasattr(tower, "post_layernorm"):
         blocks, norm, default = _join(visual, "encoder.layers"), _join(visual, "post_layernorm"), None
         if projection is None:
             raise ValueError(
-                f"clip_dense_tap: {visual!r} is a transformers CLIP vision transformer, whose projection into the "
-                "joint space lives outside it: pass the path of the CLIPModel instead, or projection='<path of "
-                "visual_projection>'"
+                f"clip_dense_tap: {visual!r} is a transformers CLIP vision transformer, whose projection "
+                "into the joint space lives outside it: pass the path of the CLIPModel instead, or "
+                "projection='<path of visual_projection>'"
             )
     else:
         raise ValueError(
-            f"clip_dense_tap: {visual!r} ({type(tower).__name__}) is not a CLIP ViT (open_clip: transformer.resblocks, "
-            "ln_post; transformers: vision_model / encoder.layers, post_layernorm); dense features need a ViT "
-            "(ResNet CLIPs: tap layer4 with project=(attnpool.v_proj, attnpool.c_proj), docs/wrapping.md)"
+            f"clip_dense_tap: {visual!r} ({type(tower).__name__}) is not a CLIP ViT (open_clip: "
+            "transformer.resblocks, ln_post; transformers: vision_model / encoder.layers, post_layernorm); "
+            "dense features need a ViT (ResNet CLIPs: tap layer4 with project=(attnpool.v_proj, "
+            "attnpool.c_proj), docs/wrapping.md)"
         )
     projection = default if projection is None else projection
     if projection is not None and not _has(model, projection):
-        raise ValueError(f"clip_dense_tap: projection={projection!r} is neither a module nor a tensor of the model")
+        raise ValueError(f"clip_dense_tap: projection={projection!r} is neither a module nor a tensor "
+                         "of the model")
     last = model.get_submodule(blocks)
     block = f"{blocks}.{len(last) - 1}"
     check_block(last[-1], block)
     steps = [dense_step(mode, block, prefix_tokens), norm] + ([] if projection is None else [projection])
     return Tap(block, kind="input", select="[0]", project=tuple(steps))
+
+
+register_projection(STEP_PREFIX[:-1], apply_dense_step, differentiable=False)  # "clip_dense:<mode>:<P>:<block>"

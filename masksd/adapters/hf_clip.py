@@ -73,8 +73,8 @@ def _check_dense_layer(vision: nn.Module) -> None:
     problem = hf_layer_problem(layers[-1])
     if problem is not None:
         raise TypeError(
-            "dense: scoring features need a transformers CLIPEncoderLayer as the vision encoder's last layer; "
-            f"its {type(layers[-1]).__name__} {problem}; leave dense=None for this model"
+            "dense: scoring features need a transformers CLIPEncoderLayer as the vision encoder's last "
+            f"layer; its {type(layers[-1]).__name__} {problem}; leave dense=None for this model"
         )
 
 
@@ -191,7 +191,8 @@ class HFCLIPImageTower(nn.Module):
         scoring = None
         if self.dense is not None:  # hidden_states[-2]: the last layer's input (4.40 through 5.x)
             block_input = output.hidden_states[-2]
-            scoring = partial(hf_dense_tokens, self.vision_model, self.visual_projection, block_input, mode=self.dense)
+            scoring = partial(hf_dense_tokens, self.vision_model, self.visual_projection, block_input,
+                              mode=self.dense)
         return Encoded(tokens=tokens, global_feature=pooled, features=features, scoring=scoring)
 
 
@@ -254,8 +255,10 @@ class HFCLIPTextTower(nn.Module):
         if attention_mask is not None and (
             not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(ids.shape)
         ):
-            found = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {found}")
+            found = (tuple(attention_mask.shape) if isinstance(attention_mask, Tensor)
+                     else type(attention_mask).__name__)
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, "
+                             f"got {found}")
         return ids.long(), attention_mask
 
     def _pool_index(self, ids: Tensor) -> Tensor:

@@ -101,7 +101,9 @@ class OpenCLIPImageTower(nn.Module):
             holds (``masksd.adapters.clip_dense``).
     """
 
-    def __init__(self, visual: nn.Module, *, feature_layers: Sequence[int] = (), dense: str | None = None) -> None:
+    def __init__(
+        self, visual: nn.Module, *, feature_layers: Sequence[int] = (), dense: str | None = None
+    ) -> None:
         super().__init__()
         required = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
         missing = [name for name in required if not hasattr(visual, name)]
@@ -214,7 +216,8 @@ class OpenCLIPResNetImageTower(nn.Module):
         missing = [name for name in required if not hasattr(visual, name)]
         if missing:
             raise TypeError(
-                f"visual must be an open_clip ModifiedResNet; {type(visual).__name__} lacks {', '.join(missing)}"
+                f"visual must be an open_clip ModifiedResNet; {type(visual).__name__} lacks "
+                f"{', '.join(missing)}"
             )
         for stage in feature_stages:
             if isinstance(stage, bool) or stage not in (1, 2, 3, 4):
@@ -307,7 +310,10 @@ class OpenCLIPTextTower(nn.Module):
 
     def embed(self, inputs: Tensor) -> Embedded:
         """Token ids ``[B, L]`` (L ≤ the model's context length) → word embeddings ``[B, L, width]``."""
-        if not isinstance(inputs, Tensor) or inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32):
+        if (
+            not isinstance(inputs, Tensor) or inputs.dim() != 2
+            or inputs.dtype not in (torch.int64, torch.int32)
+        ):
             raise ValueError(
                 "texts must be integer token ids of shape [B, L], got "
                 f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}"
@@ -390,8 +396,8 @@ def towers_from_open_clip(
     if hasattr(clip.visual, "attnpool") and hasattr(clip.visual, "layer4"):  # ModifiedResNet
         if dense is not None:
             raise ValueError(
-                f"dense={dense!r} needs a ViT CLIP; this is a ResNet CLIP, whose tower already scores MaskCLIP's "
-                "dense features c_proj(v_proj(layer4)): leave dense=None"
+                f"dense={dense!r} needs a ViT CLIP; this is a ResNet CLIP, whose tower already scores "
+                "MaskCLIP's dense features c_proj(v_proj(layer4)): leave dense=None"
             )
         stages = (2, 3, 4) if image_layers is None else image_layers
         return OpenCLIPResNetImageTower(clip.visual, feature_stages=stages), text_tower

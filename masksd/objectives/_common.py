@@ -13,7 +13,8 @@ from torch import Tensor
 from masksd.towers import Encoded
 
 if TYPE_CHECKING:
-    from masksd.objectives.base import DistillContext
+    from masksd.engine.runner import Runner
+    from masksd.step import Step
 
 __all__ = [
     "autocast_off",
@@ -29,7 +30,9 @@ __all__ = [
 ]
 
 
-def check_fraction(value: Any, name: str, *, low: float = 0.0, high: float | None = 1.0, open_low: bool = False) -> None:
+def check_fraction(
+    value: Any, name: str, *, low: float = 0.0, high: float | None = 1.0, open_low: bool = False
+) -> None:
     """``value`` must be a real number in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -132,24 +135,24 @@ def trailing_padding(ids: Tensor, maskable: Tensor) -> Tensor:
     return repeats_last.flip(1).int().cumprod(dim=1).flip(1).bool()
 
 
-def text_padding(context: DistillContext, *encoded: Encoded | None) -> Tensor:
-    """The text's padding ``[B, L]`` bool (True = padding), lined up with ``context.text_embedded``.
+def text_padding(step: Step, runner: Runner, *encoded: Encoded | None) -> Tensor:
+    """The text's padding ``[B, L]`` bool (True = padding), lined up with the step's embedded words.
 
-    Taken from the first of ``encoded`` (then ``context.text_encoded``) whose ``features["pad_mask"]``
+    Taken from the first of ``encoded`` (then the step's text features) whose ``features["pad_mask"]``
     is a ``[B, L]`` bool tensor (the open_clip and HF CLIP adapters set it); otherwise derived from
-    the token ids (``context.token_ids()``; hooks: ``HookSpec.text.maskable.ids``) with
+    the token ids (``runner.token_ids``; hooks: ``HookSpec.text.maskable.ids``) with
     :func:`trailing_padding`.
 
     Raises:
         TypeError: neither a pad mask nor token ids are available (the message names both).
     """
-    maskable = context.embedded("text").maskable
-    for source in (*encoded, context.text_encoded):
-        pad = source.features.get("pad_mask") if source is not None else None
+    maskable = step.embedded("text").maskable
+    for source in (*encoded, step.encoded("text")):
+        pad = source.features.get("pad_mask") if source is not None and isinstance(source.features, dict) else None
         if isinstance(pad, Tensor) and pad.dtype == torch.bool and pad.shape == maskable.shape:
             return pad.to(maskable.device)
     try:
-        ids = context.token_ids()
+        ids = runner.token_ids(step)
     except TypeError as error:
         raise TypeError(
             "the text's padding is needed but unknown: give Encoded.features['pad_mask'] [B, L] bool from the "

@@ -22,7 +22,7 @@ fused features of the main branch's one decoder pass and a learned projection of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,11 @@ from masksd.objectives._common import (
     grid_of,
     target_on_grid,
 )
-from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.objectives.base import Objective, ObjectiveOutput
+from masksd.step import Step
+
+if TYPE_CHECKING:
+    from masksd.engine.runner import Runner
 
 __all__ = ["CrossModalAlignment", "CrossModalAlignmentConfig", "alignment_loss"]
 
@@ -121,7 +125,8 @@ def alignment_loss(
 
         def nce(anchor: Tensor) -> Tensor:  # anchor [B, D] → [B]
             logits = torch.einsum("bnd,bd->bn", f, anchor) / temperature
-            negatives = torch.logsumexp(torch.where(negative, logits, torch.full_like(logits, _EXCLUDED)), dim=1)
+            negatives = torch.logsumexp(torch.where(negative, logits, torch.full_like(logits, _EXCLUDED)),
+                                        dim=1)
             per_cell = F.softplus(negatives[:, None] - logits)  # −log(e^l / (e^l + Σ_Q e^l_k))
             return (per_cell * positive).sum(dim=1) / pos_count
 
@@ -132,7 +137,8 @@ def alignment_loss(
         loss = ((p2t_weight * p2t + p2p_weight * p2p) * weights).sum() / denominator
     info = {
         "positives": positive, "negatives": negative, "valid": valid,
-        "p2t": ((p2t * weights).sum() / denominator).detach(), "p2p": ((p2p * weights).sum() / denominator).detach(),
+        "p2t": ((p2t * weights).sum() / denominator).detach(),
+        "p2p": ((p2p * weights).sum() / denominator).detach(),
     }
     return loss, info
 
@@ -170,34 +176,37 @@ class CrossModalAlignment(Objective):
         self.name, self.config, self.weight = name, config, float(config.weight)
         if config.features == "fused":
             if text_dim is None or fused_dim is None:
-                raise ValueError("features='fused' needs text_dim= and fused_dim= (the sizes of the sentence projection)")
+                raise ValueError("features='fused' needs text_dim= and fused_dim= (the sizes of the sentence "
+                                 "projection)")
             check_int(text_dim, "text_dim", minimum=1)
             check_int(fused_dim, "fused_dim", minimum=1)
             self.sentence_proj: nn.Linear | None = nn.Linear(text_dim, fused_dim)
         else:
             if text_dim is not None or fused_dim is not None:
-                raise ValueError("text_dim/fused_dim size the projection of features='fused'; drop them for 'encoder'")
+                raise ValueError("text_dim/fused_dim size the projection of features='fused'; drop them "
+                                 "for 'encoder'")
             self.sentence_proj = None
 
     def extra_repr(self) -> str:
         c = self.config
         return f"name={self.name!r}, features={c.features!r}, temperature={c.temperature}, weight={c.weight}"
 
-    def forward(self, context: DistillContext) -> ObjectiveOutput:
+    def forward(self, step: Step, runner: Runner) -> ObjectiveOutput:
         """Features and sentence of the main branch, the GT on their grid, then ``alignment_loss``."""
-        if context.target is None:
+        if step.target is None:
             raise ValueError(f"{self.name} needs the ground-truth mask (pass target=...)")
-        sentence = context.encoded_with_grad("text").global_feature
+        sentence = runner.encoded_with_grad(step, "text").global_feature
         if self.sentence_proj is None:
-            image = context.encoded_with_grad("image")
-            embedded = context.image_embedded
-            features, grid = image.tokens, grid_of(image, embedded.grid if embedded is not None else None)
+            image = runner.encoded_with_grad(step, "image")
+            features, grid = image.tokens, grid_of(image, step.embedded("image").grid)
             where = "the image scoring tokens"
         else:
-            fused = context.fused()
+            fused = runner.fused(step)
             features, grid = fused.tokens, fused.grid
-            check_width(sentence, self.sentence_proj.in_features, f"{self.name}: the sentence feature", "text_dim")
-            check_width(features, self.sentence_proj.out_features, f"{self.name}: the fused features", "fused_dim")
+            check_width(sentence, self.sentence_proj.in_features, f"{self.name}: the sentence feature",
+                        "text_dim")
+            check_width(features, self.sentence_proj.out_features, f"{self.name}: the fused features",
+                        "fused_dim")
             sentence = self.sentence_proj(sentence)
             where = "the decoder's fused features"
         if grid is None:
@@ -205,7 +214,7 @@ class CrossModalAlignment(Objective):
                 f"{self.name}: {where} {tuple(features.shape)} lie on no known 2-D grid; give them one "
                 "(Encoded.grid, Fused(grid=...), or a bchw tap)"
             )
-        fraction = target_on_grid(context.target.to(features.device), grid)
+        fraction = target_on_grid(step.target.to(features.device), grid)
         c = self.config
         loss, info = alignment_loss(
             features, sentence, fraction, temperature=c.temperature, pos_threshold=c.pos_threshold,

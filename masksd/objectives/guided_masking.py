@@ -17,93 +17,24 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from masksd.config import BranchConfig, Modality, Supervision
 from masksd.losses import consistency_loss, segmentation_loss
 from masksd.masking import sample_mask, select_top_k
-from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.objectives.base import Objective, ObjectiveOutput
 from masksd.scorer_health import MasksdWarning, score_problem
-from masksd.scorers import score, scorer_needs, units_of
+from masksd.scorers import score
+from masksd.step import Step
 from masksd.towers import Decoder
 
-__all__ = ["BranchConfig", "LMVSDConfig", "VMLSDConfig", "GuidedMaskedDistillation"]
+if TYPE_CHECKING:
+    from masksd.engine.runner import Runner
 
-Modality = Literal["image", "text"]
-Supervision = Literal["distill", "ground_truth"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class BranchConfig:
-    """Settings of one masked self-distillation branch.
-
-    Attributes:
-        enabled: run this branch at all.
-        top_k: fraction of valid tokens kept by correlation filtering, in (0, 1].
-        ratio: fraction α of the kept tokens replaced by the mask token, in [0, 1].
-        weight: loss weight λ (>= 0).
-        masking: False is the "no masking" ablation (paper Table V): the branch re-encodes the
-            unmasked tokens and no mask token is created.
-        metric: correlation ``"dot"`` (paper) or ``"cosine"``.
-        scorer: how tokens are ranked before top-K: ``"correlation"`` (paper),
-            ``"prediction"`` (main prediction pooled onto the image grid; images only),
-            ``"random"`` (ablation), or a callable ``scorer(context, modality) -> [B, N_u]``
-            (see ``masksd.scorers``).
-        surgery: feature surgery on the correlation scores (CLIP Surgery): each token's score against
-            its own sample's global feature minus its mean score against all the batch's global
-            features (``masksd.scorers.surgery_scores``); ``scorer="correlation"`` only.
-    """
-
-    enabled: bool = True
-    top_k: float = 0.5
-    ratio: float = 0.25
-    weight: float = 0.75
-    masking: bool = True
-    metric: Literal["dot", "cosine"] = "dot"
-    scorer: str | Callable[..., Any] = "correlation"
-    surgery: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("top_k", "ratio", "weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not 0.0 < self.top_k <= 1.0:
-            raise ValueError(f"top_k must lie in (0, 1], got {self.top_k}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio}")
-        if self.weight < 0.0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.metric not in ("dot", "cosine"):
-            raise ValueError(f"metric must be 'dot' or 'cosine', got {self.metric!r}")
-        if not callable(self.scorer):
-            scorer_needs(self.scorer)
-        if not isinstance(self.surgery, bool):
-            raise TypeError(f"surgery must be a bool, got {type(self.surgery).__name__}")
-        if self.surgery and self.scorer != "correlation":
-            raise ValueError(f"surgery=True works with scorer='correlation' only, got scorer={self.scorer!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LMVSDConfig(BranchConfig):
-    """Language-guided masked visual branch; defaults = paper Table III best (0.5 / 0.25 / 0.75)."""
-
-    top_k: float = 0.5
-    ratio: float = 0.25
-    weight: float = 0.75
-
-
-@dataclass(frozen=True, kw_only=True)
-class VMLSDConfig(BranchConfig):
-    """Visual-guided masked language branch; defaults = paper Table IV best (0.5 / 0.1 / 0.1)."""
-
-    top_k: float = 0.5
-    ratio: float = 0.1
-    weight: float = 0.1
+__all__ = ["GuidedMaskedDistillation"]
 
 
 class GuidedMaskedDistillation(Objective):
@@ -179,7 +110,7 @@ class GuidedMaskedDistillation(Objective):
             f"supervision={self.supervision!r}"
         )
 
-    def select(self, context: DistillContext) -> tuple[Tensor, Tensor]:
+    def select(self, step: Step) -> tuple[Tensor, Tensor]:
         """Filtering and guided masking on the modality's units: ``(kept, masked)``, ``[B, N_u]`` bool.
 
         Units are the embedded tokens, or the coarser scoring grid of a CNN-like tower (see
@@ -187,43 +118,37 @@ class GuidedMaskedDistillation(Objective):
         """
         modality = self.masked_modality
         with torch.no_grad():
-            scores = score(context, modality, self.config.scorer, metric=self.config.metric,
+            scores = score(step, modality, self.config.scorer, metric=self.config.metric,
                            surgery=self.config.surgery)
-            maskable = units_of(context, modality).maskable
+            maskable = step.view(modality).units.maskable
             if self._check_scores:
-                self._check_scores_now(context, scores, maskable)
+                self._check_scores_now(step, scores, maskable)
             kept = select_top_k(scores, maskable, top_k=self.config.top_k)
             if self.config.masking:
-                masked = sample_mask(kept, ratio=self.config.ratio, generator=context.generator)
+                masked = sample_mask(kept, ratio=self.config.ratio, generator=step.generator)
             else:
                 masked = torch.zeros_like(kept)
         return kept, masked
 
     @torch.compiler.disable
-    def _check_scores_now(self, context: DistillContext, scores: Tensor, maskable: Tensor) -> None:
+    def _check_scores_now(self, step: Step, scores: Tensor, maskable: Tensor) -> None:
         warned = self.score_warning is not None
-        self.score_warning = score_problem(context, self.masked_modality, scores, maskable, self.config.scorer)
+        self.score_warning = score_problem(step, self.masked_modality, scores, maskable, self.config.scorer)
         self._check_scores = False
         if self.score_warning is not None and not warned:
             warnings.warn(f"{self.name}: {self.score_warning}", MasksdWarning, stacklevel=2)
 
-    def forward(self, context: DistillContext) -> ObjectiveOutput:
+    def forward(self, step: Step, runner: Runner) -> ObjectiveOutput:
         """Run the masked branch and return its loss, the ``kept``/``masked`` units and logits."""
-        if context.backend is None:
-            raise ValueError(f"{self.name}: the context carries no backend to run the masked branch")
-        kept, masked = self.select(context)
-        units = units_of(context, self.masked_modality)
-        embedded_mask = units.expand(masked, context.embedded(self.masked_modality).maskable)
-        logits = context.backend.run_masked(
-            self.masked_modality, embedded_mask, self.mask_token, decoder=self.decoder
-        )
+        kept, masked = self.select(step)
+        view = step.view(self.masked_modality)
+        embedded_mask = view.units.expand(masked, view.embedded.maskable)
+        logits = runner.rerun(step, mask={self.masked_modality: (embedded_mask, self.mask_token)}, decoder=self.decoder)
         if self.supervision == "distill":
-            loss = consistency_loss(
-                logits, context.main_logits, hard=self.hard_targets, threshold=self.threshold
-            )
+            loss = consistency_loss(logits, step.logits, hard=self.hard_targets, threshold=self.threshold)
         else:
-            if context.target is None:
+            if step.target is None:
                 raise ValueError(f"{self.name}: supervision='ground_truth' needs a target mask")
-            loss = segmentation_loss(logits, context.target)
-        info = {"kept": kept, "masked": masked, "logits": logits.detach(), "grid": units.grid}
+            loss = segmentation_loss(logits, step.target)
+        info = {"kept": kept, "masked": masked, "logits": logits.detach(), "grid": view.units.grid}
         return ObjectiveOutput(loss=loss, info=info)

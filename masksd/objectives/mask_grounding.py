@@ -13,7 +13,7 @@ Per step (training only; the main branch is untouched)::
     loss      = mean_i CE(z_i, id_i)
 
 Sources and decisions are in ``MaskGroundingConfig`` and docs/objectives.md. The output layer is
-*tied*: ``E`` is fetched from the model at every step (``context.word_embedding()``) and never
+*tied*: ``E`` is fetched from the model at every step (``runner.word_embedding()``) and never
 registered here, so it is trained by both the model and this head and saved once.
 
 Padding never influences a prediction: the text's padding positions are masked as attention keys
@@ -30,7 +30,7 @@ never by re-embedding the ids (tests/test_objectives_mask_grounding.py checks th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,11 @@ from masksd.objectives._common import (
     sine_positions,
     text_padding,
 )
-from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.objectives.base import Objective, ObjectiveOutput
+from masksd.step import Step
+
+if TYPE_CHECKING:
+    from masksd.engine.runner import Runner
 
 __all__ = ["MaskGrounding", "MaskGroundingConfig", "MaskedWordHead", "mask_centers", "select_words"]
 
@@ -129,7 +133,8 @@ def select_words(
         ``[B, L]`` bool ``selected ⊆ maskable`` with ``m`` True entries per row.
     """
     if not isinstance(maskable, Tensor) or maskable.dtype != torch.bool or maskable.dim() != 2:
-        raise TypeError(f"maskable must be a [B, L] bool tensor, got {getattr(maskable, 'shape', maskable)!r}")
+        raise TypeError("maskable must be a [B, L] bool tensor, "
+                        f"got {getattr(maskable, 'shape', maskable)!r}")
     check_int(min_masked, "min_masked", minimum=0)
     available = maskable.sum(dim=1)
     counts = masked_counts(available, ratio, generator=generator)
@@ -137,7 +142,8 @@ def select_words(
     draws = torch.rand(maskable.shape, generator=generator, device=maskable.device)
     keys = torch.where(maskable, draws, torch.full_like(draws, 2.0))
     order = torch.argsort(keys, dim=1, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
+    positions = torch.arange(keys.shape[1], device=keys.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
     return (ranks < counts[:, None]) & maskable
 
 
@@ -215,7 +221,8 @@ class _Predictor(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d, config.heads, config.ffn, config.dropout, activation="gelu", batch_first=True, norm_first=True
         )
-        self.encoder = nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
 
     def forward(
         self,
@@ -298,50 +305,53 @@ class MaskGrounding(Objective):
         return (f"name={self.name!r}, ratio={c.ratio}, min_masked={c.min_masked}, p_mask={c.p_mask}, "
                 f"mask_input={c.mask_input!r}, weight={c.weight}")
 
-    def output_weight(self, context: DistillContext) -> Tensor:
+    def output_weight(self, runner: Runner) -> Tensor:
         """The tied output matrix: the model's own input-embedding matrix ``[V, C]`` (not a copy)."""
-        weight = context.word_embedding()
-        check_width(weight, self.dims["word_dim"], f"{self.name}: the input-embedding matrix rows", "word_dim")
+        weight = runner.word_embedding()
+        check_width(weight, self.dims["word_dim"], f"{self.name}: the input-embedding matrix rows",
+                    "word_dim")
         return weight
 
-    def select(self, context: DistillContext) -> tuple[Tensor, Tensor]:
-        """``(selected, replaced)``, ``[B, L]`` bool, drawn from ``context.generator``."""
-        maskable = context.embedded("text").maskable
+    def select(self, step: Step) -> tuple[Tensor, Tensor]:
+        """``(selected, replaced)``, ``[B, L]`` bool, drawn from ``step.generator``."""
+        maskable = step.embedded("text").maskable
         c = self.config
         with torch.no_grad():
-            selected = select_words(maskable, ratio=c.ratio, min_masked=c.min_masked, generator=context.generator)
-            draws = torch.rand(maskable.shape, generator=context.generator, device=maskable.device)
+            selected = select_words(maskable, ratio=c.ratio, min_masked=c.min_masked,
+                                    generator=step.generator)
+            draws = torch.rand(maskable.shape, generator=step.generator, device=maskable.device)
             replaced = selected & (draws < c.p_mask)
         return selected, replaced
 
-    def forward(self, context: DistillContext) -> ObjectiveOutput:
+    def forward(self, step: Step, runner: Runner) -> ObjectiveOutput:
         """Mask, re-encode the text, predict the selected words' ids; loss = mean CE."""
         name = self.name
-        embedded = context.embedded("text")
+        embedded = step.embedded("text")
         check_width(embedded.tokens, self.dims["word_dim"], f"{name}: the embedded words", "word_dim")
-        ids = context.token_ids()
-        weight = self.output_weight(context)
+        ids = runner.token_ids(step)
+        weight = self.output_weight(runner)
         centers = present = None
         if self.config.mask_input == "center":
-            if context.target is None:
+            if step.target is None:
                 raise ValueError(f"{name}: mask_input='center' needs the ground-truth mask (pass target=...)")
-            centers, present = mask_centers(context.target, self.config.center)
-        selected, replaced = self.select(context)
-        encoded = context.encode_masked("text", replaced, self.mask_token)
+            centers, present = mask_centers(step.target, self.config.center)
+        selected, replaced = self.select(step)
+        encoded = runner.rerun(step, mask={"text": (replaced, self.mask_token)}, stop_at_features=True)
         words, image = encoded["text"], encoded["image"]
         if words is None or image is None:
             raise ValueError(f"{name} needs per-word text features and image features (HookSpec.*.tokens)")
         if words.tokens.shape[:2] != embedded.maskable.shape:
             raise ValueError(
-                f"{name}: the text features {tuple(words.tokens.shape)} do not line up with the embedded words "
-                f"{tuple(embedded.maskable.shape)}; it needs one feature per word (a [B, L, D] text tokens tap)"
+                f"{name}: the text features {tuple(words.tokens.shape)} do not line up with the embedded "
+                f"words {tuple(embedded.maskable.shape)}; it needs one feature per word (a [B, L, D] text "
+                "tokens tap)"
             )
         check_width(words.tokens, self.dims["text_dim"], f"{name}: the text features", "text_dim")
         check_width(image.tokens, self.dims["image_dim"], f"{name}: the image features", "image_dim")
         visual = image.tokens.detach() if self.config.detach_image else image.tokens
-        image_embedded = context.image_embedded
-        grid = grid_of(image, image_embedded.grid if image_embedded is not None else None)
-        padding = text_padding(context, words)  # [B, L], masked as keys
+        image_view = step.views.get("image")
+        grid = grid_of(image, image_view.embedded.grid if image_view is not None else None)
+        padding = text_padding(step, runner, words)  # [B, L], masked as keys
         hidden = self.predictor(words.tokens, visual, grid, centers, present, padding)  # [B, L, d]
         rows, cols = selected.nonzero(as_tuple=True)
         count = int(rows.numel())
@@ -351,10 +361,12 @@ class MaskGrounding(Objective):
         labels = ids[rows, cols]
         if count and int(labels.max()) >= logits.shape[1]:
             raise ValueError(
-                f"{name}: token id {int(labels.max())} is outside the input-embedding matrix ({logits.shape[1]} rows)"
+                f"{name}: token id {int(labels.max())} is outside the input-embedding matrix "
+                f"({logits.shape[1]} rows)"
             )
         with autocast_off(logits):
-            ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.config.label_smoothing)
+            ce = F.cross_entropy(logits, labels, reduction="none",
+                                 label_smoothing=self.config.label_smoothing)
             loss = ce.sum() / count if count else ce.sum() * 0.0
         with torch.no_grad():
             predictions = torch.full_like(ids, -1)
@@ -365,6 +377,7 @@ class MaskGrounding(Objective):
         info = {
             "masked": selected, "replaced": replaced, "predictions": predictions, "accuracy": accuracy,
             "centers": centers if centers is not None else torch.zeros(ids.shape[0], 2, device=ids.device),
-            "present": present if present is not None else torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device),
+            "present": (present if present is not None
+                        else torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)),
         }
         return ObjectiveOutput(loss=loss, info=info)

@@ -18,7 +18,7 @@ objective's weight is 0.5, and ``seg_weight=0.5`` on the wrapper (``MaskRIS.pape
 completes the recipe.
 
 ``mode="embedding"`` masks in embedding space instead: a random ``image_ratio`` of the image units
-(``masksd.scorers.units_of``: the patch embeddings, or the coarser unit grid) and the BERT-style
+(``masksd.step.Units``: the patch embeddings, or the coarser unit grid) and the BERT-style
 chosen words (mask → a learned text mask token, random → a random row of the word table) are
 replaced in one joint pass (``Backend.run_replaced``), with learned mask tokens as LMVSD/VMLSD use.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from einops import repeat
@@ -37,8 +37,11 @@ from torch import Tensor, nn
 
 from masksd.losses import consistency_loss
 from masksd.objectives._common import check_choice, check_fraction, check_int
-from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
-from masksd.scorers import units_of
+from masksd.objectives.base import Objective, ObjectiveOutput
+from masksd.step import Step
+
+if TYPE_CHECKING:
+    from masksd.engine.runner import Runner
 
 __all__ = ["MaskRIS", "MaskRISConfig", "corrupt_ids", "mask_image", "random_subset"]
 
@@ -72,7 +75,7 @@ class MaskRISConfig:
         vocab_size: random ids are drawn from ``[0, vocab_size)`` without the special ids and the mask
             id [ours: MaskRIS draws from the whole vocabulary, but CLIP pools the sentence at the first
             EOT id, so a random EOT would move it]. None: the rows of the model's word table
-            (``DistillContext.word_embedding()``) when the backend can give it.
+            (``Runner.word_embedding()``) when the model can give it.
         special_ids: ids never chosen nor drawn, besides the model's non-maskable positions (the text
             ``Embedded.maskable``) and the ids the backend knows (hooks: ``Maskable.never``; towers: the
             text tower's ``special_ids`` attribute, e.g. the open_clip adapter's). [code] BERT's 0, 100-103.
@@ -156,7 +159,8 @@ def mask_image(
         TypeError / ValueError: not a float 4-D tensor, or a patch larger than the image.
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise TypeError(f"images must be a float [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        raise TypeError("images must be a float [B, C, H, W] tensor, "
+                        f"got {getattr(images, 'shape', type(images))}")
     check_int(patch_size, "patch_size", minimum=1)
     batch, _, height, width = images.shape
     if patch_size > min(height, width):
@@ -207,13 +211,13 @@ def corrupt_ids(
     out = ids
     if split[0] > 0:
         if mask_id is None:
-            raise ValueError("text masking needs the tokenizer's mask id: MaskRISConfig(mask_id=...) (BERT: 103), "
-                             "or text_mask=0, text_ratio=0, or mode='embedding'")
+            raise ValueError("text masking needs the tokenizer's mask id: MaskRISConfig(mask_id=...) "
+                             "(BERT: 103), or text_mask=0, text_ratio=0, or mode='embedding'")
         out = out.masked_fill(to_mask, mask_id)
     if split[1] > 0:
         if vocab_size is None:
-            raise ValueError("random replacement needs the vocabulary size: MaskRISConfig(vocab_size=...), or "
-                             "text_random=0")
+            raise ValueError("random replacement needs the vocabulary size: MaskRISConfig(vocab_size=...), "
+                             "or text_random=0")
         skip = sorted({i for i in excluded if 0 <= i < vocab_size})
         if len(skip) >= vocab_size:
             raise ValueError("every id of the vocabulary is excluded from random replacement")
@@ -261,10 +265,12 @@ class MaskRIS(Objective):
         self.image_token: nn.Parameter | None = None
         self.text_token: nn.Parameter | None = None
         if config.mode == "embedding":
-            for modality, dim, ratio in (("image", image_dim, config.image_ratio), ("text", text_dim, config.text_ratio)):
+            for modality, dim, ratio in (("image", image_dim, config.image_ratio),
+                                         ("text", text_dim, config.text_ratio)):
                 if ratio > 0 and dim is None:
-                    raise ValueError(f"mode='embedding' masks {modality} tokens: pass {modality}_dim= (the width of "
-                                     f"the embedded {modality} tokens, the mask token's size), or {modality}_ratio=0")
+                    raise ValueError(f"mode='embedding' masks {modality} tokens: pass {modality}_dim= (the "
+                                     f"width of the embedded {modality} tokens, the mask token's size), "
+                                     f"or {modality}_ratio=0")
                 if dim is not None:
                     check_int(dim, f"{modality}_dim", minimum=1)
                     setattr(self, f"{modality}_token", nn.Parameter(torch.randn(dim) * 0.02))
@@ -277,33 +283,35 @@ class MaskRIS(Objective):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"name={self.name!r}, mode={c.mode!r}, image_ratio={c.image_ratio}, patch_size={c.patch_size}, "
-                f"text_ratio={c.text_ratio}, split=({c.text_mask}, {c.text_random}, {c.text_keep}), weight={c.weight}")
+        return (f"name={self.name!r}, mode={c.mode!r}, image_ratio={c.image_ratio}, "
+                f"patch_size={c.patch_size}, text_ratio={c.text_ratio}, "
+                f"split=({c.text_mask}, {c.text_random}, {c.text_keep}), weight={c.weight}")
 
     # ------------------------------------------------------------------------------ helpers
-    def _excluded(self, context: DistillContext) -> tuple[int, ...]:
-        assert context.backend is not None
+    def _excluded(self, runner: Runner) -> tuple[int, ...]:
         c = self.config
-        return tuple(sorted({*c.special_ids, *context.backend.special_ids(), *([c.mask_id] if c.mask_id is not None else [])}))
+        return tuple(sorted({*c.special_ids, *runner.special_ids(),
+                             *([c.mask_id] if c.mask_id is not None else [])}))
 
-    def _vocab_size(self, context: DistillContext) -> int | None:
+    def _vocab_size(self, runner: Runner) -> int | None:
         """``config.vocab_size``, else the word table's rows; None when neither is known and no random
         id is drawn (ValueError when one is)."""
         c = self.config
         if c.vocab_size is not None:
             return c.vocab_size
         try:
-            return int(context.word_embedding().shape[0])
+            return int(runner.word_embedding().shape[0])
         except TypeError as error:
             if c.text_random == 0:
                 return None
             raise ValueError(f"{self.name}: random replacement needs the vocabulary size; pass "
                              f"MaskRISConfig(vocab_size=...) or text_random=0 ({error})") from error
 
-    def _eligible(self, context: DistillContext, ids: Tensor, excluded: tuple[int, ...]) -> Tensor:
+    def _eligible(self, step: Step, ids: Tensor, excluded: tuple[int, ...]) -> Tensor:
         """``[B, L]`` bool: not an excluded id, and maskable in the main branch when lined up."""
         eligible = ~torch.isin(ids, torch.tensor(excluded, dtype=ids.dtype, device=ids.device))
-        embedded = context.text_embedded
+        view = step.views.get("text")
+        embedded = view.embedded if view is not None else None
         if embedded is not None and tuple(embedded.maskable.shape) == tuple(ids.shape):
             eligible = eligible & embedded.maskable.to(ids.device)
         return eligible
@@ -313,64 +321,62 @@ class MaskRIS(Objective):
         return (c.text_mask, c.text_random, c.text_keep)
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, context: DistillContext) -> ObjectiveOutput:
+    def forward(self, step: Step, runner: Runner) -> ObjectiveOutput:
         """One masked pass (input or embedding mode) and its consistency loss."""
-        if context.backend is None:
-            raise ValueError(f"{self.name}: the context carries no backend to run the masked pass")
         run = self._input_pass if self.config.mode == "input" else self._embedding_pass
-        logits, info = run(context)
-        loss = consistency_loss(logits, context.main_logits)
+        logits, info = run(step, runner)
+        loss = consistency_loss(logits, step.logits)
         info["logits"] = logits.detach()
         return ObjectiveOutput(loss=loss, info=info)
 
-    def _input_pass(self, context: DistillContext) -> tuple[Tensor, dict[str, Any]]:
-        c, backend = self.config, context.backend
-        assert backend is not None
+    def _input_pass(self, step: Step, runner: Runner) -> tuple[Tensor, dict[str, Any]]:
+        c = self.config
         info: dict[str, Any] = {}
         image = ids = None
         with torch.no_grad():
             if c.image_ratio > 0:
-                image, patches = mask_image(backend.raw_input("image"), patch_size=c.patch_size,
-                                            ratio=c.image_ratio, generator=context.generator)
+                image, patches = mask_image(runner.raw_input(step, "image"), patch_size=c.patch_size,
+                                            ratio=c.image_ratio, generator=step.generator)
                 info.update(image_masked=patches, grid=tuple(patches.shape[1:]))
             if c.text_ratio > 0:
-                raw = backend.raw_input("text")
-                excluded = self._excluded(context)
-                vocab = self._vocab_size(context)
+                raw = runner.raw_input(step, "text")
+                excluded = self._excluded(runner)
+                vocab = self._vocab_size(runner)
                 if c.mask_id is not None and vocab is not None and c.mask_id >= vocab:
-                    raise ValueError(f"{self.name}: mask_id {c.mask_id} lies outside the vocabulary [0, {vocab}); "
-                                     "pass the tokenizer's mask id (BERT: 103)")
-                ids, picked = corrupt_ids(raw, self._eligible(context, raw, excluded), ratio=c.text_ratio,
+                    raise ValueError(f"{self.name}: mask_id {c.mask_id} lies outside the vocabulary "
+                                     f"[0, {vocab}); pass the tokenizer's mask id (BERT: 103)")
+                ids, picked = corrupt_ids(raw, self._eligible(step, raw, excluded), ratio=c.text_ratio,
                                           split=self._text_split(), mask_id=c.mask_id, vocab_size=vocab,
-                                          excluded=excluded, generator=context.generator)
+                                          excluded=excluded, generator=step.generator)
                 info.update({f"text_{k}": v for k, v in picked.items()}, ids=ids)
-        return backend.run_corrupted(image=image, ids=ids), info
+        inputs = {m: value for m, value in (("image", image), ("text", ids)) if value is not None}
+        return runner.rerun(step, inputs=inputs), info
 
-    def _embedding_pass(self, context: DistillContext) -> tuple[Tensor, dict[str, Any]]:
-        c, backend = self.config, context.backend
-        assert backend is not None
+    def _embedding_pass(self, step: Step, runner: Runner) -> tuple[Tensor, dict[str, Any]]:
+        c = self.config
         info: dict[str, Any] = {}
         tokens: dict[str, Tensor] = {}
         if c.image_ratio > 0 and self.image_token is not None:
-            embedded, units = context.embedded("image"), units_of(context, "image")
+            embedded, units = step.embedded("image"), step.view("image").units
             with torch.no_grad():
-                chosen = random_subset(units.maskable, c.image_ratio, context.generator)
+                chosen = random_subset(units.maskable, c.image_ratio, step.generator)
             where = units.expand(chosen, embedded.maskable)
-            tokens["image"] = torch.where(where[..., None], self.image_token.to(embedded.tokens.dtype), embedded.tokens)
+            tokens["image"] = torch.where(where[..., None], self.image_token.to(embedded.tokens.dtype),
+                                          embedded.tokens)
             info.update(image_masked=chosen, grid=units.grid)
         if c.text_ratio > 0 and self.text_token is not None:
-            embedded = context.embedded("text")
+            embedded = step.embedded("text")
             words = embedded.tokens
             with torch.no_grad():
-                vocab = self._vocab_size(context)
+                vocab = self._vocab_size(runner)
                 stand_in = torch.zeros(words.shape[:2], dtype=torch.long, device=words.device)
-                draws, picked = corrupt_ids(stand_in, embedded.maskable, ratio=c.text_ratio, split=self._text_split(),
-                                            mask_id=0, vocab_size=vocab, excluded=self._excluded(context),
-                                            generator=context.generator)
+                draws, picked = corrupt_ids(stand_in, embedded.maskable, ratio=c.text_ratio,
+                                            split=self._text_split(), mask_id=0, vocab_size=vocab,
+                                            excluded=self._excluded(runner), generator=step.generator)
             if c.text_random > 0:
-                table = context.word_embedding()
+                table = runner.word_embedding()
                 words = torch.where(picked["to_random"][..., None], table[draws].to(words.dtype), words)
             words = torch.where(picked["to_mask"][..., None], self.text_token.to(words.dtype), words)
             tokens["text"] = words
             info.update({f"text_{k}": v for k, v in picked.items()})
-        return backend.run_replaced(tokens), info
+        return runner.rerun(step, tokens=tokens), info

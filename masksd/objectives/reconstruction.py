@@ -20,7 +20,7 @@ so its fused map stands in (docs/objectives.md). Defaults and sources:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,11 @@ from masksd.objectives._common import (
     check_width,
     text_padding,
 )
-from masksd.objectives.base import DistillContext, Objective, ObjectiveOutput
+from masksd.objectives.base import Objective, ObjectiveOutput
+from masksd.step import Step
+
+if TYPE_CHECKING:
+    from masksd.engine.runner import Runner
 
 __all__ = ["LanguageReconstruction", "LanguageReconstructionConfig", "reconstruction_loss"]
 
@@ -118,7 +122,8 @@ class LanguageReconstruction(Objective):
     """
 
     def __init__(
-        self, *, fused_dim: int, text_dim: int, config: LanguageReconstructionConfig | None = None, name: str = "lang_rec"
+        self, *, fused_dim: int, text_dim: int, config: LanguageReconstructionConfig | None = None,
+        name: str = "lang_rec",
     ) -> None:
         super().__init__()
         config = LanguageReconstructionConfig() if config is None else config
@@ -138,7 +143,8 @@ class LanguageReconstruction(Objective):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"name={self.name!r}, width={c.width}, layers={c.layers}, positions={c.positions!r}, weight={c.weight}"
+        return (f"name={self.name!r}, width={c.width}, layers={c.layers}, positions={c.positions!r}, "
+                f"weight={c.weight}")
 
     def reconstruct(self, fused: Tensor, length: int) -> Tensor:
         """``fused [B, N, D_f]`` → reconstructed word features ``[B, length, D_t]``."""
@@ -151,12 +157,12 @@ class LanguageReconstruction(Objective):
         queries = self.queries[:length].to(memory.dtype).expand(fused.shape[0], -1, -1)
         return self.out(self.decoder(queries, memory))
 
-    def forward(self, context: DistillContext) -> ObjectiveOutput:
+    def forward(self, step: Step, runner: Runner) -> ObjectiveOutput:
         """Reconstruct the main branch's word features from its fused features; cosine loss."""
-        fused = context.fused()
+        fused = runner.fused(step)
         check_width(fused.tokens, self.source[1].in_features, f"{self.name}: the fused features", "fused_dim")
-        words = context.encoded("text")
-        embedded = context.embedded("text")
+        words = step.encoded("text")
+        embedded = step.embedded("text")
         if words is None or words.tokens.shape[:2] != embedded.maskable.shape:
             found = "none" if words is None else tuple(words.tokens.shape)
             raise ValueError(
@@ -168,8 +174,9 @@ class LanguageReconstruction(Objective):
         if self.config.positions == "words":
             supervised = embedded.maskable
         else:  # every non-pad position
-            supervised = ~text_padding(context, words)
+            supervised = ~text_padding(step, runner, words)
         loss = reconstruction_loss(prediction, words.tokens, supervised)
-        with torch.no_grad():  # no device sync: NaN rather than a perfect-looking 1 when nothing is supervised
+        # no device sync: NaN rather than a perfect-looking 1 when nothing is supervised
+        with torch.no_grad():
             cosine = torch.where(supervised.any(), 1.0 - loss, torch.full_like(loss, float("nan")))
         return ObjectiveOutput(loss=loss, info={"cosine": cosine, "supervised": supervised})

@@ -1,58 +1,14 @@
-"""What the engine's main branch produced (``MainBranch``), and the checks of what a model gives
-back: logits, token ids, its own loss; BatchNorm statistics frozen in the branches."""
+"""Reading what a model gives back: its logits, its token ids, its own training loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from masksd.towers import Embedded, Encoded, Fused
-
-__all__ = ["MainBranch", "Modality", "running_stats_frozen"]
-
-Modality = Literal["image", "text"]
-
-
-@dataclass
-class MainBranch:
-    """What one training forward of the bare model produced.
-
-    Attributes:
-        logits: ``[B, 1, h, w]`` main-branch logits (two-class logits already converted).
-        target: the ground-truth mask ``[B, H, W]`` (or None when the model's own loss is used
-            and no target reached masksd).
-        model_loss: the model's own training loss when the spec names one, else None.
-        output: the model's own return value (the hook backend), or the logits.
-        embedded / encoded: per modality, the embedded tokens (``[B, N, C]`` view, maskable,
-            grid) and the scoring features (``Encoded``; None when none were declared).
-        fused: the decoder's fused features of this pass when the model provides them (the
-            tower backend's ``decoder.forward_with_fused``), else None.
-        raw_logits: the logits as the model gives them (before a two-class conversion), what
-            a user ``criterion`` receives; None = ``logits``.
-    """
-
-    logits: Tensor
-    target: Tensor | None
-    model_loss: Tensor | None = None
-    output: Any = None
-    embedded: dict[str, Embedded] = field(default_factory=dict)
-    encoded: dict[str, Encoded | None] = field(default_factory=dict)
-    fused: Fused | None = None
-    raw_logits: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.raw_logits is None:
-            self.raw_logits = self.logits
-
-
-def rng_devices(model: nn.Module) -> list[int]:
-    """CUDA device indices holding ``model``'s parameters (for ``torch.random.fork_rng``)."""
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+__all__ = ["as_tensor_loss", "check_ids", "check_logits"]
 
 
 def check_logits(logits: Any, *, two_class: bool, where: str) -> Tensor:
@@ -143,20 +99,3 @@ def as_tensor_loss(value: Any, where: str) -> Tensor:
             "point HookSpec.loss at the model's training loss (e.g. \"[2]\" or \"['loss']\")"
         )
     return value.reshape(()).float()
-
-
-@contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Let ``module``'s BatchNorm layers normalise with batch statistics, but keep their running
-    statistics (found now, so SyncBatchNorm conversions after wrapping are covered)."""
-    saved = []
-    for norm in module.modules():
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats:
-            saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
-            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for norm, momentum, tracked in saved:
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(tracked)

@@ -20,18 +20,11 @@ from typing import Any
 
 from torch import Tensor
 
+from masksd.engine.plan import Plan
 from masksd.losses import target_validity
 from masksd.spec import HookSpec
 
-__all__ = ["check_same_batch", "check_step_target", "hook_batch_sizes", "image_argument", "missing_target_error"]
-
-
-def missing_target_error(needed_by: str) -> ValueError:
-    """The error for a training step without a ground-truth mask."""
-    return ValueError(
-        f"target (the ground-truth mask [B, H, W]) is required in training mode ({needed_by}): "
-        "wrapper(..., target=mask), or call wrapper.eval() for inference"
-    )
+__all__ = ["check_inputs", "check_same_batch", "check_step_target", "image_argument", "split_target"]
 
 
 def check_step_target(target: Any, *, batch: int | None, where: str = "target") -> Tensor | None:
@@ -95,7 +88,7 @@ def image_argument(spec: HookSpec, arguments: Mapping[str, Any]) -> str | None:
     return images[0] if len(images) == 1 else None
 
 
-def hook_batch_sizes(spec: HookSpec, arguments: Mapping[str, Any]) -> dict[str, int]:
+def batch_sizes(spec: HookSpec, arguments: Mapping[str, Any]) -> dict[str, int]:
     """Batch sizes of a hooked model's inputs, by argument: the images, the ids, the attention
     mask (``[B, L]`` tensors named by the spec) and the target argument (``HookSpec.target``)."""
     names: dict[str, str] = {}
@@ -111,3 +104,42 @@ def hook_batch_sizes(spec: HookSpec, arguments: Mapping[str, Any]) -> dict[str, 
         names.setdefault(spec.target, "HookSpec.target")
     return {f"{name!r} ({role})": int(arguments[name].shape[0]) for name, role in names.items()
             if isinstance(arguments.get(name), Tensor) and arguments[name].dim() > 0}
+
+
+def split_target(
+    plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None
+) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
+    """The model's call and the step's target: a ``target=`` goes into the forward argument
+    ``HookSpec.target`` when the model takes it, and is read back from there."""
+    name = plan.spec.target
+    if name is None:
+        return args, kwargs, target
+    if target is not None:
+        if name in kwargs:
+            raise TypeError(f"target given twice (target= and {name}=)")
+        kwargs = {**kwargs, name: target}
+    return args, kwargs, plan.bind(args, kwargs).get(name)
+
+
+def check_inputs(
+    plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any], target: Tensor | None, *, criterion: bool
+) -> Tensor | None:
+    """masksd's checks of a training step, before the model runs (see the module docstring);
+    returns the deferred target check's flag (CUDA) or None. ``criterion``: a user loss reads the
+    target."""
+    batch = check_same_batch(batch_sizes(plan.spec, plan.bind(args, kwargs)))
+    if target is not None:
+        return check_step_target(target, batch=batch)
+    needed_by = None
+    if plan.spec.target is not None:
+        needed_by = f"{type(plan.model).__name__}.forward takes it as {plan.spec.target!r}, HookSpec.target"
+    elif criterion:
+        needed_by = "criterion= computes the segmentation loss from it"
+    elif plan.spec.loss is None:
+        needed_by = "masksd's segmentation loss"
+    if needed_by is None:
+        return None
+    raise ValueError(
+        f"target (the ground-truth mask [B, H, W]) is required in training mode ({needed_by}): "
+        "wrapper(..., target=mask), or call wrapper.eval() for inference"
+    )

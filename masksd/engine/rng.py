@@ -1,4 +1,5 @@
-"""Dropout in the masked branches: fresh draws, or the main branch's draws replayed.
+"""State the branches must not disturb: dropout draws (fresh, or the main branch's replayed) and
+BatchNorm running statistics (``running_stats_frozen``).
 
 A masked branch re-runs (part of) the model in training mode, so dropout and drop-path draw new
 masks there: with masking off, a branch's logits still differ from the main branch's (by up to
@@ -25,15 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DROPOUT_MODES", "DropoutMode", "RngTape"]
-
-DropoutMode = Literal["fresh", "replay"]
-DROPOUT_MODES: tuple[str, ...] = ("fresh", "replay")
+__all__ = ["RngTape", "rng_devices", "running_stats_frozen"]
 
 
 class RngTape:
@@ -72,3 +69,25 @@ class RngTape:
         with torch.random.fork_rng(devices=self.devices):
             self.restore(start)
             yield
+
+
+def rng_devices(model: nn.Module) -> list[int]:
+    """CUDA device indices holding ``model``'s parameters (for ``torch.random.fork_rng``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Let ``module``'s BatchNorm layers normalise with batch statistics, but keep their running
+    statistics (found now, so SyncBatchNorm conversions after wrapping are covered)."""
+    saved = []
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats:
+            saved.append((norm, norm.momentum, norm.num_batches_tracked.clone()))
+            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
