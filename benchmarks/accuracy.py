@@ -77,7 +77,8 @@ VARIANTS: dict[str, list[str]] = {
     "late_interaction_scorer": ["--lmvsd-scorer", "late_interaction", "--vmlsd-scorer", "late_interaction"],
     # the scorers that pick the referent in benchmarks/selection_probe.py: patches under the main
     # prediction, words by cosine MaxSim against the patches
-    "guided_scorers": ["--lmvsd-scorer", "prediction", "--vmlsd-scorer", "late_interaction", "--vmlsd-metric", "cosine"],
+    "guided_scorers": ["--lmvsd-scorer", "prediction", "--vmlsd-scorer", "late_interaction",
+                       "--vmlsd-metric", "cosine"],
     # dense-alignment patch features for the paper's correlation (masksd.adapters.clip_dense; words unchanged)
     "value_scorer": ["--dense-scoring", "value"],  # MaskCLIP's value path of the last ViT block
     "clearclip_scorer": ["--dense-scoring", "clearclip"],  # ClearCLIP: q-q attention, no residual, no FFN
@@ -102,7 +103,8 @@ VARIANTS: dict[str, list[str]] = {
 # Run on one seed and read on val only: they are for finding out why, not for the comparison.
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "lmvsd": {"weight": (0.1, 0.25, 0.5, 1.0), "ratio": (0.1, 0.5, 0.75), "top_k": (0.25, 0.75, 1.0)},
-    "vmlsd": {"weight": (0.05, 0.25, 0.5, 0.75, 1.0), "ratio": (0.05, 0.25, 0.5, 0.75), "top_k": (0.25, 0.75, 1.0)},
+    "vmlsd": {"weight": (0.05, 0.25, 0.5, 0.75, 1.0), "ratio": (0.05, 0.25, 0.5, 0.75),
+              "top_k": (0.25, 0.75, 1.0)},
 }
 GRID_VARIANTS: dict[str, tuple[str, str, float]] = {}  # variant -> (branch, key, value)
 for _branch, _grid in GRIDS.items():
@@ -110,7 +112,8 @@ for _branch, _grid in GRIDS.items():
         for _value in _values:
             _name = f"{_branch}_only-{_key}{_value:g}"
             GRID_VARIANTS[_name] = (_branch, _key, _value)
-            VARIANTS[_name] = [*VARIANTS[f"{_branch}_only"], f"--{_branch}-{_key.replace('_', '-')}", str(_value)]
+            VARIANTS[_name] = [*VARIANTS[f"{_branch}_only"], f"--{_branch}-{_key.replace('_', '-')}",
+                               str(_value)]
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,10 @@ STUDIES: dict[str, Study] = {
     "v3": Study(schedule=("--num-train", "8000", "--num-val", "2000", "--batch-size", "16",
                           "--warmup-epochs", "0.25"),
                 epochs=2, seeds=tuple(range(16)), clips=("pretrained",),
-                variants=("baseline", "masksd", "recommended_scorer", "random_selection", "maskris", "lmvsd_only",
-                          "vmlsd_only"),
-                lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2", pretrain_preset="v2",
+                variants=("baseline", "masksd", "recommended_scorer", "random_selection", "maskris",
+                          "lmvsd_only", "vmlsd_only"),
+                lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2",
+                pretrain_preset="v2",
                 secondary=("lmvsd_only", "vmlsd_only"), secondary_pairs=4,
                 probe="docs/benchmarks/selection_probe_v2.json",
                 # does guided selection beat random selection (Table III(c)), does CM-MaskSD beat MaskRIS
@@ -168,7 +172,8 @@ STUDIES: dict[str, Study] = {
                       variants=("baseline", "masksd", "random_selection", "random_same_count"),
                       lr_grid=(2e-3, 4e-3, 8e-3), pretrained_backbone_grid=(None, 1.0), preset="v2",
                       pretrain_preset="v2", probe="docs/benchmarks/selection_probe_v2.json", runs_of="v3",
-                      head_to_head=(("masksd", "random_same_count"), ("random_selection", "random_same_count"),
+                      head_to_head=(("masksd", "random_same_count"),
+                                    ("random_selection", "random_same_count"),
                                     ("masksd", "random_selection"))),
     # v3's path in minutes: one seed pair from a shorter pretraining, one short epoch, smaller splits
     "quick": Study(schedule=("--num-train", "4000", "--num-val", "500", "--batch-size", "16",
@@ -194,7 +199,8 @@ def run(command: list[str], *, threads: int, label: str) -> None:
 
 
 def pretrained_clip(work_dir: Path, steps: int | None, threads: int, preset: str = "demo") -> dict[str, Any]:
-    """The pretrained CLIP of the study (pretrain_clip.py --preset ``preset``, cached): its file and sha256."""
+    """The pretrained CLIP of the study (pretrain_clip.py --preset ``preset``, cached): its file and
+    sha256."""
     out = work_dir / ("pretrain-clip" if steps is None else f"pretrain-clip-{steps}")
     path = out / "open_clip_pytorch_model.bin"
     if not path.is_file():
@@ -214,18 +220,22 @@ def lr_name(lr: LR) -> str:
 
 
 def train_command(study: Study, name: str, seed: int, lr: LR, clip: str | None, out: Path) -> list[str]:
-    return [sys.executable, str(TRAIN), "--preset", study.preset, "--epochs", str(study.epochs), "--seed", str(seed),
-            "--lr", str(lr[0]), *([] if lr[1] is None else ["--backbone-lr-mult", str(lr[1])]), "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
+    return [sys.executable, str(TRAIN), "--preset", study.preset, "--epochs", str(study.epochs),
+            "--seed", str(seed), "--lr", str(lr[0]),
+            *([] if lr[1] is None else ["--backbone-lr-mult", str(lr[1])]),
+            "--eval-split", "val", "--test-split", "test", "compositional", "--no-progress",
             "--out", str(out), "--resume", "auto",  # an interrupted run continues from its last epoch
             *(["--pretrained", clip] if clip else []), *study.schedule, *VARIANTS[name]]
 
 
-def finished_runs(study_json: dict[str, Any], work_dir: str | Path) -> tuple[Path, dict[str, dict[int, Path]]]:
+def finished_runs(
+    study_json: dict[str, Any], work_dir: str | Path
+) -> tuple[Path, dict[str, dict[int, Path]]]:
     """A finished study's runs in its headline setting, from its ``accuracy_<study>.json``:
     ``(the study's work dir, {variant: {seed: run dir}})``; SystemExit if the study is partial."""
     if study_json.get("partial"):
-        raise SystemExit(f"study {study_json['study']} is partial ({study_json['runs_missing']} runs missing): "
-                         "finish it first")
+        raise SystemExit(f"study {study_json['study']} is partial "
+                         f"({study_json['runs_missing']} runs missing): finish it first")
     name, setting = study_json["study"], study_json["minus_baseline_setting"]
     runs_dir = Path(work_dir) / (STUDIES[name].runs_of or name)
     chosen = study_json["lr_tuning"][setting]["chosen"]
@@ -260,17 +270,20 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=sorted(STUDIES), default="v2")
-    parser.add_argument("--quick", action="store_true", help="the 'quick' study (pretrained, 1 seed pair, 1 epoch)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the 'quick' study (pretrained, 1 seed pair, 1 epoch)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
                         help="variants to run (default: the study's)")
     parser.add_argument("--clips", nargs="+", choices=("pretrained", "random"), default=None,
                         help="CLIP initialisations to run (default: the study's)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the study's)")
     parser.add_argument("--first-seed", type=int, default=0,
-                        help="seeds are first-seed .. first-seed + seeds - 1: more pairs for a study, e.g. on "
-                             "another machine (float results differ across CPU models, so a pair must share one)")
+                        help="seeds are first-seed .. first-seed + seeds - 1: more pairs for a study, e.g. "
+                             "on another machine (float results differ across CPU models, so a pair must "
+                             "share one)")
     parser.add_argument("--work-dir", default="runs/accuracy", help="run outputs; finished runs are reused")
     parser.add_argument("--out-dir", default=None, help="write accuracy_<study>.{json,md} and plots here "
                                                         "(default: the work dir)")
@@ -303,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lrs = [(lr, bb) for bb in backbone for lr in study.lr_grid]
         grid = runner.many([(clip, clip_file[clip], "baseline", study.seeds[0], lr) for lr in lrs])
         if any(m is None for m in grid):
-            raise SystemExit(f"--aggregate-only: the {clip} lr tuning runs are not all finished in {work_dir}")
+            raise SystemExit(f"--aggregate-only: the {clip} lr tuning runs are not all finished "
+                             f"in {work_dir}")
         val = {lr_name(lr): m["splits"]["val"]["miou"] for lr, m in zip(lrs, grid, strict=True)}
         best = max(lrs, key=lambda lr: val[lr_name(lr)])
         tuning[clip] = {"val_miou": val, "lr": best[0], "backbone_lr_mult": best[1], "chosen": lr_name(best)}
@@ -311,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 2. every variant at that lr: baseline and masksd for every seed first, then the other
     #    variants, then the secondary ones (a partial study still has the headline pairs)
-    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {clip: {v: {} for v in variants} for clip in clips}
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {clip: {v: {} for v in variants}
+                                                             for clip in clips}
     first = [v for v in variants if v in ("baseline", "masksd")]
     rest = [v for v in variants if v not in first]
     groups = (first, [v for v in rest if v not in study.secondary], [v for v in rest if v in study.secondary])
@@ -332,14 +347,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "partial": missing > 0,  # a planned run has not finished (only --aggregate-only gets here then)
         "runs_missing": missing,
         "seeds_run": {c: {v: sorted(s) for v, s in by_v.items()} for c, by_v in runs.items()},
-        "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants), "clips": list(clips),
+        "settings": {"epochs": study.epochs, "seeds": list(seeds), "variants": list(variants),
+                     "clips": list(clips),
                      "schedule": list(study.schedule), "lr_grid": list(study.lr_grid),
                      "pretrained_backbone_grid": list(study.pretrained_backbone_grid),
                      "flags": {v: VARIANTS[v] for v in variants}, "threads_per_run": args.threads},
         "pretrained_clip": pretrain, "lr_tuning": tuning, "tables": {}, "differences": {}, "curves": {},
     }
-    text = [f"Study `{name}`: {study.preset} preset, {study.epochs} epoch(s), seeds {list(seeds)}, best epoch chosen on "
-            "val; percent, mean ± std over seeds. Learning rate tuned for the baseline on val (seed 0): "
+    text = [f"Study `{name}`: {study.preset} preset, {study.epochs} epoch(s), seeds {list(seeds)}, "
+            "best epoch chosen on val; percent, mean ± std over seeds. Learning rate tuned for the "
+            "baseline on val (seed 0): "
             + "; ".join(f"{c} {t['val_miou']} → {t['chosen']}" for c, t in tuning.items())
             + " (bb: lr multiplier of the CLIP towers; none: 0.1 pretrained, 1 random init).", ""]
     for clip in clips:
@@ -369,16 +386,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sha = pretrain.get("sha256") if pretrain else None
         result["probe"] = {"file": study.probe,
                            **report.probe_summary(json.loads(Path(study.probe).read_text()), sha)}
-    result["provenance"] = {clip: {str(seed): {"machine": m.get("machine", {}).get("cpu", "not recorded"),
-                                               "pretrained_sha256": m.get("pretrained_sha256", "not recorded")}
-                                   for seed, m in sorted(runs[clip].get("baseline", {}).items())} for clip in clips}
+    result["provenance"] = {
+        clip: {str(seed): {"machine": m.get("machine", {}).get("cpu", "not recorded"),
+                           "pretrained_sha256": m.get("pretrained_sha256", "not recorded")}
+               for seed, m in sorted(runs[clip].get("baseline", {}).items())}
+        for clip in clips}
     result["benchmark_wall_time_s"] = round(time.perf_counter() - started, 1)
     md = "\n".join(text)
     print("\n" + md)
     stem = f"accuracy_{name}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report.finite(result), indent=2, allow_nan=False) + "\n")
     (out_dir / f"{stem}.md").write_text(md)
-    plotted = {c: {v: x for v, x in by_v.items() if v not in GRID_VARIANTS} for c, by_v in result["curves"].items()}
+    plotted = {c: {v: x for v, x in by_v.items() if v not in GRID_VARIANTS}
+               for c, by_v in result["curves"].items()}
     report.plot_curves(plotted, out_dir / f"{stem}_curves.png")  # the grids are tabulated only
     print(f"wrote {out_dir / stem}.json, .md, _curves.png ({result['benchmark_wall_time_s']:.0f} s)")
     return result

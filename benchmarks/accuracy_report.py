@@ -67,10 +67,13 @@ def power(test_difference: dict[str, Any] | None, effect: float = 1.0, minimum: 
     """The power analysis of a study from its paired ``masksd - baseline`` test differences (the
     pilot pairs): their standard deviation and the pairs needed to detect ``effect`` mIoU."""
     if not test_difference or len(test_difference["values"]) < 2:
-        return {"effect": effect, "sd": None, "pairs_needed": minimum, "pilot_pairs": 0 if not test_difference else 1,
-                "note": "fewer than 2 pairs: the minimum is used until a standard deviation can be estimated"}
+        return {"effect": effect, "sd": None, "pairs_needed": minimum,
+                "pilot_pairs": 0 if not test_difference else 1,
+                "note": "fewer than 2 pairs: the minimum is used until a standard deviation can be "
+                        "estimated"}
     sd = statistics.stdev(test_difference["values"])
-    return {"effect": effect, "alpha": 0.05, "power": 0.8, "sd": sd, "pilot_pairs": len(test_difference["values"]),
+    return {"effect": effect, "alpha": 0.05, "power": 0.8, "sd": sd,
+            "pilot_pairs": len(test_difference["values"]),
             "pairs_needed": pairs_needed(sd, effect, minimum=minimum), "minimum": minimum}
 
 
@@ -81,7 +84,8 @@ def probe_summary(probe: dict[str, Any], clip_sha256: str | None) -> dict[str, A
     scorers = {
         scorer: {"kept_on_referent": r["precision"], "area_fraction": r["random"],
                  "ratio": r["precision"] / r["random"] if r["random"] else None,
-                 "kept_target_noun": r.get("kept_rate/target_noun"), "kept_function_word": r.get("kept_rate/function")}
+                 "kept_target_noun": r.get("kept_rate/target_noun"),
+                 "kept_function_word": r.get("kept_rate/function")}
         for scorer, r in probe["settings"].get("pretrained", {}).items()}
     return {"preset": probe.get("preset"), "samples": probe.get("samples"),
             "pretrained_sha256": probe.get("pretrained_sha256"),
@@ -124,7 +128,8 @@ def write_report(stem: str | Path, result: dict[str, Any], markdown_text: str) -
     """Print ``markdown_text`` and write ``<stem>.json`` (strict JSON, :func:`finite`) and ``<stem>.md``."""
     print(markdown_text)
     stem = Path(stem)
-    stem.with_name(stem.name + ".json").write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+    stem.with_name(stem.name + ".json").write_text(json.dumps(finite(result), indent=2, allow_nan=False)
+                                                   + "\n")
     stem.with_name(stem.name + ".md").write_text(markdown_text)
     print(f"wrote {stem}.json, .md")
 
@@ -147,7 +152,8 @@ def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
         return {}
     out = {}
     for name, by_seed in runs.items():
-        seeds = sorted(s for s in set(by_seed) & set(runs[control]) if same_machine(by_seed[s], runs[control][s]))
+        seeds = sorted(s for s in set(by_seed) & set(runs[control])
+                       if same_machine(by_seed[s], runs[control][s]))
         if name == control or not seeds:
             continue
         out[name] = {}
@@ -155,7 +161,8 @@ def differences(runs: Runs, control: str = "baseline") -> dict[str, Any]:
             treated = [by_seed[s]["splits"][split]["miou"] for s in seeds]
             untreated = [runs[control][s]["splits"][split]["miou"] for s in seeds]
             out[name][split] = {**paired_difference(treated, untreated), "seeds": seeds,
-                                "treated_mean": statistics.fmean(treated), "control_mean": statistics.fmean(untreated)}
+                                "treated_mean": statistics.fmean(treated),
+                                "control_mean": statistics.fmean(untreated)}
     return out
 
 
@@ -200,7 +207,8 @@ def curves(runs: Runs, split: str = "val") -> dict[str, Any]:
                 chance.append([s["random"] for s in sel])
         out[name] = {"epochs": [h["epoch"] for h in results[0]["history"]], "miou": miou,
                      "lmvsd_precision": precision, "lmvsd_random": chance,
-                     "vmlsd_kept_rate": [[h.get("vmlsd_selection", {}) for h in r["history"]] for r in results]}
+                     "vmlsd_kept_rate": [[h.get("vmlsd_selection", {}) for h in r["history"]]
+                                         for r in results]}
     return out
 
 
@@ -226,9 +234,10 @@ def markdown(setting: str, table: dict[str, Any], diffs: dict[str, Any], header:
         seeds = ",".join(map(str, row["seeds"]))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {row['wall_time_s']:.0f} |")
     if diffs:
-        lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order, machine), mean "
-                  "[95 % t interval] (baseline → variant, means over the paired seeds):", "",
-                  "| variant | pairs (seeds) | " + " | ".join(SPLITS) + " |", "|---|---|" + "---|" * len(SPLITS)]
+        lines += ["", "Paired mIoU difference to the baseline (same seed: same init, data order, machine), "
+                  "mean [95 % t interval] (baseline → variant, means over the paired seeds):", "",
+                  "| variant | pairs (seeds) | " + " | ".join(SPLITS) + " |",
+                  "|---|---|" + "---|" * len(SPLITS)]
         for name, by_split in diffs.items():
             seeds = ",".join(map(str, by_split[SPLITS[0]]["seeds"]))
             lines.append(f"| {name} − baseline | {len(by_split[SPLITS[0]]['seeds'])} ({seeds}) | "
@@ -284,14 +293,16 @@ def grid(runs: Runs, variants: dict[str, tuple[str, str, float]], split: str = "
 def grid_markdown(setting: str, grids: dict[str, Any]) -> str:
     """One line per branch and hyper-parameter: val mIoU by value, the default in bold."""
     lines = [f"**{setting}**: the paper's grids (Tables III, IV), one branch alone, val mIoU, one seed", "",
-             "| branch | hyper-parameter | val mIoU by value (**default**) | baseline, same seed |", "|---|---|---|---:|"]
+             "| branch | hyper-parameter | val mIoU by value (**default**) | baseline, same seed |",
+             "|---|---|---|---:|"]
     label = {"weight": "λ (loss weight)", "ratio": "α (mask ratio)", "top_k": "TopK"}
     for branch, by_key in grids.items():
         for key, row in by_key.items():
             cells = ", ".join(f"**{v}: {m:.2f}**" if v == row["default"] else f"{v}: {m:.2f}"
                               for v, m in row["miou"].items())
             base = "—" if row["baseline"] is None else f"{row['baseline']:.2f}"
-            lines.append(f"| {branch.upper()} (seed {row['seed']}) | {label.get(key, key)} | {cells} | {base} |")
+            lines.append(f"| {branch.upper()} (seed {row['seed']}) | {label.get(key, key)} | {cells} | "
+                         f"{base} |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,8 +327,8 @@ def plot_curves(by_setting: dict[str, dict[str, Any]], path: Path) -> None:
                              color=line.get_color())
             if c["lmvsd_precision"]:
                 prec = [[s[i] for s in c["lmvsd_precision"]] for i in range(len(epochs))]
-                bottom.plot(epochs, [statistics.fmean(v) for v in prec], marker="o", label=f"{name}: kept on target",
-                            color=line.get_color())
+                bottom.plot(epochs, [statistics.fmean(v) for v in prec], marker="o",
+                            label=f"{name}: kept on target", color=line.get_color())
                 bottom.fill_between(epochs, [min(v) for v in prec], [max(v) for v in prec], alpha=0.15,
                                     color=line.get_color())
                 rand = [statistics.fmean(s[i] for s in c["lmvsd_random"]) for i in range(len(epochs))]

@@ -58,7 +58,8 @@ def evaluate_groups(checkpoint: Path, split: str, by_group: dict[str, list[int]]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study-json", required=True, help="accuracy_<study>.json written by benchmarks.accuracy")
-    p.add_argument("--work-dir", default="runs/accuracy", help="benchmarks.accuracy's --work-dir (holds the runs)")
+    p.add_argument("--work-dir", default="runs/accuracy",
+                   help="benchmarks.accuracy's --work-dir (holds the runs)")
     p.add_argument("--split", default="compositional")
     p.add_argument("--pairs", nargs="+", default=["masksd:baseline", "random_same_count:baseline",
                                                   "masksd:random_same_count"], help="a:b, reported as a − b")
@@ -91,18 +92,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"study": name, "split": args.split, "units": "percent",
                               "group_sizes": {g: len(i) for g, i in by_group.items()},
-                              "means": {v: {g: report.mean_std([m[g] for m in by_seed.values()]) for g in by_group}
+                              "means": {v: {g: report.mean_std([m[g] for m in by_seed.values()])
+                                            for g in by_group}
                                         for v, by_seed in miou.items()},
                               "differences": {}}
-    lines = [f"Study `{name}`, {args.split} split (the study's draw): mIoU per group of expressions, mean over seeds, "
-             "and paired differences, mean [95 % t interval], pairs positive.", "",
-             "| group | samples | " + " | ".join(variants) + " | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+    lines = [f"Study `{name}`, {args.split} split (the study's draw): mIoU per group of expressions, mean "
+             "over seeds, and paired differences, mean [95 % t interval], pairs positive.", "",
+             "| group | samples | " + " | ".join(variants) + " | "
+             + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
              "|---|---:|" + "---:|" * (len(variants) + len(pairs))]
     for group, indices in by_group.items():
         cells = [f"{result['means'][v][group]['mean']:.2f}" for v in variants]
         for a, b in pairs:
             seeds = sorted(set(miou[a]) & set(miou[b]))
-            d = report.paired_difference([miou[a][s][group] for s in seeds], [miou[b][s][group] for s in seeds])
+            d = report.paired_difference([miou[a][s][group] for s in seeds],
+                                         [miou[b][s][group] for s in seeds])
             result["differences"].setdefault(f"{a}_minus_{b}", {})[group] = {**d, "seeds": seeds}
             cells.append(f"{report.fmt_ci(d)}, {sum(x > 0 for x in d['values'])}")
         lines.append(f"| {group} | {len(indices)} | " + " | ".join(cells) + " |")

@@ -12,14 +12,15 @@ compiled (the first ``--compile-steps`` steps, timed apart as the compile cost):
 Reported: medians per task, ``speedup_bare`` / ``speedup_hooks`` (eager ÷ compiled) and the
 hooks ÷ bare ratio in each mode, the compile time of the first steps, and the loss of one step
 of each pair (compiled vs eager, same weights and generator seed). Dynamo's hook guards are on
-(``skip_nnmodule_hook_guards = False``), since the bare and the hooked copies share their class. Ratios are read within one
-run; the machine's load is recorded at start and end (a background job makes them worthless).
+(``skip_nnmodule_hook_guards = False``), since the bare and the hooked copies share their class.
+Ratios are read within one run; the machine's load is recorded at start and end (a background job
+makes them worthless).
 
 Usage::
 
     python -m benchmarks.compile_cost --out-dir docs/benchmarks               # inductor, CPU
     python -m benchmarks.compile_cost --backend aot_eager --rounds 2 --quick  # smoke run
-    python -m benchmarks.compile_cost --graph-breaks --quick                  # dynamo's graph count and breaks
+    python -m benchmarks.compile_cost --graph-breaks --quick  # dynamo's graph count and breaks
 """
 
 from __future__ import annotations
@@ -116,14 +117,17 @@ def graph_breaks(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     med = result["medians_s"]
     lines = [f"{result['device']}, torch {result['torch']}, backend {result['backend']}, "
-             f"{result['model']} at {result['image_size']} px, batch {result['batch']}, {result['rounds']} rounds",
-             "", "| | bare ms | hooks ms | hooks / bare | first steps (compile) s |", "|---|---:|---:|---:|---:|"]
+             f"{result['model']} at {result['image_size']} px, batch {result['batch']}, "
+             f"{result['rounds']} rounds",
+             "", "| | bare ms | hooks ms | hooks / bare | first steps (compile) s |",
+             "|---|---:|---:|---:|---:|"]
     for mode in ("eager", "compiled"):
         first = "" if mode == "eager" else (f"{result['compile']['compiled_bare']['total_s']:.0f} / "
                                            f"{result['compile']['compiled_hooks']['total_s']:.0f}")
         lines.append(f"| {mode} | {1e3 * med[f'{mode}_bare']:.1f} | {1e3 * med[f'{mode}_hooks']:.1f} | "
                      f"{result[f'ratio_hooks_{mode}']:.3f} | {first} |")
-    lines.append(f"\nspeed-up from compile: bare {result['speedup_bare']:.2f}×, wrapped {result['speedup_hooks']:.2f}×")
+    lines.append(f"\nspeed-up from compile: bare {result['speedup_bare']:.2f}×, "
+                 f"wrapped {result['speedup_hooks']:.2f}×")
     return "\n".join(lines)
 
 
@@ -138,7 +142,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for i, name in enumerate(TASKS):
         s = spread[name]
         ax.bar(i, 1e3 * s["median"], color="tab:blue" if "eager" in name else "tab:orange")
-        ax.errorbar(i, 1e3 * s["median"], yerr=[[1e3 * (s["median"] - s["q1"])], [1e3 * (s["q3"] - s["median"])]],
+        ax.errorbar(i, 1e3 * s["median"],
+                    yerr=[[1e3 * (s["median"] - s["q1"])], [1e3 * (s["q3"] - s["median"])]],
                     color="black", capsize=3)
     ax.set_xticks(range(len(TASKS)), [t.replace("_", "\n") for t in TASKS])
     ax.set_ylabel("ms per training step (median, IQR)")
@@ -159,9 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-steps", type=int, default=3, help="steps timed apart as the compile cost")
     parser.add_argument("--quick", action="store_true", help="64 px, batch 2")
     parser.add_argument("--fallback-random", action="store_true",
-                        help="inductor draws dropout's random numbers as eager does (compiled loss = eager loss)")
+                        help="inductor draws dropout's random numbers as eager does (compiled loss = eager "
+                             "loss)")
     parser.add_argument("--graph-breaks", action="store_true",
-                        help="time nothing: print the graphs and graph breaks of the wrapped model compiled in place")
+                        help="time nothing: print the graphs and graph breaks of the wrapped model compiled "
+                             "in place")
     parser.add_argument("--out-dir", default=None, help="writes compile_cost.{json,md,png}")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     text = table(result)
     print(text)
-    print(json.dumps({k: result[k] for k in ("speedup_bare", "speedup_hooks", "first_step_loss", "wall_s")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("speedup_bare", "speedup_hooks", "first_step_loss", "wall_s")},
+                     indent=1))
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -41,12 +41,14 @@ class DenseBench:
     def __init__(self, bench: Bench) -> None:
         self.bench, m = bench, bench.model
         visual = m.image_tower.visual
-        self.towers = {mode: OpenCLIPImageTower(visual, feature_layers=m.image_tower.feature_layers, dense=mode)
+        self.towers = {mode: OpenCLIPImageTower(visual, feature_layers=m.image_tower.feature_layers,
+                                                dense=mode)
                        for mode in DENSE_MODES}
         self.wrapped = {mode: MaskedSelfDistill(tower, m.text_tower, m.decoder).to(bench.x.device)
                         for mode, tower in self.towers.items()}
         seen: list[torch.Tensor] = []
-        hook = visual.transformer.resblocks[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        hook = visual.transformer.resblocks[-1].register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0]))
         with torch.no_grad(), bench.amp():
             m.image_tower.encode(bench.main.image_embedded)
         hook.remove()
@@ -91,8 +93,9 @@ def run(args: argparse.Namespace) -> dict:
     times, _ = cm.interleaved(dense.tasks(), cfg["repeats"], cfg["warmup"], timer, after=dense.bench.clear)
     med = {k: cm.summarize(v)["median"] for k, v in times.items()}
     result = {
-        "config": args.config, "quick": args.quick, "device": cm.device_name(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "batch": cfg["batch"], "amp_bf16": amp, "rounds": len(times["both"]),
+        "config": args.config, "quick": args.quick, "device": cm.device_name(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": cfg["batch"],
+        "amp_bf16": amp, "rounds": len(times["both"]),
         "image_tokens": int(dense.block_input.shape[1]) - 1, "width": int(dense.block_input.shape[2]),
         "layers": len(dense.bench.model.image_tower.visual.transformer.resblocks), "loadavg_start": load0,
         "medians_s": med, "share_surgery": med["surgery_x10"] / 10 / med["both"],
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="5 rounds after 1 warm-up (about a minute on a CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 rounds after 1 warm-up (about a minute on a CPU)")
     parser.add_argument("--repeats", type=int, default=0, help="measured rounds (default: per config)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -28,13 +28,16 @@ from benchmarks.accuracy import ROOT, finished_runs, run
 EVALUATE = ROOT / "examples" / "cris_clip" / "evaluate.py"
 
 
-def evaluate_run(checkpoint: Path, out: Path, *, seed: int, splits: list[str], threads: int) -> dict[str, Any]:
+def evaluate_run(
+    checkpoint: Path, out: Path, *, seed: int, splits: list[str], threads: int
+) -> dict[str, Any]:
     """``evaluate.py`` on ``checkpoint`` with the data drawn from ``seed`` (cached in ``out``):
     ``{split: {"miou", "oiou", ..., "count"}}``."""
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         run([sys.executable, str(EVALUATE), "--checkpoint", str(checkpoint), "--split", *splits,
-             "--synthetic-seed", str(seed), "--json", str(out)], threads=threads, label=f"evaluate {checkpoint.parent.name}")
+             "--synthetic-seed", str(seed), "--json", str(out)], threads=threads,
+            label=f"evaluate {checkpoint.parent.name}")
     return json.loads(out.read_text())["splits"]
 
 
@@ -54,7 +57,9 @@ def paired(fresh: dict[str, dict[int, dict]], a: str, b: str, split: str) -> dic
     return {**report.paired_difference(treated, control), "seeds": seeds}
 
 
-def study_difference(study_json: dict[str, Any], clip: str, a: str, b: str, split: str) -> dict[str, Any] | None:
+def study_difference(
+    study_json: dict[str, Any], clip: str, a: str, b: str, split: str
+) -> dict[str, Any] | None:
     """The study's own a − b on ``split`` (its fixed draw), where it reported it."""
     if b == "baseline":
         return study_json["differences"][clip].get(a, {}).get(split)
@@ -64,8 +69,10 @@ def study_difference(study_json: dict[str, Any], clip: str, a: str, b: str, spli
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study-json", required=True, help="accuracy_<study>.json written by benchmarks.accuracy")
-    p.add_argument("--work-dir", default="runs/accuracy", help="benchmarks.accuracy's --work-dir (holds the runs)")
-    p.add_argument("--synthetic-seed", type=int, default=1, help="generator seed of the fresh draw (the study's: 0)")
+    p.add_argument("--work-dir", default="runs/accuracy",
+                   help="benchmarks.accuracy's --work-dir (holds the runs)")
+    p.add_argument("--synthetic-seed", type=int, default=1,
+                   help="generator seed of the fresh draw (the study's: 0)")
     p.add_argument("--splits", nargs="+", default=["test", "compositional"])
     p.add_argument("--eval-dir", default=None, help="where evaluations are cached")
     p.add_argument("--out", required=True, help="output path without suffix: writes .json and .md")
@@ -95,15 +102,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "study": name, "study_json": args.study_json, "setting": clip, "units": "percent",
         "synthetic_seed": args.synthetic_seed, "study_synthetic_seed": 0,
-        "split_sizes": {s: int(next(iter(next(iter(fresh.values())).values()))[s]["count"]) for s in args.splits},
+        "split_sizes": {s: int(next(iter(next(iter(fresh.values())).values()))[s]["count"])
+                        for s in args.splits},
         "means": {v: {s: report.mean_std([m[s]["miou"] for m in by_seed.values()]) for s in args.splits}
                   for v, by_seed in fresh.items()},
         "differences": {},
     }
     lines = [f"Study `{name}`'s best checkpoints on a fresh draw of the evaluation splits (generator seed "
-             f"{args.synthetic_seed}; the study's: 0), {result['split_sizes']} samples. Paired mIoU difference, mean "
-             "[95 % t interval], pairs positive; the study's own draw beside it.", "",
-             "| a − b | pairs | " + " | ".join(f"{s}: fresh draw | {s}: study's draw" for s in args.splits) + " |",
+             f"{args.synthetic_seed}; the study's: 0), {result['split_sizes']} samples. Paired mIoU "
+             "difference, mean [95 % t interval], pairs positive; the study's own draw beside it.", "",
+             "| a − b | pairs | "
+             + " | ".join(f"{s}: fresh draw | {s}: study's draw" for s in args.splits) + " |",
              "|---|---:|" + "---:|---:|" * len(args.splits)]
     for a, b in comparisons(study_json, clip):
         key = f"{a}_minus_{b}"

@@ -53,7 +53,8 @@ def plot(groups: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("probes", nargs="+", help="JSON files written by benchmarks.selection_probe --json")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for name in args.probes:
         path = Path(name)
         if not path.is_file():
-            raise SystemExit(f"probe file {name!r} does not exist (write it with benchmarks.selection_probe --json)")
+            raise SystemExit(f"probe file {name!r} does not exist "
+                             "(write it with benchmarks.selection_probe --json)")
         groups.update(ratios(json.loads(path.read_text())))
     plot(groups, Path(args.out))
     for label, values in groups.items():

@@ -12,9 +12,11 @@ Besides the paper's scorer on the plain patch tokens, the dense-alignment fixes 
 last block), ``clearclip`` (q-q attention, no residual, no FFN), each alone and with ``surgery``
 (CLIP Surgery: minus each token's mean score over the batch's sentences).
 
-    python -m benchmarks.selection_probe --pretrained runs/accuracy/v2/pretrain-clip/open_clip_pytorch_model.bin \\
+    python -m benchmarks.selection_probe \\
+        --pretrained runs/accuracy/v2/pretrain-clip/open_clip_pytorch_model.bin \\
         --json docs/benchmarks/selection_probe.json --markdown docs/benchmarks/selection_probe.md
-    python -m benchmarks.selection_probe --preset v2 --pretrained runs/pretrain-clip-v2/open_clip_pytorch_model.bin \\
+    python -m benchmarks.selection_probe --preset v2 \\
+        --pretrained runs/pretrain-clip-v2/open_clip_pytorch_model.bin \\
         --json docs/benchmarks/selection_probe_v2.json --markdown docs/benchmarks/selection_probe_v2.md
 """
 
@@ -58,7 +60,9 @@ SETTINGS: dict[str, tuple[str, str, str | None, bool]] = {
 WORLDS = {"demo": SyntheticReferDataset, "v2": WorldV2Dataset}  # model preset -> its synthetic world
 
 
-def probe(pretrained: str | None, *, samples: int, batch_size: int, seed: int, preset: str = "demo") -> dict[str, Any]:
+def probe(
+    pretrained: str | None, *, samples: int, batch_size: int, seed: int, preset: str = "demo"
+) -> dict[str, Any]:
     config = replace(MODEL_CONFIGS[preset], pretrained=pretrained)
     torch.manual_seed(seed)
     model = build_model(config)
@@ -97,10 +101,12 @@ def markdown(results: dict[str, Any], label: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default=None, help="CLIP checkpoint (none: random init)")
     parser.add_argument("--preset", choices=sorted(WORLDS), default="demo",
-                        help="demo: the demo CLIP on world v1 (64 px); v2: the same CLIP at 96 px on world v2")
+                        help="demo: the demo CLIP on world v1 (64 px); v2: the same CLIP at 96 px on world "
+                             "v2")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -112,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, path in (("random init", None), ("pretrained", args.pretrained)):
         if label == "pretrained" and path is None:
             continue
-        report["settings"][label] = probe(path, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                                          preset=args.preset)
+        report["settings"][label] = probe(path, samples=args.samples, batch_size=args.batch_size,
+                                          seed=args.seed, preset=args.preset)
         if path is not None:
             report["pretrained_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         text.append(markdown(report["settings"][label], f"{label} CLIP"))

@@ -60,7 +60,8 @@ from benchmarks.activations import saved_activation_bytes
 from benchmarks.step_cost_report import goals, markdown, paired_spread, ratios, table
 from benchmarks.step_cost_ris import RIS_IMAGE_SIZE, measure_ris_models, ris_table
 from examples.cris_clip.model import MODEL_CONFIGS, ModelConfig, build_model, build_objectives, hook_spec
-from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, consistency_loss, segmentation_loss, wrap
+from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig, wrap
+from masksd.losses import consistency_loss, segmentation_loss
 
 CONTEXT = 17  # token ids per sentence (RefCOCO)
 CPU_PRESET = ModelConfig(  # ViT-B/16 proportions (head width 64, patch 16), scaled down for a CPU
@@ -96,8 +97,8 @@ VARIANTS: dict[str, dict] = {
     "maskris": dict(lmvsd=None, vmlsd=None, seg_weight=0.5, objectives=("maskris",)),  # MaskRIS as the paper
 }
 # "hooks" (both branches through masksd.wrap on a copy of the model) is timed beside "both".
-MAIN_TASKS = ("baseline", *VARIANTS, "hooks", "naive", "floor_image", "floor_text", "floor_decoder", "floor_full",
-              "eval_bare", "eval_wrapped", "masking_x10")
+MAIN_TASKS = ("baseline", *VARIANTS, "hooks", "naive", "floor_image", "floor_text", "floor_decoder",
+              "floor_full", "eval_bare", "eval_wrapped", "masking_x10")
 SWEEP_TASKS = ("baseline", "both", "naive", "floor_image", "floor_text", "floor_decoder")
 RATIO_KEYS = (*VARIANTS, "hooks", "naive")
 ACTIVATION_TASKS = ("baseline", "both", "hooks", "naive", "floor_image", "floor_text", "floor_decoder")
@@ -115,7 +116,8 @@ def naive_mask(guide: Tensor, tokens: Tensor, maskable: Tensor, *, top_k: float,
     """Plain-torch guided masking: score ``tokens [B, N, D]`` against ``guide [B, D]``, keep the
     top ``top_k`` of the ``maskable [B, N]`` tokens, mask a random ``ratio`` of those: ``[B, N]`` bool."""
     with torch.no_grad():
-        scores = torch.einsum("bd,bnd->bn", guide.float(), tokens.float()).masked_fill(~maskable, float("-inf"))
+        scores = (torch.einsum("bd,bnd->bn", guide.float(), tokens.float())
+                  .masked_fill(~maskable, float("-inf")))
         n_kept = (maskable.sum(1) * top_k).round().clamp(min=1)
         kept = (scores.argsort(1, descending=True).argsort(1) < n_kept[:, None]) & maskable
         draws = torch.rand(kept.shape, generator=generator, device=kept.device).masked_fill(~kept, 2.0)
@@ -148,7 +150,8 @@ class Bench:
         with torch.no_grad(), self.amp():  # main-branch intermediates for the parts timed alone
             ie, te = m.image_tower.embed(self.x), m.text_tower.embed(self.t)
             ienc, tenc = m.image_tower.encode(ie), m.text_tower.encode(te)
-        self.main = SimpleNamespace(image_embedded=ie, text_embedded=te, image_encoded=ienc, text_encoded=tenc)
+        self.main = SimpleNamespace(image_embedded=ie, text_embedded=te, image_encoded=ienc,
+                                    text_encoded=tenc)
         self.grads = {"image": torch.ones_like(ie.tokens), "text": torch.ones_like(te.tokens)}
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -187,16 +190,16 @@ class Bench:
             ie, te = it.embed(self.x), tt.embed(self.t)
             ienc, tenc = it.encode(ie), tt.encode(te)
             main = dec(ienc, tenc)
-            m_img = naive_mask(tenc.global_feature, ienc.tokens, ie.maskable, top_k=LMVSD.top_k, ratio=LMVSD.ratio,
-                               generator=self.generator)
-            m_txt = naive_mask(ienc.global_feature, tenc.tokens, te.maskable, top_k=VMLSD.top_k, ratio=VMLSD.ratio,
-                               generator=self.generator)
+            m_img = naive_mask(tenc.global_feature, ienc.tokens, ie.maskable, top_k=LMVSD.top_k,
+                               ratio=LMVSD.ratio, generator=self.generator)
+            m_txt = naive_mask(ienc.global_feature, tenc.tokens, te.maskable, top_k=VMLSD.top_k,
+                               ratio=VMLSD.ratio, generator=self.generator)
             ie1 = it.embed(self.x)  # pass 2: image re-embedded and masked, text re-encoded
-            out1 = dec(it.encode(ie1.with_tokens(torch.where(m_img[..., None], tok_i.to(ie1.tokens.dtype), ie1.tokens))),
-                       tt.encode(tt.embed(self.t)))
+            masked_image = torch.where(m_img[..., None], tok_i.to(ie1.tokens.dtype), ie1.tokens)
+            out1 = dec(it.encode(ie1.with_tokens(masked_image)), tt.encode(tt.embed(self.t)))
             te2 = tt.embed(self.t)  # pass 3: image re-encoded, text masked
-            out2 = dec(it.encode(it.embed(self.x)),
-                       tt.encode(te2.with_tokens(torch.where(m_txt[..., None], tok_t.to(te2.tokens.dtype), te2.tokens))))
+            masked_text = torch.where(m_txt[..., None], tok_t.to(te2.tokens.dtype), te2.tokens)
+            out2 = dec(it.encode(it.embed(self.x)), tt.encode(te2.with_tokens(masked_text)))
             loss = (segmentation_loss(main, self.y) + LMVSD.weight * consistency_loss(out1, main)
                     + VMLSD.weight * consistency_loss(out2, main))
         self._finish(loss)
@@ -275,11 +278,13 @@ def run(args) -> dict:
     amp = cfg["amp"] and device.type == "cuda"
     timer, started = cm.Timer(device), time.perf_counter()
     deadline, load0 = (started + args.budget if args.budget > 0 else None), cm.loadavg()
-    print(f"step_cost: config={args.config}{' (quick)' if args.quick else ''} device={cm.device_name(device)} "
+    print(f"step_cost: config={args.config}{' (quick)' if args.quick else ''} "
+          f"device={cm.device_name(device)} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} batch={cfg['batch']} "
           f"repeats={cfg['repeats']} (+{cfg['warmup']} warm-up) amp={amp}", flush=True)
     if load0 and load0[0] > 0.5 and device.type == "cpu":
-        print(f"warning: load average {load0} before the run: other processes compete for the CPU", flush=True)
+        print(f"warning: load average {load0} before the run: other processes compete for the CPU",
+              flush=True)
 
     bench = Bench(cfg["preset"], cfg["batch"], device, amp)
     times, peaks = cm.interleaved(bench.tasks(MAIN_TASKS), cfg["repeats"], cfg["warmup"], timer,
@@ -313,8 +318,9 @@ def run(args) -> dict:
         "activation_ratio_both": activations["both"] / activations["baseline"],
         "activation_ratio_hooks": activations["hooks"] / activations["baseline"],
         "activation_ratio_naive": activations["naive"] / activations["baseline"],
-        "activation_ratio_floor": (activations["baseline"] + activations["floor_image"] + activations["floor_text"]
-                                   + 2 * activations["floor_decoder"]) / activations["baseline"],
+        "activation_ratio_floor": (activations["baseline"] + activations["floor_image"]
+                                   + activations["floor_text"] + 2 * activations["floor_decoder"])
+                                  / activations["baseline"],
         "ratio_floor_maskris": (med["baseline"] + med["floor_full"]) / med["baseline"],  # + one full fwd+bwd
         "eval_ratio": med["eval_wrapped"] / med["eval_bare"],
         "masking_share": mask_s / med["both"],
@@ -336,8 +342,8 @@ def run(args) -> dict:
     # the RIS-style test models through the hook backend, with their own floors (step_cost_ris)
     ris_deadline = None if deadline is None else time.perf_counter() + 0.1 * args.budget
     # (at least 2 samples: the RIS-style models' BatchNorm cannot train on one)
-    result.update(measure_ris_models(max(2, cfg["batch"]), RIS_IMAGE_SIZE[device.type], device, timer, cfg["repeats"],
-                                     cfg["warmup"], deadline=ris_deadline))
+    result.update(measure_ris_models(max(2, cfg["batch"]), RIS_IMAGE_SIZE[device.type], device, timer,
+                                     cfg["repeats"], cfg["warmup"], deadline=ris_deadline))
     print(ris_table(result), flush=True)
 
     sweep, weights = [], [n**1.2 for n in cfg["tokens"]]  # rough relative cost of a sweep point
@@ -354,7 +360,8 @@ def run(args) -> dict:
         del bench
         cm.free_memory()
         s = {k: cm.summarize(v) for k, v in t_sweep.items()}
-        row = {"tokens": n, "image_size": preset.image_size, "rounds": len(t_sweep["baseline"]), **ratios(s, RATIO_KEYS),
+        row = {"tokens": n, "image_size": preset.image_size, "rounds": len(t_sweep["baseline"]),
+               **ratios(s, RATIO_KEYS),
                "medians_s": {k: v["median"] for k, v in s.items()},
                "peak_mem_mib": p_sweep if device.type == "cuda" else None}
         sweep.append(row)

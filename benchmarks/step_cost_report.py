@@ -60,9 +60,9 @@ def table(r: dict) -> str:
                      f"{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f} | {med / base:.3f} | {peak} |")
     lines += ["", "| quantity | value |", "|---|---:|"]
     for k in ("ratio_both", "ratio_floor", "ratio_visual", "ratio_floor_visual", "ratio_textual",
-              "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked", "ratio_hooks_vs_towers",
-              "ratio_mask_grounding", "ratio_cal", "ratio_cal_fused", "ratio_lang_rec", "ratio_maskris",
-              "ratio_floor_maskris", "activation_ratio_both",
+              "ratio_floor_textual", "ratio_naive", "ratio_off", "ratio_both_unmasked",
+              "ratio_hooks_vs_towers", "ratio_mask_grounding", "ratio_cal", "ratio_cal_fused",
+              "ratio_lang_rec", "ratio_maskris", "ratio_floor_maskris", "activation_ratio_both",
               "activation_ratio_hooks", "activation_ratio_naive", "activation_ratio_floor", "eval_ratio",
               "masking_share", "masking_share_insitu"):
         lines.append(f"| {k} | {r[k]:.4f} |")
@@ -76,8 +76,9 @@ def markdown(r: dict) -> str:
     text += "\n\n| image tokens | image px | ratio_both | ratio_floor | ratio_naive | baseline ms |\n"
     text += "|---:|---:|---:|---:|---:|---:|\n"
     for row in r["sweep"]:
-        text += (f"| {row['tokens']} | {row['image_size']} | {row['ratio_both']:.3f} | {row['ratio_floor']:.3f}"
-                 f" | {row['ratio_naive']:.3f} | {1e3 * row['medians_s']['baseline']:.0f} |\n")
+        text += (f"| {row['tokens']} | {row['image_size']} | {row['ratio_both']:.3f} | "
+                 f"{row['ratio_floor']:.3f} | {row['ratio_naive']:.3f} | "
+                 f"{1e3 * row['medians_s']['baseline']:.0f} |\n")
     text += "\n" + "\n".join(f"- {k}: {'yes' if ok else 'NO'}" for k, ok in r["goals"].items())
     return text + (f"\n\nWall time {r['wall_s']:.0f} s; load average (1/5/15 min) at start "
                    f"{r['loadavg_start']}, at end {r['loadavg_end']} (other processes share the machine).\n")

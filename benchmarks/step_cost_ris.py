@@ -59,7 +59,8 @@ def floor_parts(wrapper: MaskedSelfDistill, *args: Any, **kwargs: Any) -> dict[s
         counts["decoder"] += 1
         for part in ("image", "text"):
             patterns = spec.modality(part).reuse
-            counts[part] += any(n and fnmatch.fnmatchcase(path, p) for path, n in calls.items() for p in patterns)
+            counts[part] += any(n and fnmatch.fnmatchcase(path, p)
+                                for path, n in calls.items() for p in patterns)
     return counts
 
 
@@ -79,7 +80,8 @@ class RisBench:
             b = lavt_style.make_batch(batch, image_size, seed=seed)
             self.args = (b.image.to(device), b.input_ids.to(device), b.attention_mask.to(device))
             self.target = b.target.to(device)
-            pwam = "backbone.layers.2.fusion.image_lang_att"  # tap before the InstanceNorm (no degenerate scores)
+            # tap before the InstanceNorm (no degenerate scores)
+            pwam = "backbone.layers.2.fusion.image_lang_att"
             spec = lavt_spec()
             spec = dataclasses.replace(spec, image=dataclasses.replace(
                 spec.image, tokens=dataclasses.replace(spec.image.tokens, module=f"{pwam}.f_query.0")))
@@ -147,7 +149,8 @@ class RisBench:
             _sum(m.proj(fq, f["state"])).backward()
         else:
             x = m.classifier(f["features"])
-            _sum(nn.functional.interpolate(x, size=self.args[0].shape[-2:], mode="bilinear", align_corners=True)).backward()
+            _sum(nn.functional.interpolate(x, size=self.args[0].shape[-2:], mode="bilinear",
+                                           align_corners=True)).backward()
 
     def tasks(self) -> dict[str, Callable[[], None]]:
         """``{"<model>_<task>": step}`` for ``cm.interleaved``."""
@@ -168,7 +171,8 @@ def measure_ris_models(
     result: dict[str, Any] = {"ris_models": {}}
     for name in names:
         bench = RisBench(name, batch, image_size, device)
-        times, _ = cm.interleaved(bench.tasks(), rounds, warmup, timer, after=bench.clear, deadline=deadline, min_rounds=3)
+        times, _ = cm.interleaved(bench.tasks(), rounds, warmup, timer, after=bench.clear, deadline=deadline,
+                                  min_rounds=3)
         med = {task.removeprefix(f"{name}_"): cm.summarize(v)["median"] for task, v in times.items()}
         parts = bench.parts_counted
         floor = med["bare"] + sum(parts[p] * med[p] for p in PARTS)
@@ -177,7 +181,8 @@ def measure_ris_models(
         result["ris_models"][name] = {
             "image_size": image_size, "batch": batch, "rounds": len(times[f"{name}_bare"]),
             "floor_counts": parts, "medians_s": med, "fusion": bench.hooked.describe()["fusion"],
-            "ratio_hooks_spread": cm.summarize([a / b for a, b in zip(times[f"{name}_hooks"], times[f"{name}_bare"])]),
+            "ratio_hooks_spread": cm.summarize([a / b for a, b in zip(times[f"{name}_hooks"],
+                                                                      times[f"{name}_bare"])]),
         }
         del bench
         cm.free_memory()
@@ -191,5 +196,6 @@ def ris_table(result: dict[str, Any]) -> str:
     for name, r in result["ris_models"].items():
         parts = " + ".join(f"{n} {p}" for p, n in r["floor_counts"].items() if n)
         lines.append(f"| {name} | {r['fusion']} | {r['image_size']} | {1e3 * r['medians_s']['bare']:.1f} | "
-                     f"{result[f'ratio_hooks_{name}']:.3f} | {result[f'ratio_floor_{name}']:.3f} | bare + {parts} |")
+                     f"{result[f'ratio_hooks_{name}']:.3f} | {result[f'ratio_floor_{name}']:.3f} | "
+                     f"bare + {parts} |")
     return "\n".join(lines)

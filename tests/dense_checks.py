@@ -16,7 +16,9 @@ def assert_dense_encoded(encoded: Encoded, plain: Encoded, expected: torch.Tenso
     assert dense.shape == expected.shape and not dense.requires_grad
     assert scoring_tokens(encoded) is dense  # computed once
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(encoded.tokens, plain.tokens) and torch.equal(encoded.global_feature, plain.global_feature)
-    assert all(torch.equal(a, b) for a, b in zip(encoded.features["levels"], plain.features["levels"], strict=True))
+    assert (torch.equal(encoded.tokens, plain.tokens)
+            and torch.equal(encoded.global_feature, plain.global_feature))
+    assert all(torch.equal(a, b)
+               for a, b in zip(encoded.features["levels"], plain.features["levels"], strict=True))
     assert plain.scoring is None and scoring_tokens(plain) is plain.tokens
     assert not torch.allclose(dense, plain.tokens, atol=1e-3)

@@ -326,25 +326,25 @@ def _maskris(entry: str, mode: str) -> Record:
     import tiny_models
 
     if entry == "towers":
-        config = masksd.MaskRISConfig(mode=mode, patch_size=4, mask_id=3,
+        config = masksd.objectives.MaskRISConfig(mode=mode, patch_size=4, mask_id=3,
                                       special_ids=(tiny_models.PAD, tiny_models.SOT, tiny_models.EOT))
         images, ids, target = objective_models.towers_batch()
 
         def build() -> masksd.MaskedSelfDistill:
             image_tower, text_tower, _ = tiny_models.make_model(0)
-            objective = masksd.MaskRIS(config, image_dim=16, text_dim=16)
+            objective = masksd.objectives.MaskRIS(config, image_dim=16, text_dim=16)
             return masksd.MaskedSelfDistill(image_tower, text_tower, objective_models.FusedTinyDecoder(),
-                                            extra_objectives=[objective], **masksd.MaskRIS.paper_options())
+                                            extra_objectives=[objective], **masksd.objectives.MaskRIS.paper_options())
 
         return run_case(build, (images, ids, target), {}, (images, ids))
-    config = masksd.MaskRISConfig(mode=mode, patch_size=8, mask_id=1)
+    config = masksd.objectives.MaskRISConfig(mode=mode, patch_size=8, mask_id=1)
     images, ids, target = objective_models.hooks_batch()
 
     def build_hooks() -> masksd.MaskedSelfDistill:
         model = hook_models.TinyRIS()
-        objective = masksd.MaskRIS(config, image_dim=16, text_dim=16)
+        objective = masksd.objectives.MaskRIS(config, image_dim=16, text_dim=16)
         return masksd.wrap(model, hook_models.tiny_spec(), extra_objectives=[objective],
-                           **masksd.MaskRIS.paper_options())
+                           **masksd.objectives.MaskRIS.paper_options())
 
     return run_case(build_hooks, (images, ids), {"target": target}, (images, ids))
 

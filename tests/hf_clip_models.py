@@ -114,8 +114,10 @@ class HFClipRIS(nn.Module):
 
     def forward(self, img: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         vision = self.clip.vision_model(pixel_values=img)
-        patches = self.clip.visual_projection(self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
-        sentence = self.clip.text_projection(self.clip.text_model(input_ids=ids, attention_mask=attention_mask).pooler_output)
+        patches = self.clip.visual_projection(
+            self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+        sentence = self.clip.text_projection(
+            self.clip.text_model(input_ids=ids, attention_mask=attention_mask).pooler_output)
         fused = self.patch_in(patches) * torch.sigmoid(self.sentence_in(sentence))[:, None]
         grid = rearrange(fused, "b (h w) c -> b c h w", h=4)
         return F.interpolate(self.head(grid), size=img.shape[-2:], mode="bilinear", align_corners=False)
@@ -123,10 +125,12 @@ class HFClipRIS(nn.Module):
 
 def spec_for(model: HFClipRIS, image_tokens: Tap) -> HookSpec:
     return HookSpec(
-        image=ModalitySpec(embed="clip.vision_model.embeddings.patch_embedding", layout="bchw", tokens=image_tokens),
+        image=ModalitySpec(embed="clip.vision_model.embeddings.patch_embedding", layout="bchw",
+                           tokens=image_tokens),
         text=ModalitySpec(embed="clip.text_model.embeddings.token_embedding",
                           maskable=Maskable(ids="ids", never=(BOS, EOS)),
-                          tokens=Tap("clip.text_model", select=".last_hidden_state", project="clip.text_projection"),
+                          tokens=Tap("clip.text_model", select=".last_hidden_state",
+                                     project="clip.text_projection"),
                           global_=Tap("clip.text_projection")),
     )
 

@@ -63,7 +63,8 @@ class EarlyFusionRIS(nn.Module):
         self.text_encoder = nn.GRU(dim, dim, batch_first=True)
         self.stage1 = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
         self.fuse = nn.Linear(dim, dim)
-        self.stage2 = nn.Sequential(nn.Conv2d(dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim),
+                                    nn.ReLU())
         self.head = nn.Conv2d(dim, 2, 1)
 
     def forward(self, image: Tensor, ids: Tensor) -> Tensor:

@@ -18,16 +18,16 @@ from tiny_models import assert_all_grads  # noqa: F401  (re-exported for the obj
 from torch import Tensor
 
 import masksd
-from masksd import (
+from masksd import MaskedSelfDistill
+from masksd.objectives import (
     CrossModalAlignment,
     CrossModalAlignmentConfig,
-    Encoded,
     LanguageReconstruction,
     LanguageReconstructionConfig,
-    MaskedSelfDistill,
     MaskGrounding,
     MaskGroundingConfig,
 )
+from masksd.towers import Encoded
 
 WIDTH = 16
 SMALL = dict(width=16, layers=1, heads=2, ffn=32)  # predictor / reconstructor sizes for tests
@@ -58,7 +58,8 @@ class FusedTinyDecoder(tiny_models.TinyDecoder):
 
 
 def fused_spec(**changes: object) -> masksd.HookSpec:
-    """The README spec of ``TinyRIS`` with the decoder's input ``v * s`` ``[B, 16, 4, 4]`` as fused features."""
+    """The README spec of ``TinyRIS`` with the decoder's input ``v * s`` ``[B, 16, 4, 4]`` as fused
+    features."""
     fused = masksd.Tap("decoder", kind="input", select="[0]", layout="bchw")
     return hook_models.tiny_spec(fused=fused, **changes)
 
@@ -67,8 +68,8 @@ ALL_OBJECTIVES = ("mask_grounding", "cal", "lang_rec", "cal_fused")  # names of 
 
 
 def all_objectives(
-    *, mg: dict | None = None, cal: dict | None = None, rec: dict | None = None, cal_fused: dict | None = None,
-    seed: int = 7,
+    *, mg: dict | None = None, cal: dict | None = None, rec: dict | None = None,
+    cal_fused: dict | None = None, seed: int = 7,
 ) -> list[masksd.Objective]:
     """``[MaskGrounding, CrossModalAlignment, LanguageReconstruction, CrossModalAlignment(features=
     "fused", name="cal_fused")]`` for the tiny models (both expose fused features)."""
@@ -79,8 +80,10 @@ def all_objectives(
                           config=MaskGroundingConfig(**{**SMALL, "dropout": 0.0, **(mg or {})})),
             CrossModalAlignment(config=CrossModalAlignmentConfig(**(cal or {}))),
             LanguageReconstruction(fused_dim=WIDTH, text_dim=WIDTH,
-                                   config=LanguageReconstructionConfig(**{**SMALL, "dropout": 0.0, **(rec or {})})),
-            CrossModalAlignment(config=CrossModalAlignmentConfig(**{"features": "fused", **(cal_fused or {})}),
+                                   config=LanguageReconstructionConfig(
+                                       **{**SMALL, "dropout": 0.0, **(rec or {})})),
+            CrossModalAlignment(config=CrossModalAlignmentConfig(
+                                    **{"features": "fused", **(cal_fused or {})}),
                                 text_dim=WIDTH, fused_dim=WIDTH, name="cal_fused"),
         ]
 
@@ -92,7 +95,8 @@ def towers_wrapper(objectives=(), seed: int = 0, **options) -> MaskedSelfDistill
         image_tower, text_tower, _ = tiny_models.make_model(seed)
         decoder = FusedTinyDecoder()
         torch.manual_seed(seed + 1000)
-        return MaskedSelfDistill(image_tower, text_tower, decoder, extra_objectives=list(objectives), **options)
+        return MaskedSelfDistill(image_tower, text_tower, decoder, extra_objectives=list(objectives),
+                                 **options)
 
 
 def hooks_wrapper(objectives=(), seed: int = 0, model_cls=None, spec=None, **options) -> MaskedSelfDistill:
@@ -101,8 +105,8 @@ def hooks_wrapper(objectives=(), seed: int = 0, model_cls=None, spec=None, **opt
         torch.manual_seed(seed)
         model = (model_cls or hook_models.TinyRIS)()
         torch.manual_seed(seed + 1000)
-        return masksd.wrap(model, spec if spec is not None else fused_spec(), extra_objectives=list(objectives),
-                           **options)
+        return masksd.wrap(model, spec if spec is not None else fused_spec(),
+                           extra_objectives=list(objectives), **options)
 
 
 def towers_batch(size: int = 4, seed: int = 0):

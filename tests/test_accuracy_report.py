@@ -54,7 +54,8 @@ def test_differences_pair_by_seed_over_the_seeds_both_ran() -> None:
             "masksd": {2: _metrics(33.0), 0: _metrics(11.0)}}  # seed 1 not run yet
     d = differences(runs)["masksd"]["test"]
     assert d["seeds"] == [0, 2] and d["values"] == [1.0, 3.0] and d["mean"] == pytest.approx(2.0)
-    assert d["control_mean"] == pytest.approx(20.0) and d["treated_mean"] == pytest.approx(22.0)  # seeds 0, 2 only
+    # seeds 0, 2 only
+    assert d["control_mean"] == pytest.approx(20.0) and d["treated_mean"] == pytest.approx(22.0)
     table = aggregate(runs)
     assert table["masksd"]["val"]["miou"]["mean"] == pytest.approx(22.0)
     assert table["baseline"]["val"]["miou"]["std"] == pytest.approx(10.0)
@@ -80,7 +81,8 @@ def test_grid_reads_values_around_the_branch_alone_run_and_names_the_default() -
             "lmvsd_only-top_k1": {0: run(29.0, 1.0)}, "lmvsd_only-top_k0.25": {0: run(32.5, 0.25)}}
     rows = grid(runs, {v: GRID_VARIANTS[v] for v in ("lmvsd_only-top_k1", "lmvsd_only-top_k0.25")})
     row = rows["lmvsd"]["top_k"]
-    assert row["miou"] == {"0.25": 32.5, "0.5": 31.0, "1": 29.0}  # sorted by value, the default read from config
+    # sorted by value, the default read from config
+    assert row["miou"] == {"0.25": 32.5, "0.5": 31.0, "1": 29.0}
     assert row["default"] == "0.5" and row["baseline"] == 30.0 and row["seed"] == 0
     assert "**0.5: 31.00**" in grid_markdown("pretrained", rows)
 
@@ -112,7 +114,8 @@ def test_study_v3_runs_world_v2_with_its_dense_clip_and_quick_covers_that_path()
     assert (v3.preset, v3.pretrain_preset) == ("v2", "v2") == (quick.preset, quick.pretrain_preset)
     assert len(v3.seeds) >= 8 and v3.schedule[v3.schedule.index("--num-val") + 1] == "2000"
     assert {"baseline", "masksd", "random_selection", "lmvsd_only", "vmlsd_only"} <= set(v3.variants)
-    assert set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants) and v3.secondary_pairs >= 4
+    assert (set(v3.variants) <= set(VARIANTS) and set(v3.secondary) <= set(v3.variants)
+            and v3.secondary_pairs >= 4)
 
 
 def test_v3_count_reuses_v3s_runs_and_masks_as_many_tokens_as_the_defaults_at_random() -> None:
@@ -135,8 +138,9 @@ def test_probe_summary_reads_kept_on_referent_against_area_and_checks_the_clip_f
                  "kept_rate/function": 0.75}}}}
     summary = probe_summary(probe, "abc")
     assert summary["same_clip_as_study"] and summary["samples"] == 4
-    assert summary["scorers"]["correlation/dot"] == {"kept_on_referent": 0.25, "area_fraction": 0.125, "ratio": 2.0,
-                                                    "kept_target_noun": 0.5, "kept_function_word": 0.75}
+    assert summary["scorers"]["correlation/dot"] == {"kept_on_referent": 0.25, "area_fraction": 0.125,
+                                                    "ratio": 2.0, "kept_target_noun": 0.5,
+                                                    "kept_function_word": 0.75}
     assert not probe_summary(probe, "another file")["same_clip_as_study"]
     assert STUDIES["v3"].probe and STUDIES["v3"].probe.endswith(".json")
 
@@ -146,8 +150,10 @@ def test_runs_from_different_machines_or_clip_files_are_never_paired() -> None:
         splits = {split: {"miou": miou} for split in ("val", "test", "compositional")}
         return {"splits": splits, "machine": {"cpu": cpu}, "pretrained_sha256": sha}
 
-    runs = {"baseline": {0: run(30.0, "Xeon"), 1: run(31.0, "Xeon"), 2: run(30.0, "EPYC"), 3: run(30.0, "Xeon")},
-            "masksd": {0: run(31.0, "Xeon"), 1: run(33.0, "Xeon"), 2: run(40.0, "Xeon"), 3: run(40.0, "Xeon", "b")}}
+    runs = {"baseline": {0: run(30.0, "Xeon"), 1: run(31.0, "Xeon"), 2: run(30.0, "EPYC"),
+                         3: run(30.0, "Xeon")},
+            "masksd": {0: run(31.0, "Xeon"), 1: run(33.0, "Xeon"), 2: run(40.0, "Xeon"),
+                       3: run(40.0, "Xeon", "b")}}
     got = differences(runs)["masksd"]["test"]
     assert got["seeds"] == [0, 1] and got["values"] == [1.0, 2.0]
 
@@ -162,24 +168,30 @@ def test_finite_turns_nan_into_null_for_strict_json() -> None:
     json.dumps(data, allow_nan=False)
 
 
-def test_fresh_draw_pairs_each_variant_with_the_baseline_by_seed_and_keeps_the_studys_draw_beside(tmp_path) -> None:
+def test_fresh_draw_pairs_each_variant_with_the_baseline_by_seed_and_keeps_the_studys_draw_beside(
+    tmp_path,
+) -> None:
     from benchmarks import fresh_draw
 
     seeds = [0, 1, 2]
-    miou = {"baseline": [50.0, 52.0, 51.0], "masksd": [51.0, 52.5, 53.0], "random_selection": [50.0, 53.0, 50.0]}
+    miou = {"baseline": [50.0, 52.0, 51.0], "masksd": [51.0, 52.5, 53.0],
+            "random_selection": [50.0, 53.0, 50.0]}
     eval_dir = tmp_path / "evals"
     for variant, values in miou.items():
         for seed, value in zip(seeds, values, strict=True):
-            out = eval_dir / "pretrained" / f"{variant}-lr0.008-seed{seed}.json"  # cached: nothing is evaluated
+            # cached: nothing is evaluated
+            out = eval_dir / "pretrained" / f"{variant}-lr0.008-seed{seed}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             split = {"miou": value, "count": 2000.0}
-            out.write_text(json.dumps({"splits": {"test": split, "compositional": {**split, "miou": value / 2}}}))
+            out.write_text(json.dumps({"splits": {"test": split,
+                                                  "compositional": {**split, "miou": value / 2}}}))
     study_difference = {"mean": 9.0, "ci95_low": 8.0, "ci95_high": 10.0}
     study_json = {"study": "v3", "partial": False, "minus_baseline_setting": "pretrained",
                   "lr_tuning": {"pretrained": {"chosen": "lr0.008"}},
                   "seeds_run": {"pretrained": {v: seeds for v in miou}},
                   "differences": {"pretrained": {"masksd": {"test": study_difference}}},
-                  "head_to_head": {"pretrained": {"masksd_minus_random_selection": {"test": study_difference}}}}
+                  "head_to_head": {"pretrained": {"masksd_minus_random_selection":
+                                                      {"test": study_difference}}}}
     (tmp_path / "study.json").write_text(json.dumps(study_json))
 
     result = fresh_draw.main(["--study-json", str(tmp_path / "study.json"), "--eval-dir", str(eval_dir),

@@ -246,15 +246,19 @@ def test_dense_scoring_leaves_the_output_alone_is_lazy_and_steers_the_selection(
         with torch.no_grad():
             out = wrapper.train()(x, batch, target, generator=torch.Generator().manual_seed(0))
         runs[dense] = (eval_logits, eval_calls, out, image, text)
-    (eval_plain, calls_plain, out_plain, image, text), (eval_dense, calls_dense, out_dense, *_) = runs[None], runs[mode]
+    (eval_plain, calls_plain, out_plain, image, text), (eval_dense, calls_dense, out_dense, *_) = (
+        runs[None], runs[mode])
     assert torch.equal(eval_plain, eval_dense) and calls_plain == calls_dense
-    assert torch.equal(out_plain.logits, out_dense.logits) and torch.equal(out_plain.losses["seg"], out_dense.losses["seg"])
+    assert (torch.equal(out_plain.logits, out_dense.logits)
+            and torch.equal(out_plain.losses["seg"], out_dense.losses["seg"]))
     # LMVSD keeps the top half of the patches under dense features · sentence feature
     all_patches = torch.ones(3, 16, dtype=torch.bool)
     dense_scores = torch.einsum("bd,bnd->bn", text.global_feature, dense_tokens)
-    assert torch.equal(out_dense.selections["lmvsd"]["kept"], select_top_k(dense_scores, all_patches, top_k=0.5))
+    assert torch.equal(out_dense.selections["lmvsd"]["kept"],
+                       select_top_k(dense_scores, all_patches, top_k=0.5))
     plain_scores = torch.einsum("bd,bnd->bn", text.global_feature, image.tokens)
-    assert torch.equal(out_plain.selections["lmvsd"]["kept"], select_top_k(plain_scores, all_patches, top_k=0.5))
+    assert torch.equal(out_plain.selections["lmvsd"]["kept"],
+                       select_top_k(plain_scores, all_patches, top_k=0.5))
     assert not torch.equal(out_plain.selections["lmvsd"]["kept"], out_dense.selections["lmvsd"]["kept"])
     assert torch.equal(out_plain.selections["vmlsd"]["kept"], out_dense.selections["vmlsd"]["kept"])
 
@@ -263,11 +267,13 @@ def test_dense_errors_name_the_argument_and_the_fix():
     with pytest.raises(ValueError, match="dense must be one of .*got 'maskclip'"):
         towers_from_hf_clip(tiny_clip(), dense="maskclip")
     for breaks, missing in (
-        (lambda layer: setattr(layer, "self_attn", nn.Identity()), "lacks self_attn.q_proj, self_attn.v_proj, self_attn.out_proj, self_attn.num_heads, self_attn.head_dim, "
-         "self_attn.scale"),
+        (lambda layer: setattr(layer, "self_attn", nn.Identity()),
+         "lacks self_attn.q_proj, self_attn.v_proj, self_attn.out_proj, self_attn.num_heads, "
+         "self_attn.head_dim, self_attn.scale"),
         (lambda layer: delattr(layer, "layer_norm1"), "lacks layer_norm1"),
         (lambda layer: delattr(layer.self_attn, "scale"), "lacks self_attn.scale"),
-        (lambda layer: setattr(layer.self_attn, "num_heads", 3), r"has self_attn.num_heads · head_dim = 3 · 16 \(not the width 32\)"),
+        (lambda layer: setattr(layer.self_attn, "num_heads", 3),
+         r"has self_attn.num_heads · head_dim = 3 · 16 \(not the width 32\)"),
     ):
         model = tiny_clip()
         breaks(model.vision_model.encoder.layers[-1])

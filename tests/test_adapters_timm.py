@@ -11,8 +11,9 @@ timm = pytest.importorskip("timm")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from masksd import Embedded, Encoded, LMVSDConfig, MaskedSelfDistill, VMLSDConfig  # noqa: E402
+from masksd import LMVSDConfig, MaskedSelfDistill, VMLSDConfig  # noqa: E402
 from masksd.adapters.timm import TimmViTImageTower, tower_from_timm_vit  # noqa: E402
+from masksd.towers import Embedded, Encoded  # noqa: E402
 
 WIDTH = 32
 VARIANTS = {

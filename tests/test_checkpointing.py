@@ -102,7 +102,8 @@ def test_checkpointed_function_holding_the_embedding_is_refused_with_masksds_mes
     torch.manual_seed(0)
     wrapper = masksd.wrap(CheckpointingRIS("embed", ckpt=ckpt), tiny_spec()).train()
     images, ids, target = make_batch()
-    with pytest.raises(ValueError, match=r"HookSpec.image.embed 'patch_embed' runs inside a torch.utils.checkpoint"):
+    with pytest.raises(ValueError,
+                       match=r"HookSpec.image.embed 'patch_embed' runs inside a torch.utils.checkpoint"):
         wrapper(images, ids, target=target)
     wrapper.eval()  # inference and the bare model are unaffected
     with torch.no_grad():

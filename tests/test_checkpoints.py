@@ -8,7 +8,7 @@ from tiny_models import make_batch, make_model
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from masksd import MaskedSelfDistill, RISModel
+from masksd import MaskedSelfDistill
 from masksd.checkpoints import (
     added_state_dict,
     bare_state_dict,
@@ -16,6 +16,7 @@ from masksd.checkpoints import (
     open_clip_state_dict,
     split_training_state_dict,
 )
+from masksd.towers import RISModel
 
 
 def _perturbed(module: nn.Module, seed: int) -> nn.Module:
@@ -90,7 +91,8 @@ def test_bare_model_load_state_dict_refuses_a_training_state_dict(strict):
     # the wrapper itself (RISModel under 'model.') and the bare state dict still load
     MaskedSelfDistill(*make_model(4)).load_state_dict(wrapper.state_dict())
     fresh.load_state_dict(wrapper.unwrap().state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), wrapper.unwrap().state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(fresh.state_dict().values(), wrapper.unwrap().state_dict().values()))
 
 
 def test_other_wrong_inputs_name_the_fix():
@@ -100,14 +102,17 @@ def test_other_wrong_inputs_name_the_fix():
         bare_state_dict({"model": training, "epoch": 3})
     with pytest.raises(ValueError, match="DistributedDataParallel.*consume_prefix_in_state_dict_if_present"):
         bare_state_dict({f"module.{k}": v for k, v in training.items()})
-    held = {f"lit.wrapper.{k}": v for k, v in training.items()}  # a LightningModule's checkpoint["state_dict"]
+    # a LightningModule's checkpoint["state_dict"]
+    held = {f"lit.wrapper.{k}": v for k, v in training.items()}
     with pytest.raises(ValueError, match=r"starts with 'lit\.wrapper\.' followed by the wrapper's own keys.*"
-                                         r"consume_prefix_in_state_dict_if_present\(state, 'lit\.wrapper\.'\)"):
+                                         r"consume_prefix_in_state_dict_if_present\(state, "
+                                         r"'lit\.wrapper\.'\)"):
         bare_state_dict(held)
     consume_prefix_in_state_dict_if_present(held, "lit.wrapper.")
     assert bare_state_dict(held).keys() == wrapper.unwrap().state_dict().keys()
     own_model_submodule = {f"net.model.{k}": v for k, v in wrapper.unwrap().state_dict().items()}
-    with pytest.raises(ValueError, match="looks like a bare model's state dict"):  # no objectives.*: not a wrapper
+    # no objectives.*: not a wrapper
+    with pytest.raises(ValueError, match="looks like a bare model's state dict"):
         bare_state_dict(own_model_submodule)
     with pytest.raises(ValueError, match="only training-only entries"):
         bare_state_dict(wrapper.added_state_dict())
@@ -120,7 +125,8 @@ def test_other_wrong_inputs_name_the_fix():
 def test_strict_load_lists_mismatching_keys():
     training = _trained_wrapper().state_dict()
     with_bn = RISModel(*make_model(0, batch_norm=True))  # a decoder with a BatchNorm: more keys
-    with pytest.raises(ValueError, match=r"lacks 5 of the model's keys: 'decoder.bn.bias'.*'decoder.bn.weight'"):
+    with pytest.raises(ValueError,
+                       match=r"lacks 5 of the model's keys: 'decoder.bn.bias'.*'decoder.bn.weight'"):
         load_bare_state_dict(with_bn, training)
     result = load_bare_state_dict(with_bn, training, strict=False)
     assert "decoder.bn.weight" in result.missing_keys and not result.unexpected_keys
@@ -177,7 +183,8 @@ def test_training_checkpoint_to_open_clip_clip_loads_strictly():
     converted = open_clip_state_dict(training, wrapper, clip)
     assert converted.keys() == clip.state_dict().keys()
     assert torch.equal(converted["visual.conv1.weight"], training["model.image_tower.visual.conv1.weight"])
-    assert torch.equal(converted["token_embedding.weight"], training["model.text_tower.token_embedding.weight"])
+    assert torch.equal(converted["token_embedding.weight"],
+                       training["model.text_tower.token_embedding.weight"])
     assert torch.equal(converted["logit_scale"], clip.logit_scale.detach())  # not held by the towers
 
     fresh = _tiny_clip(5).eval()

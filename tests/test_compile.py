@@ -35,7 +35,8 @@ from tiny_models import make_batch, make_model
 from masksd import DistillOutput, MaskedSelfDistill
 
 dynamo_supported = torch._dynamo.is_dynamo_supported()
-pytestmark = pytest.mark.skipif(not dynamo_supported, reason="torch.compile (dynamo) is not supported on this platform")
+pytestmark = pytest.mark.skipif(not dynamo_supported,
+                                reason="torch.compile (dynamo) is not supported on this platform")
 
 aten = torch.ops.aten
 
@@ -115,7 +116,8 @@ def _assert_same_step(eager, compiled) -> None:
         torch.testing.assert_close(out_c.losses[name], out_e.losses[name])
     for name in ("lmvsd", "vmlsd"):  # the same generator draws the same masks
         assert torch.equal(out_c.selections[name]["masked"], out_e.selections[name]["masked"])
-    wrong = [name for name in grads_e if not torch.allclose(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)]
+    wrong = [name for name in grads_e
+             if not torch.allclose(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)]
     assert not wrong, f"compiled gradients differ from eager for {wrong}"
 
 
@@ -133,7 +135,8 @@ def test_compiled_step_with_generator_matches_eager():
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("MASKSD_TEST_INDUCTOR") != "1",
-    reason="inductor takes about two minutes to compile on a 2-core CPU; set MASKSD_TEST_INDUCTOR=1 (.ci/run does)",
+    reason="inductor takes about two minutes to compile on a 2-core CPU; set MASKSD_TEST_INDUCTOR=1 "
+           "(.ci/run does)",
 )
 def test_inductor_step_with_generator_matches_eager():
     compiler = _cpp_compiler()

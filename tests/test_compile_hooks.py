@@ -6,9 +6,9 @@ inductor itself is covered on the tower backend by ``tests/test_compile.py`` beh
 ``MASKSD_TEST_INDUCTOR``. ``torch.compile(model)`` (an ``OptimizedModule``) is still refused by
 ``masksd.wrap``: the hooks would land on the wrapper object, not on the model's modules.
 After the first two steps nothing recompiles (tested): the per-step state the hooks keep does
-not fail dynamo's guards. Compiling the wrapper used to fail with ``AttributeError: 'Sequential' object has no attribute
-'forward'``: dynamo deferred the branch's ``module.forward = Replay(...)`` but ran the traced
-``del module.forward`` (now both run eagerly, ``masksd.backends.hook_branches``).
+not fail dynamo's guards. Compiling the wrapper used to fail with ``AttributeError: 'Sequential'
+object has no attribute 'forward'``: dynamo deferred the branch's ``module.forward = Replay(...)``
+but ran the traced ``del module.forward`` (now both run eagerly, ``masksd.backends.hook_branches``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch._dynamo.utils import counters
 
 import masksd
 
-pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(),
+                                reason="torch.compile is not supported here")
 
 STEPS = 4
 # torch 2.1's dynamo inlines the modules inside a compiled module without running their hooks

@@ -45,7 +45,8 @@ def _build(backend: str, rank: int, ratio: float) -> MaskedSelfDistill:
 
 def _batch(backend: str, generator: torch.Generator):
     if backend == "hooks":
-        images, ids, masks = hook_models.make_batch(4, int(torch.randint(0, 10**6, (1,), generator=generator)))
+        images, ids, masks = hook_models.make_batch(4, int(torch.randint(0, 10**6, (1,),
+                                                                         generator=generator)))
         return images, ids, masks
     return make_batch(4, generator)
 
@@ -99,7 +100,8 @@ def _worker(rank: int, port: int, ratio: float, result_dir: str, backend: str) -
     ids=["masking", "nothing_masked", "hooks_late_fusion"],
 )
 def test_ddp_parameters_stay_identical(tmp_path, ratio, backend):
-    run_ranks(_worker, (_free_port(), ratio, str(tmp_path), backend), world_size=WORLD_SIZE, marker_dir=tmp_path)
+    run_ranks(_worker, (_free_port(), ratio, str(tmp_path), backend), world_size=WORLD_SIZE,
+              marker_dir=tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["identical"], f"parameters differ across ranks (max diff {result['max_diff']})"
     assert result["num_params"] > 0 and result["finite"] and result["moved"]

@@ -27,7 +27,6 @@ from masksd import (  # noqa: E402
     Maskable,
     MaskedSelfDistill,
     ModalitySpec,
-    RISModel,
     Tap,
     VMLSDConfig,
 )
@@ -35,7 +34,7 @@ from masksd.adapters.clip_dense import clip_dense_tap, dense_step  # noqa: E402
 from masksd.adapters.open_clip import towers_from_open_clip  # noqa: E402
 from masksd.masking import select_top_k  # noqa: E402
 from masksd.scorers import surgery_scores  # noqa: E402
-from masksd.towers import scoring_tokens  # noqa: E402
+from masksd.towers import RISModel, scoring_tokens  # noqa: E402
 
 SOT, EOT = 49406, 49407
 
@@ -78,7 +77,8 @@ class Decoder(nn.Module):
 def block_input(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The last visual block's input ``[B, 1 + N, W]`` during ``clip.encode_image(x)``."""
     seen = []
-    handle = clip.visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    handle = clip.visual.transformer.resblocks[-1].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0]))
     try:
         clip.encode_image(x)
     finally:
@@ -146,7 +146,8 @@ def test_main_output_is_unchanged_and_the_branch_keeps_the_dense_top_k(mode):
         outputs[dense] = (eval_logits, out, image, text)
     (eval_plain, out_plain, image, text), (eval_dense, out_dense, image_d, _) = outputs[None], outputs[mode]
     assert torch.equal(eval_plain, eval_dense)
-    assert torch.equal(out_plain.logits, out_dense.logits) and torch.equal(out_plain.losses["seg"], out_dense.losses["seg"])
+    assert (torch.equal(out_plain.logits, out_dense.logits)
+            and torch.equal(out_plain.losses["seg"], out_dense.losses["seg"]))
     # LMVSD keeps the top half of the patches under the dense features · the sentence feature
     dense_scores = torch.einsum("bd,bnd->bn", text.global_feature, scoring_tokens(image_d))
     maskable = torch.ones_like(dense_scores, dtype=torch.bool)
@@ -170,8 +171,8 @@ def test_late_interaction_reads_the_dense_patch_features():
     real = (ids != 0) & (ids != SOT) & (ids != EOT)
     similarity = torch.einsum("bnd,bld->bnl", scoring_tokens(image), text.tokens)
     patches = similarity.masked_fill(~real[:, None], float("-inf")).amax(dim=2)
-    assert torch.equal(out.selections["lmvsd"]["kept"], select_top_k(patches, torch.ones_like(real[:, :1]).expand(-1, 16),
-                                                                      top_k=0.5))
+    assert torch.equal(out.selections["lmvsd"]["kept"],
+                       select_top_k(patches, torch.ones_like(real[:, :1]).expand(-1, 16), top_k=0.5))
     assert torch.equal(out.selections["vmlsd"]["kept"], select_top_k(similarity.amax(dim=1), real, top_k=0.5))
 
 
@@ -183,8 +184,10 @@ def hooked(mode: str) -> tuple[RISModel, HookSpec]:
         image=ModalitySpec(embed="image_tower.visual.conv1", layout="bchw",
                            tokens=clip_dense_tap(model, "image_tower.visual", mode=mode),
                            global_=Tap("decoder", kind="input", select="[0].global_feature"),
-                           reuse=("image_tower.visual.transformer.resblocks.*", "image_tower.visual.ln_post")),
-        text=ModalitySpec(embed="text_tower.token_embedding", maskable=Maskable(ids="texts", never=(0, SOT, EOT)),
+                           reuse=("image_tower.visual.transformer.resblocks.*",
+                                  "image_tower.visual.ln_post")),
+        text=ModalitySpec(embed="text_tower.token_embedding",
+                          maskable=Maskable(ids="texts", never=(0, SOT, EOT)),
                           tokens=Tap("decoder", kind="input", select="[1].tokens"),
                           global_=Tap("decoder", kind="input", select="[1].global_feature"),
                           reuse=("text_tower.transformer",)),
@@ -236,8 +239,10 @@ def test_surgery_subtracts_each_tokens_mean_score_over_the_batch(metric):
         out = wrapper(x, ids, target=target, generator=torch.Generator().manual_seed(0))
         image, text = wrapper.unwrap().encode(x, ids)
     for kept, tokens, guide, maskable in (
-        (out.selections["lmvsd"]["kept"], scoring_tokens(image), text.global_feature, torch.ones(5, 16, dtype=torch.bool)),
-        (out.selections["vmlsd"]["kept"], text.tokens, image.global_feature, (ids != 0) & (ids != SOT) & (ids != EOT)),
+        (out.selections["lmvsd"]["kept"], scoring_tokens(image), text.global_feature,
+         torch.ones(5, 16, dtype=torch.bool)),
+        (out.selections["vmlsd"]["kept"], text.tokens, image.global_feature,
+         (ids != 0) & (ids != SOT) & (ids != EOT)),
     ):
         if metric == "cosine":
             tokens, guide = F.normalize(tokens, dim=-1), F.normalize(guide, dim=-1)
@@ -270,7 +275,8 @@ def test_config_round_trip_and_errors():
 def test_resnet_clips_refuse_dense_features_clearly():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, layers=(1, 1, 1, 1), width=8, head_width=64),
+        clip = open_clip.CLIP(embed_dim=32,
+                              vision_cfg=dict(image_size=64, layers=(1, 1, 1, 1), width=8, head_width=64),
                               text_cfg=dict(context_length=12, vocab_size=49408, width=32, heads=2, layers=1))
     with pytest.raises(ValueError, match="needs a ViT CLIP; this is a ResNet CLIP"):
         towers_from_open_clip(clip, dense="value")
@@ -294,13 +300,15 @@ from model import build_model
 out = {}
 for name, argv in json.loads(sys.argv[1]).items():
     cfg = config.parse_args(argv)
-    out[name] = [build_model(cfg.model).image_tower.dense, cfg.distill.lmvsd.surgery, cfg.distill.vmlsd.surgery]
+    out[name] = [build_model(cfg.model).image_tower.dense, cfg.distill.lmvsd.surgery,
+                 cfg.distill.vmlsd.surgery]
 print(json.dumps(out))
 """
     names = ("masksd", "value_scorer", "clearclip_scorer", "surgery_scorer")
     example = Path(__file__).resolve().parents[1] / "examples" / "cris_clip"
-    result = subprocess.run([sys.executable, "-c", probe, json.dumps({n: VARIANTS[n] for n in names})], cwd=example,
-                            capture_output=True, text=True, check=True)
-    assert json.loads(result.stdout) == {"masksd": [None, False, False], "value_scorer": ["value", False, False],
+    result = subprocess.run([sys.executable, "-c", probe, json.dumps({n: VARIANTS[n] for n in names})],
+                            cwd=example, capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == {"masksd": [None, False, False],
+                                         "value_scorer": ["value", False, False],
                                          "clearclip_scorer": ["clearclip", False, False],
                                          "surgery_scorer": [None, True, True]}

@@ -54,7 +54,8 @@ def test_training_writes_metrics_and_checkpoints(tiny_run: tuple[Path, str]) -> 
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert set(metrics["history"][0]["train"]) == {"seg", "lmvsd", "vmlsd"}
     selection = metrics["history"][0]["lmvsd_selection"]  # kept patches on the target vs random
-    assert set(selection) == {"precision", "random", "recall"} and all(0 <= v <= 1 for v in selection.values())
+    assert (set(selection) == {"precision", "random", "recall"}
+            and all(0 <= v <= 1 for v in selection.values()))
     words = metrics["history"][0]["vmlsd_selection"]  # VMLSD's kept rate per word role
     assert set(words) == {"target_attribute", "target_noun", "relation", "anchor", "function"}
     assert all(0 <= v <= 1 for v in words.values() if not math.isnan(v))
@@ -75,7 +76,8 @@ def test_evaluate_reproduces_the_number_train_printed(tiny_run: tuple[Path, str]
     out, stdout = tiny_run
     printed = float(re.search(r"best epoch \d+ \(val mIoU ([\d.]+)\)", stdout).group(1))
     js = tmp_path / "eval.json"
-    run(str(EXAMPLE / "evaluate.py"), "--checkpoint", str(out / "best.pt"), "--split", "val", "--json", str(js))
+    run(str(EXAMPLE / "evaluate.py"), "--checkpoint", str(out / "best.pt"), "--split", "val",
+        "--json", str(js))
     assert json.loads(js.read_text())["splits"]["val"]["miou"] == printed
 
 
@@ -102,7 +104,8 @@ def test_predict_and_visualize(tiny_run: tuple[Path, str], tmp_path: Path) -> No
 
 
 def test_resume_is_exact(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
-    common = [str(EXAMPLE / "train.py"), *TINY, "--epochs", "2", "--test-split", "none", "--out", str(tmp_path)]
+    common = [str(EXAMPLE / "train.py"), *TINY, "--epochs", "2", "--test-split", "none",
+              "--out", str(tmp_path)]
     run(*common, "--max-steps", "3")  # stops mid-epoch (4 steps per epoch)
     mid = load(tmp_path / "last.pt")
     assert (mid["state"]["epoch"], mid["state"]["step_in_epoch"], mid["state"]["global_step"]) == (0, 3, 3)
@@ -113,7 +116,8 @@ def test_resume_is_exact(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
         assert torch.equal(resumed["model"][key], uninterrupted["model"][key]), key
     assert not all(torch.equal(mid["model"][k], resumed["model"][k]) for k in mid["model"])  # it trained on
     assert resumed["scheduler"]["last_epoch"] == uninterrupted["scheduler"]["last_epoch"] == 8
-    for a, b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values(), strict=True):
+    for a, b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values(),
+                    strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
     changed = run(*common, "--resume", "auto", "--lr", "1e-4", check=False)
@@ -122,7 +126,8 @@ def test_resume_is_exact(tiny_run: tuple[Path, str], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags", [["--method", "baseline"],
                                    pytest.param(["--no-lmvsd-masking", "--no-share-decoder", "--supervision",
-                                                 "ground_truth", "--hard-targets", "--no-vmlsd", "--amp", "bf16"],
+                                                 "ground_truth", "--hard-targets", "--no-vmlsd",
+                                                 "--amp", "bf16"],
                                                 marks=requires_bf16_masked_attention),
                                    ["--objectives", "vmlsd", "mask_grounding", "cal", "lang_rec"]],
                          ids=["baseline", "ablations", "objectives"])
@@ -136,7 +141,8 @@ def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> Non
     elif "--objectives" in flags:  # LMVSD off, VMLSD on, three further objectives with their heads
         assert terms == {"seg", "vmlsd", "mask_grounding", "cal", "lang_rec"}
         assert any(k.startswith("objectives.mask_grounding.") for k in keys)
-        assert any(k.startswith("objectives.lang_rec.") for k in keys) and "objectives.lmvsd.mask_token" not in keys
+        assert (any(k.startswith("objectives.lang_rec.") for k in keys)
+                and "objectives.lmvsd.mask_token" not in keys)
         history = json.loads((tmp_path / "metrics.json").read_text())["history"][0]
         assert history["lmvsd_selection"] == {}
     else:
@@ -147,8 +153,9 @@ def test_method_flags_reach_the_wrapper(tmp_path: Path, flags: list[str]) -> Non
 @pytest.mark.slow
 def test_torchrun_two_ranks_stay_identical(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE / "train.py"),
-               *TINY, "--epochs", "2", "--check-replicas", "--test-split", "none", "--out", str(out))
+    proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(EXAMPLE / "train.py"), *TINY, "--epochs", "2", "--check-replicas", "--test-split", "none",
+               "--out", str(out))
     assert "replicas identical on 2 ranks" in proc.stdout  # train.py compares every parameter bit for bit
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 4  # 64 samples / 2 ranks / 16 × 2 epochs

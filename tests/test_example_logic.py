@@ -113,7 +113,8 @@ def referents(sentence: str, objects: list) -> list[int]:
         side, k = word[: -len("most")], 0
     else:
         raise AssertionError(f"unparseable sentence {sentence!r}")
-    key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
+    key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy,
+           "bottom": lambda o: -o.cy}[side]
     ranked = sorted((i for i, o in enumerate(objects) if _named(s, c, n, o)), key=lambda i: key(objects[i]))
     return [ranked[k]] if len(ranked) > k else []
 
@@ -130,7 +131,8 @@ def test_every_synthetic_expression_names_exactly_its_target() -> None:
             kinds.add(s.expression.kind)
     assert kinds == {"attribute", "relation", "ordinal"}
     # sample i depends only on (split, i, seed), not on how many are drawn
-    assert synthetic.generate_sample("train", 7).sentence == synthetic.SyntheticReferDataset("train", num_samples=8)[7]["sentence"]
+    assert (synthetic.generate_sample("train", 7).sentence
+            == synthetic.SyntheticReferDataset("train", num_samples=8)[7]["sentence"])
 
 
 # ---------------------------------------------------------------------------- CRIS head
@@ -203,8 +205,10 @@ def test_cris_head_trains_on_a_batch_of_one() -> None:  # CRIS's BatchNorm1d tex
 
 def test_dynamic_conv_is_a_per_sample_convolution() -> None:
     g = torch.Generator().manual_seed(3)
-    x, weight, bias = torch.randn(4, 6, 9, 11, generator=g), torch.randn(4, 6, 3, 3, generator=g), torch.randn(4, generator=g)
-    loop = torch.cat([F.conv2d(x[i : i + 1], weight[i : i + 1], bias[i : i + 1], padding=1) for i in range(4)])
+    x, weight, bias = (torch.randn(4, 6, 9, 11, generator=g), torch.randn(4, 6, 3, 3, generator=g),
+                       torch.randn(4, generator=g))
+    loop = torch.cat([F.conv2d(x[i : i + 1], weight[i : i + 1], bias[i : i + 1], padding=1)
+                      for i in range(4)])
     torch.testing.assert_close(cris_head.dynamic_conv(x, weight, bias), loop, rtol=1e-5, atol=1e-5)
 
 
@@ -227,7 +231,8 @@ changed = json.loads(json.dumps(now))
 changed["data"]["world"] = "v2"
 out.append(config.trajectory_changes(changed, now))
 relative, absolute = dict(now, model=dict(now["model"])), dict(now, model=dict(now["model"]))
-relative["model"]["pretrained"], absolute["model"]["pretrained"] = "config.py", str(Path("config.py").resolve())
+relative["model"]["pretrained"] = "config.py"
+absolute["model"]["pretrained"] = str(Path("config.py").resolve())
 out.append(config.trajectory_changes(relative, absolute))  # one file, two spellings
 absolute["model"]["pretrained"] = str(Path("model.py").resolve())
 out.append(config.trajectory_changes(relative, absolute))

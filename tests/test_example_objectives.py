@@ -38,9 +38,11 @@ print(json.dumps({"cases": out, "help": config.build_parser().format_help()}))
 
 CASES = {
     "comma": (["--objectives", "lmvsd,vmlsd,mask_grounding"],
-              dict(objectives=["lmvsd", "vmlsd", "mask_grounding"], lmvsd=True, vmlsd=True, extra=["mask_grounding"])),
+              dict(objectives=["lmvsd", "vmlsd", "mask_grounding"], lmvsd=True, vmlsd=True,
+                   extra=["mask_grounding"])),
     "mixed": (["--objectives", "vmlsd,cal", "lang_rec", "cal"],  # each name once, in order
-              dict(objectives=["vmlsd", "cal", "lang_rec"], lmvsd=False, vmlsd=True, extra=["cal", "lang_rec"])),
+              dict(objectives=["vmlsd", "cal", "lang_rec"], lmvsd=False, vmlsd=True,
+                   extra=["cal", "lang_rec"])),
     "spaces": (["--objectives", "lmvsd", "cal_fused"],
                dict(objectives=["lmvsd", "cal_fused"], lmvsd=True, vmlsd=False, extra=["cal_fused"])),
     "none": (["--objectives", "none"], dict(objectives=None, lmvsd=True, vmlsd=True, extra=[])),
@@ -49,10 +51,11 @@ CASES = {
     "default": ([], dict(objectives=None, lmvsd=True, vmlsd=True, extra=[])),
     "baseline": (["--method", "baseline"], dict(objectives=[], lmvsd=False, vmlsd=False, extra=[])),
     "baseline_plus": (["--method", "baseline", "--objectives", "mask_grounding,lang_rec"],
-                      dict(method="baseline", objectives=["mask_grounding", "lang_rec"], lmvsd=False, vmlsd=False,
-                           extra=["mask_grounding", "lang_rec"])),
+                      dict(method="baseline", objectives=["mask_grounding", "lang_rec"], lmvsd=False,
+                           vmlsd=False, extra=["mask_grounding", "lang_rec"])),
     "maskris_paper": (["--method", "baseline", "--objectives", "maskris", "--seg-weight", "0.5"],
-                      dict(method="baseline", objectives=["maskris"], lmvsd=False, vmlsd=False, extra=["maskris"])),
+                      dict(method="baseline", objectives=["maskris"], lmvsd=False, vmlsd=False,
+                           extra=["maskris"])),
     "unknown": (["--objectives", "lmvsd,mask_grunding"], "unknown 'mask_grunding'"),
     "empty": (["--objectives", ","], "no name given"),
     "none_with_others": (["--objectives", "none,cal"], "none stands alone"),
@@ -89,8 +92,8 @@ def test_objectives_flag_resolves_or_refuses(parsed: dict[str, dict], case: str)
 
 def test_train_refuses_an_unknown_objective_before_building_anything(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--objectives", "lmvsd,bogus", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--objectives", "lmvsd,bogus",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert f"--objectives: unknown 'bogus'; choose from {VALID}" in proc.stderr
     assert not out.exists()

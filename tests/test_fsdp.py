@@ -39,14 +39,15 @@ except ImportError:  # pragma: no cover - older torch
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
-    pytest.mark.skipif(fully_shard is None, reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)"),
+    pytest.mark.skipif(fully_shard is None,
+                       reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)"),
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
 ]
 
 WORLD_SIZE = 2
 STEPS = 2
-UNITS = ("backbone.visual.layer1", "backbone.visual.layer2", "backbone.visual.layer3", "backbone.visual.layer4",
-         "backbone.transformer", "neck", "decoder", "proj")
+UNITS = ("backbone.visual.layer1", "backbone.visual.layer2", "backbone.visual.layer3",
+         "backbone.visual.layer4", "backbone.transformer", "neck", "decoder", "proj")
 
 
 def _free_port() -> int:
@@ -71,7 +72,8 @@ def _step(wrapper: torch.nn.Module, step: int, rank: int) -> masksd.DistillOutpu
 
     batch = cris_style.make_batch(seed=10 * step + rank)
     torch.manual_seed(100 * step + rank)
-    return wrapper(batch.img, batch.word, batch.mask, generator=torch.Generator().manual_seed(200 * step + rank))
+    return wrapper(batch.img, batch.word, batch.mask,
+                   generator=torch.Generator().manual_seed(200 * step + rank))
 
 
 def _worker(rank: int, port: int, result_dir: str) -> None:
@@ -93,8 +95,10 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
         optimizer.step()
         losses.append(float(out.loss))
     sharded = sum(hasattr(p, "full_tensor") for p in wrapper.parameters())
-    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in wrapper.named_parameters()}
-    torch.save({"full": full, "losses": losses, "sharded": sharded}, os.path.join(result_dir, f"rank{rank}.pt"))
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            for n, p in wrapper.named_parameters()}
+    torch.save({"full": full, "losses": losses, "sharded": sharded},
+               os.path.join(result_dir, f"rank{rank}.pt"))
 
 
 def _reference() -> dict[str, torch.Tensor]:
@@ -129,6 +133,7 @@ def test_fsdp2_training_matches_one_process(tmp_path):
     start = {n: p.detach() for n, p in _build().named_parameters()}
     reference = _reference()
     assert set(reference) == set(ranks[0]["full"])
-    assert any(not torch.equal(reference[n], start[n]) for n in ("objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"))
+    assert any(not torch.equal(reference[n], start[n])
+               for n in ("objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"))
     for name, value in reference.items():
         torch.testing.assert_close(ranks[0]["full"][name], value, rtol=1e-5, atol=1e-5, msg=name)

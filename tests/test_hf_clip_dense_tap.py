@@ -38,7 +38,8 @@ def test_a_dense_tap_on_a_hf_clip_model_selects_by_the_dense_features(mode):
     tap = clip_dense_tap(model, "clip", mode=mode)
     last = "clip.vision_model.encoder.layers.1"
     assert tap == Tap(last, kind="input", select="[0]",
-                      project=(dense_step(mode, last), "clip.vision_model.post_layernorm", "clip.visual_projection"))
+                      project=(dense_step(mode, last), "clip.vision_model.post_layernorm",
+                               "clip.visual_projection"))
     # the vision transformer's own path, with its projection named, gives the same tap
     assert clip_dense_tap(model, "clip.vision_model", mode=mode, projection="clip.visual_projection") == tap
     spec = spec_for(model, tap)
@@ -57,8 +58,10 @@ def test_a_dense_tap_on_a_hf_clip_model_selects_by_the_dense_features(mode):
         assert torch.isfinite(out.loss)
         kept[name] = out.selections["lmvsd"]["kept"]
     with torch.no_grad():
-        scores = torch.einsum("bd,bnd->bn", text_features(model.clip, ids, mask), dense_reference(model.clip, x, mode))
-    assert torch.equal(kept["dense"], select_top_k(scores, torch.ones_like(scores, dtype=torch.bool), top_k=0.5))
+        scores = torch.einsum("bd,bnd->bn", text_features(model.clip, ids, mask),
+                              dense_reference(model.clip, x, mode))
+    assert torch.equal(kept["dense"],
+                       select_top_k(scores, torch.ones_like(scores, dtype=torch.bool), top_k=0.5))
     assert not torch.equal(kept["dense"], kept["plain"])
 
 
@@ -71,6 +74,6 @@ def test_dense_tap_errors_name_the_fix():
     with pytest.raises(ValueError, match="'clip.text_model' .* is not a CLIP ViT"):
         clip_dense_tap(model, "clip.text_model")
     delattr(model.clip.vision_model.encoder.layers[-1], "layer_norm1")
-    with pytest.raises(ValueError, match=r"layers\.1: dense scoring features need a transformers CLIPEncoderLayer; "
-                                         "its CLIPEncoderLayer lacks layer_norm1"):
+    with pytest.raises(ValueError, match=r"layers\.1: dense scoring features need a transformers "
+                                         "CLIPEncoderLayer; its CLIPEncoderLayer lacks layer_norm1"):
         clip_dense_tap(model, "clip")

@@ -20,9 +20,9 @@ def _further_objectives() -> list[masksd.Objective]:
     """The objectives that read the decoder's fused features, sized for the demo (no dropout, so
     both backends draw nothing from the global generator)."""
     size = dict(width=DEMO.head_dim, heads=DEMO.head_heads, ffn=DEMO.head_ffn, dropout=0.0)
-    return [masksd.LanguageReconstruction(fused_dim=DEMO.head_dim, text_dim=64,
-                                          config=masksd.LanguageReconstructionConfig(**size)),
-            masksd.CrossModalAlignment(config=masksd.CrossModalAlignmentConfig(features="fused"), text_dim=64,
+    return [masksd.objectives.LanguageReconstruction(fused_dim=DEMO.head_dim, text_dim=64,
+                                          config=masksd.objectives.LanguageReconstructionConfig(**size)),
+            masksd.objectives.CrossModalAlignment(config=masksd.objectives.CrossModalAlignmentConfig(features="fused"), text_dim=64,
                                        fused_dim=DEMO.head_dim, name="cal_fused")]
 
 
@@ -62,7 +62,8 @@ def test_hooks_and_towers_give_the_same_selections_losses_and_gradients():
             assert torch.equal(a.selections[name]["masked"], b.selections[name]["masked"]), name
             torch.testing.assert_close(a.selections[name]["logits"], b.selections[name]["logits"])
         assert a.losses.keys() == b.losses.keys() == {"seg", "lmvsd", "vmlsd", "lang_rec", "cal_fused"}
-        assert a.losses["lang_rec"] > 0 and a.losses["cal_fused"] > 0 and a.selections["cal_fused"]["valid"].any()
+        assert (a.losses["lang_rec"] > 0 and a.losses["cal_fused"] > 0
+                and a.selections["cal_fused"]["valid"].any())
         for name in a.losses:
             torch.testing.assert_close(a.losses[name], b.losses[name])
         a.loss.backward()

@@ -88,7 +88,8 @@ def test_lightning_module_holding_the_wrapper_trains_and_its_checkpoint_loads_in
     lit = LitRIS()
     token = lit.wrapper.added_parameters()["objectives.lmvsd.mask_token"].detach().clone()
     trainer = lightning.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path,
                                 callbacks=[WeightAveraging()])  # deep-copies the module, hooks and all
     trainer.fit(lit, data)
     assert {"train/seg", "train/lmvsd", "train/vmlsd"} <= set(trainer.callback_metrics)
@@ -97,10 +98,10 @@ def test_lightning_module_holding_the_wrapper_trains_and_its_checkpoint_loads_in
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     with pytest.raises(ValueError, match="starts with 'wrapper.'"):
-        masksd.load_bare_state_dict(TinyRIS(), state)
+        masksd.checkpoints.load_bare_state_dict(TinyRIS(), state)
     consume_prefix_in_state_dict_if_present(state, "wrapper.")
     bare = TinyRIS()
-    masksd.load_bare_state_dict(bare, state)
+    masksd.checkpoints.load_bare_state_dict(bare, state)
     with torch.no_grad():
         assert torch.equal(bare.eval()(images_, ids), lit.wrapper.eval()(images_, ids))
 

@@ -67,6 +67,7 @@ def test_glued_lavt_trains_as_its_loop_and_saves_as_two_models(tmp_path):
     fresh_model.load_state_dict(state["model"], strict=True)
     fresh_bert.load_state_dict(state["bert_model"], strict=True)
     with torch.no_grad():
-        fresh = fresh_model.eval()(batch.image, fresh_bert.eval()(batch.input_ids, attention_mask=batch.attention_mask)[0]
+        fresh = fresh_model.eval()(batch.image,
+                                   fresh_bert.eval()(batch.input_ids, attention_mask=batch.attention_mask)[0]
                                    .permute(0, 2, 1), l_mask=batch.attention_mask.unsqueeze(-1))
         assert torch.equal(wrapper.eval()(batch.image, batch.input_ids, batch.attention_mask), fresh)

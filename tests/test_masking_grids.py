@@ -39,7 +39,8 @@ def test_expanded_units_are_solid_blocks_that_tile_the_grid(unit_grid, grid):
         # nearest: block sizes are floor or ceil of the ratio, and the blocks keep the units' order
         assert len(rows) in (grid[0] // unit_grid[0], -(-grid[0] // unit_grid[0]))
         assert len(cols) in (grid[1] // unit_grid[1], -(-grid[1] // unit_grid[1]))
-        assert divmod(u, unit_grid[1]) == (int(rows[0]) * unit_grid[0] // grid[0], int(cols[0]) * unit_grid[1] // grid[1])
+        assert divmod(u, unit_grid[1]) == (int(rows[0]) * unit_grid[0] // grid[0],
+                                           int(cols[0]) * unit_grid[1] // grid[1])
 
 
 def test_expand_matches_interpolate_nearest_on_the_ragged_grids():
@@ -58,7 +59,8 @@ def grids(draw, fine_at_least_coarse: bool = True):
 
 
 def random_mask(draw, b: int, n: int) -> torch.Tensor:
-    return torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=b, max_size=b)))
+    return torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n),
+                                      min_size=b, max_size=b)))
 
 
 @SETTINGS

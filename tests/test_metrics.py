@@ -142,7 +142,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.slow
 def test_all_reduce_two_gloo_processes(tmp_path: Path) -> None:
     world = 2
-    run_ranks(_ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world_size=world, marker_dir=tmp_path)
+    run_ranks(_ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world_size=world,
+              marker_dir=tmp_path)
     ref = RISMetrics()
     for rank in range(world):
         ref.update(*_rank_data(rank))

@@ -45,7 +45,8 @@ def test_set_weights_changes_the_total_and_the_saved_configuration():
     for bad in (-1.0, math.nan, math.inf, True, "0.5"):
         with pytest.raises(ValueError, match=r"set_weights: lmvsd must be a finite number >= 0"):
             wrapper.set_weights(lmvsd=bad)
-    with pytest.raises(ValueError, match=r"no objective named \['lmvds'\]; this wrapper has \['lmvsd', 'vmlsd', 'cal'\]"):
+    with pytest.raises(ValueError,
+                       match=r"no objective named \['lmvds'\]; this wrapper has \['lmvsd', 'vmlsd', 'cal'\]"):
         wrapper.set_weights(lmvds=1.0)
     assert wrapper.config == config  # nothing changed by a refused call
 

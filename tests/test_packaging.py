@@ -35,7 +35,8 @@ def _source_version() -> str:
     """``masksd.__version__`` read from the source file (the one place the version lives)."""
     tree = ast.parse((ROOT / "masksd" / "__init__.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__"
+                                                for t in node.targets):
             return ast.literal_eval(node.value)
     raise AssertionError("masksd/__init__.py defines no __version__")
 
@@ -97,7 +98,8 @@ def test_every_declared_floor_is_the_version_ci_tests_it_on():
             continue
         pinned = pins.get(name)
         assert pinned is not None, f"{name} (>= {floor}) is not installed by requirements-floor.txt"
-        assert [int(p) for p in pinned.split(".")][: len(floor.split("."))] == [int(p) for p in floor.split(".")], (
+        assert ([int(p) for p in pinned.split(".")][: len(floor.split("."))]
+                == [int(p) for p in floor.split(".")]), (
             f"{name}: pyproject says >= {floor}, the floor environment installs {pinned}")
         checked.append(name)
     assert {"torch", "numpy", "einops", "open-clip-torch", "timm", "transformers"} <= set(checked)

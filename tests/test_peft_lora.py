@@ -30,12 +30,14 @@ from hf_clip_models import (  # noqa: E402
 
 from masksd.adapters.clip_dense import clip_dense_tap  # noqa: E402
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["patch_in", "sentence_in", "head"])
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+            modules_to_save=["patch_in", "sentence_in", "head"])
 
 
 def lora_model(dropout: float = 0.0, **changes) -> peft.PeftModel:
     torch.manual_seed(1)
-    return peft.get_peft_model(HFClipRIS(tiny_clip()), peft.LoraConfig(lora_dropout=dropout, **{**LORA, **changes}))
+    return peft.get_peft_model(HFClipRIS(tiny_clip()),
+                               peft.LoraConfig(lora_dropout=dropout, **{**LORA, **changes}))
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,8 +64,10 @@ def test_lora_model_wraps_by_its_base_model_trains_the_adapters_and_loads_back_w
     for _ in range(3):
         out = wrapper.train()(x, ids, mask, target=target)
         out.loss.backward()
-        assert all(p.grad is not None for n, p in wrapper.named_parameters() if "lora_" in n or "mask_token" in n)
-        assert all(p.grad is None for n, p in inner.clip.named_parameters() if "lora_" not in n)  # frozen by PEFT
+        assert all(p.grad is not None for n, p in wrapper.named_parameters()
+                   if "lora_" in n or "mask_token" in n)
+        # frozen by PEFT
+        assert all(p.grad is None for n, p in inner.clip.named_parameters() if "lora_" not in n)
         optimizer.step()
         optimizer.zero_grad()
     assert not torch.equal(inner.clip.vision_model.encoder.layers[-1].self_attn.q_proj.lora_B.default.weight,
@@ -79,7 +83,8 @@ def test_lora_model_wraps_by_its_base_model_trains_the_adapters_and_loads_back_w
 def test_dense_tap_reads_the_lora_adapted_projections_without_their_dropout():
     # adapters (with dropout) on the last vision layer only: its input and the sentence feature stay
     # deterministic, so any noise in the selection would come from the scoring projections
-    peft_model = lora_model(dropout=0.5, target_modules=r".*vision_model\.encoder\.layers\.1\.self_attn\.(q_proj|v_proj)")
+    peft_model = lora_model(dropout=0.5,
+                            target_modules=r".*vision_model\.encoder\.layers\.1\.self_attn\.(q_proj|v_proj)")
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # LoRA starts as a no-op; make it change the projections
             torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(3))
@@ -96,8 +101,8 @@ def test_dense_tap_reads_the_lora_adapted_projections_without_their_dropout():
             without_lora = dense_reference(inner.clip.eval(), x, "clearclip")
     assert not torch.allclose(without_lora, dense, atol=1e-3)  # the adapters change the dense features
     # kept: the top half under the adapted projections with LoRA's dropout off (p = 0.5 would scramble it)
-    assert torch.equal(out.selections["lmvsd"]["kept"], select_top_k(scores, torch.ones_like(scores, dtype=torch.bool),
-                                                                     top_k=0.5))
+    assert torch.equal(out.selections["lmvsd"]["kept"],
+                       select_top_k(scores, torch.ones_like(scores, dtype=torch.bool), top_k=0.5))
     assert torch.isfinite(out.loss)
 
 
@@ -106,7 +111,8 @@ def test_dense_scoring_refuses_an_adapter_wrapped_packed_attention():
     from masksd.adapters.open_clip import towers_from_open_clip
 
     torch.manual_seed(0)
-    clip = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+    clip = open_clip.CLIP(embed_dim=24,
+                          vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
                           text_cfg=dict(context_length=12, vocab_size=49408, width=32, heads=2, layers=1))
     peft.get_peft_model(clip, peft.LoraConfig(r=4, target_modules=["attn"]))  # LoRA on nn.MultiheadAttention
     # its packed in_proj_weight is the base layer's: scoring with it would silently miss the adapter

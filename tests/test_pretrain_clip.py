@@ -17,9 +17,9 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cris_clip"
-TINY = ["--preset", "smoke", "--steps", "8", "--batch-size", "16", "--train-scenes", "16", "--warmup-steps", "1",
-        "--val-scenes", "32", "--align-scenes", "16", "--refer-samples", "8", "--eval-interval", "4",
-        "--log-interval", "2", "--workers", "0", "--threads", "1", "--no-progress"]
+TINY = ["--preset", "smoke", "--steps", "8", "--batch-size", "16", "--train-scenes", "16",
+        "--warmup-steps", "1", "--val-scenes", "32", "--align-scenes", "16", "--refer-samples", "8",
+        "--eval-interval", "4", "--log-interval", "2", "--workers", "0", "--threads", "1", "--no-progress"]
 
 
 def run_script(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -74,14 +74,16 @@ def test_checkpoint_loads_through_open_clip_into_the_reference_model(tiny_run: t
     out, _ = tiny_run
     from examples.cris_clip import model
     saved = torch.load(out / "open_clip_pytorch_model.bin", map_location="cpu", weights_only=True)
-    ris = model.build_model(replace(model.MODEL_CONFIGS["demo"], pretrained=str(out / "open_clip_pytorch_model.bin")))
-    towers = {k.removeprefix("image_tower.").removeprefix("text_tower."): v for k, v in ris.state_dict().items()
-              if k.startswith(("image_tower.", "text_tower."))}
+    ris = model.build_model(replace(model.MODEL_CONFIGS["demo"],
+                                    pretrained=str(out / "open_clip_pytorch_model.bin")))
+    towers = {k.removeprefix("image_tower.").removeprefix("text_tower."): v
+              for k, v in ris.state_dict().items() if k.startswith(("image_tower.", "text_tower."))}
     assert set(towers) == set(saved) - {"logit_scale"}
     assert all(torch.equal(towers[k], saved[k]) for k in towers)
     fresh = model.build_model(model.MODEL_CONFIGS["demo"]).state_dict()  # training changed the weights
     assert not torch.equal(fresh["text_tower.text_projection"], towers["text_projection"])
-    if int(open_clip.__version__.split(".")[0]) >= 3:  # "local-dir:" exists from open_clip 3.0 ([examples] floor)
+    # "local-dir:" exists from open_clip 3.0 ([examples] floor)
+    if int(open_clip.__version__.split(".")[0]) >= 3:
         hub = open_clip.create_model(f"local-dir:{out}")  # the hub layout: open_clip_config.json + weights
         assert all(torch.equal(v, saved[k]) for k, v in hub.state_dict().items())
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)  # a training checkpoint
@@ -104,9 +106,9 @@ def test_train_py_records_which_pretrained_weights_and_machine_it_ran_on(tiny_ru
                                                                           tmp_path: Path) -> None:
     out, _ = tiny_run
     weights = out / "open_clip_pytorch_model.bin"
-    done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "demo", "--pretrained", str(weights),
-                           "--num-train", "32", "--num-val", "16", "--batch-size", "16", "--epochs", "1",
-                           "--no-progress", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "demo",
+                           "--pretrained", str(weights), "--num-train", "32", "--num-val", "16",
+                           "--batch-size", "16", "--epochs", "1", "--no-progress", "--out", str(tmp_path)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -117,15 +119,16 @@ def test_train_py_records_which_pretrained_weights_and_machine_it_ran_on(tiny_ru
 
 def test_world_v2_pretraining_adds_the_dense_terms_and_train_py_runs_on_world_v2(tmp_path: Path) -> None:
     out = tmp_path / "clip"
-    run_script("--world", "v2", "--model", "v2", "--dense-weight", "1", "--steps", "4", "--eval-interval", "4",
-               "--out", str(out))
+    run_script("--world", "v2", "--model", "v2", "--dense-weight", "1", "--steps", "4",
+               "--eval-interval", "4", "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     last = metrics["history"][-1]
-    assert {"dense_sentence", "dense_word"} <= set(last) and all(torch.isfinite(torch.tensor(v)) for v in last.values()
-                                                              if isinstance(v, float))
+    assert ({"dense_sentence", "dense_word"} <= set(last)
+            and all(torch.isfinite(torch.tensor(v)) for v in last.values() if isinstance(v, float)))
     done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "v2", "--pretrained",
                            str(out / "open_clip_pytorch_model.bin"), "--num-train", "16", "--num-val", "8",
-                           "--batch-size", "8", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "ris")],
+                           "--batch-size", "8", "--epochs", "1", "--no-progress",
+                           "--out", str(tmp_path / "ris")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     ris = json.loads((tmp_path / "ris" / "metrics.json").read_text())

@@ -48,7 +48,9 @@ def params_without_grad(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
 
 
-def capture_output(module: nn.Module, store: dict[str, Tensor], key: str) -> torch.utils.hooks.RemovableHandle:
+def capture_output(
+    module: nn.Module, store: dict[str, Tensor], key: str
+) -> torch.utils.hooks.RemovableHandle:
     """Forward hook that keeps ``module``'s (tensor) output under ``store[key]``."""
 
     def hook(_mod: nn.Module, _args: tuple, out: Tensor) -> None:

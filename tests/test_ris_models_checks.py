@@ -66,7 +66,8 @@ def test_a_missing_target_gets_masksds_message_before_the_model_runs():
 def test_image_and_word_batches_of_different_sizes_are_named_before_the_model_runs():
     wrapper, calls = _cris()
     batch = cris_style.make_batch()
-    with pytest.raises(ValueError, match=r"different batch sizes \('img' \(the images\) 2, 'word' \(the ids\) 3"):
+    with pytest.raises(ValueError,
+                       match=r"different batch sizes \('img' \(the images\) 2, 'word' \(the ids\) 3"):
         wrapper(batch.img[:2], batch.word[:3], batch.mask[:2])
     with pytest.raises(ValueError, match=r"different batch sizes"):
         wrapper.check(batch.img[:2], batch.word[:3], batch.mask[:2])
@@ -178,7 +179,8 @@ def test_reference_model_scorers_are_not_degenerate():
 # -------------------------------------------------------------------------------- dropout replay
 def _unmasked_branches_differ(wrapper, *batch, target) -> dict[str, float]:
     out = wrapper.train()(*batch, target=target, generator=torch.Generator().manual_seed(0))
-    return {name: float((s["logits"] - out.logits.detach()).abs().max()) for name, s in out.selections.items()}
+    return {name: float((s["logits"] - out.logits.detach()).abs().max())
+            for name, s in out.selections.items()}
 
 
 @pytest.mark.parametrize("dropout", ["fresh", "replay"])
@@ -192,9 +194,11 @@ def test_replayed_dropout_makes_unmasked_branches_equal_the_main_branch(dropout)
     torch.manual_seed(0)
     cris = masksd.wrap(cris_style.CRIS(), cris_spec(), **off)
     c = cris_style.make_batch()
-    gaps = {**{f"lavt {k}": v for k, v in _unmasked_branches_differ(lavt, b.image, b.input_ids, b.attention_mask,
-                                                                     target=b.target).items()},
-            **{f"cris {k}": v for k, v in _unmasked_branches_differ(cris, c.img, c.word, target=c.mask).items()}}
+    gaps = {**{f"lavt {k}": v
+               for k, v in _unmasked_branches_differ(lavt, b.image, b.input_ids, b.attention_mask,
+                                                     target=b.target).items()},
+            **{f"cris {k}": v
+               for k, v in _unmasked_branches_differ(cris, c.img, c.word, target=c.mask).items()}}
     if dropout == "replay":
         assert gaps == dict.fromkeys(gaps, 0.0)
     else:
@@ -233,7 +237,8 @@ def test_user_given_unit_grid_masks_blocks_without_a_scoring_tap():
     spec = dataclasses.replace(spec, image=image)
     assert HookSpec.from_dict(spec.to_dict()) == spec
     torch.manual_seed(0)
-    wrapper = masksd.wrap(lavt_style.LAVTOne(), spec, lmvsd=LMVSDConfig(scorer="prediction", ratio=0.5), vmlsd=None)
+    wrapper = masksd.wrap(lavt_style.LAVTOne(), spec, lmvsd=LMVSDConfig(scorer="prediction", ratio=0.5),
+                          vmlsd=None)
     seen = []
     embed = wrapper.unwrap().backbone.patch_embed
     embed.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
@@ -244,7 +249,8 @@ def test_user_given_unit_grid_masks_blocks_without_a_scoring_tap():
     assert selection["grid"] == (4, 4) and selection["kept"].sum(1).tolist() == [8] * 4
     token = wrapper.objectives["lmvsd"].mask_token.detach()
     replaced = (seen[-1] == token[None, :, None, None]).all(1)  # the masked-image pass [B, 16, 16]
-    blocks = rearrange(selection["masked"], "b (h w) -> b h w", h=4).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    blocks = (rearrange(selection["masked"], "b (h w) -> b h w", h=4)
+              .repeat_interleave(4, 1).repeat_interleave(4, 2))
     assert torch.equal(replaced, blocks)
 
 
@@ -253,7 +259,8 @@ def test_unit_grid_that_contradicts_the_scoring_tokens_is_refused():
     spec = dataclasses.replace(spec, image=dataclasses.replace(spec.image, units=(8, 8)))
     wrapper = masksd.wrap(lavt_style.LAVTOne(), spec, vmlsd=None).train()
     b = lavt_style.make_batch()
-    with pytest.raises(ValueError, match=r"units is \(8, 8\) but the image scoring tokens lie on a \(4, 4\) grid"):
+    with pytest.raises(ValueError,
+                       match=r"units is \(8, 8\) but the image scoring tokens lie on a \(4, 4\) grid"):
         wrapper(b.image, b.input_ids, b.attention_mask, target=b.target)
     with pytest.raises(ValueError, match=r"ModalitySpec.units must be a pair of positive ints"):
         ModalitySpec(embed="x", units=(0, 4))

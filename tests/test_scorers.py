@@ -32,7 +32,8 @@ def test_late_interaction_keeps_the_tokens_best_matched_by_a_token_of_the_other_
         image, text = wrapper.unwrap().encode(images, ids)
     patches, words = image.tokens, text.tokens
     if metric == "cosine":
-        patches, words = torch.nn.functional.normalize(patches, dim=-1), torch.nn.functional.normalize(words, dim=-1)
+        patches, words = (torch.nn.functional.normalize(patches, dim=-1),
+                          torch.nn.functional.normalize(words, dim=-1))
     similarity = torch.einsum("bnd,bmd->bnm", patches, words)  # [B, patches, words]
     real_words = (ids != PAD) & (ids != SOT) & (ids != EOT)
     patch_scores = similarity.masked_fill(~real_words[:, None, :], float("-inf")).amax(dim=2)
@@ -60,7 +61,8 @@ def test_late_interaction_on_a_hooked_cnn_scores_the_coarse_grid_and_needs_both_
     kept = out.selections["lmvsd"]["kept"]  # selected on the 4x4 backbone grid (the scoring units)
     assert kept.shape == (4, 16) and kept.sum(dim=1).tolist() == [8] * 4
     assert all(p.grad is not None for p in wrapper.parameters() if p.requires_grad)
-    no_text_tokens = tiny_spec(text=ModalitySpec(embed="word_embed", maskable=Maskable(ids="ids", never=(HOOK_PAD,)),
+    no_text_tokens = tiny_spec(text=ModalitySpec(embed="word_embed",
+                                                 maskable=Maskable(ids="ids", never=(HOOK_PAD,)),
                                                  reuse=("text_encoder",)))
     with pytest.raises(ValueError, match="scorer='late_interaction'.*HookSpec.text.tokens"):
         masksd.wrap(TinyRIS(), no_text_tokens, lmvsd=LMVSDConfig(scorer="late_interaction"),
@@ -81,9 +83,11 @@ def test_a_registered_scorer_is_chosen_by_name_and_its_needs_are_checked_at_wrap
     wrapper = wrap(lmvsd=LMVSDConfig(top_k=0.25, ratio=0.0, scorer="test_first_units"), vmlsd=None)
     out = step(wrapper, batch(2))
     kept = out.selections["lmvsd"]["kept"]
-    assert calls == [("image", "dot")] and kept[:, : kept.shape[1] // 4].all() and not kept[:, kept.shape[1] // 4 :].any()
+    assert (calls == [("image", "dot")] and kept[:, : kept.shape[1] // 4].all()
+            and not kept[:, kept.shape[1] // 4 :].any())
     spec = tiny_spec()
-    no_tokens = masksd.HookSpec(image=ModalitySpec(embed=spec.image.embed, layout=spec.image.layout), text=spec.text)
+    no_tokens = masksd.HookSpec(image=ModalitySpec(embed=spec.image.embed, layout=spec.image.layout),
+                                text=spec.text)
     with pytest.raises(ValueError, match=r"scorer='test_first_units', which needs HookSpec.image.tokens"):
         masksd.wrap(TinyRIS(), no_tokens, lmvsd=LMVSDConfig(scorer="test_first_units"), vmlsd=None)
     with pytest.raises(ValueError, match=r"scorer must be one of .*'test_first_units'.*got 'nope'"):

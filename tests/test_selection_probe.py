@@ -14,7 +14,8 @@ pytest.importorskip("open_clip")
 def test_probe_reports_every_scorer_with_rates(tmp_path, preset) -> None:
     from benchmarks.selection_probe import SETTINGS, main
 
-    report = main(["--samples", "16", "--batch-size", "8", "--preset", preset, "--json", str(tmp_path / "probe.json")])
+    report = main(["--samples", "16", "--batch-size", "8", "--preset", preset,
+                   "--json", str(tmp_path / "probe.json")])
     saved = json.loads((tmp_path / "probe.json").read_text())
     results = saved["settings"]["random init"]
     assert results == report["settings"]["random init"] and saved["preset"] == preset
@@ -33,7 +34,8 @@ def test_probe_reports_every_scorer_with_rates(tmp_path, preset) -> None:
     # words are scored against the image's global feature, which dense patch features leave alone
     for key, rate in results["correlation/dot"].items():
         if key.startswith("kept_rate/"):
-            assert rate == results["value/dot"][key] or math.isnan(rate) and math.isnan(results["value/dot"][key])
+            assert (rate == results["value/dot"][key]
+                    or math.isnan(rate) and math.isnan(results["value/dot"][key]))
 
 
 def test_probe_plot_divides_kept_on_target_by_the_area_per_clip(tmp_path) -> None:
@@ -41,8 +43,9 @@ def test_probe_plot_divides_kept_on_target_by_the_area_per_clip(tmp_path) -> Non
 
     from benchmarks import probe_plot
 
-    report = {"preset": "v2", "settings": {"pretrained": {"correlation/dot": {"precision": 0.25, "random": 0.125},
-                                                          "random/dot": {"precision": 0.1, "random": 0.1}}}}
+    report = {"preset": "v2",
+              "settings": {"pretrained": {"correlation/dot": {"precision": 0.25, "random": 0.125},
+                                          "random/dot": {"precision": 0.1, "random": 0.1}}}}
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(report))
     groups = probe_plot.main([str(path), "--out", str(tmp_path / "probe.png")])

@@ -18,8 +18,8 @@ def test_ris_model_ratios_and_floors_from_the_branch_calls():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = measure_ris_models(2, 64, torch.device("cpu"), cm.Timer(torch.device("cpu")), rounds=1, warmup=0,
-                                    deadline=0.0)
+        result = measure_ris_models(2, 64, torch.device("cpu"), cm.Timer(torch.device("cpu")), rounds=1,
+                                    warmup=0, deadline=0.0)
     finally:
         torch.set_num_threads(threads)
     cris, lavt = (result["ris_models"][name] for name in RIS_MODELS)

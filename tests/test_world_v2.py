@@ -33,7 +33,8 @@ def referents(sentence: str, objects: list) -> list[int]:
         return [i for i, o in enumerate(objects) if _named(s, c, n, o)]
 
     def towards(side):
-        return {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
+        return {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy,
+                "bottom": lambda o: -o.cy}[side]
 
     if m := _ATTR.match(sentence):
         return named(*m.groups())
@@ -85,7 +86,8 @@ def test_referents_are_large_share_their_category_and_expressions_are_short() ->
 
 def test_samples_are_deterministic_in_split_index_and_seed() -> None:
     a, b = world_v2.generate_sample("train", 5), world_v2.WorldV2Dataset("train", num_samples=6)[5]
-    assert a.sentence == b["sentence"] and np.array_equal(a.image, b["image"]) and np.array_equal(a.mask, b["mask"])
+    assert (a.sentence == b["sentence"] and np.array_equal(a.image, b["image"])
+            and np.array_equal(a.mask, b["mask"]))
     other_seed = world_v2.generate_sample("train", 5, seed=1)
     other_split = world_v2.generate_sample("test", 5)
     assert not np.array_equal(a.image, other_seed.image) and not np.array_equal(a.image, other_split.image)
@@ -97,7 +99,8 @@ def test_samples_are_deterministic_in_split_index_and_seed() -> None:
 
 def test_word_roles_mark_the_target_noun_and_the_relations_anchor() -> None:
     names = roles.ROLE_NAMES
-    assert [names[r] for r in roles.word_roles("left blue circle")] == ["relation", "target_attribute", "target_noun"]
+    assert [names[r] for r in roles.word_roles("left blue circle")] == ["relation", "target_attribute",
+                                                                        "target_noun"]
     assert [names[r] for r in roles.word_roles("circle on top")] == ["target_noun", "relation", "relation"]
     assert [names[r] for r in roles.word_roles("the square near red circle")] == [
         "function", "target_noun", "relation", "anchor", "anchor"]

@@ -12,13 +12,9 @@ from tiny_models import tiny_step as step
 from tiny_models import tiny_wrapper as wrap
 from torch import nn
 
-from masksd import (
-    LMVSDConfig,
-    RISModel,
-    VMLSDConfig,
-    consistency_loss,
-    segmentation_loss,
-)
+from masksd import LMVSDConfig, VMLSDConfig
+from masksd.losses import consistency_loss, segmentation_loss
+from masksd.towers import RISModel
 
 MASK_TOKENS = {"objectives.lmvsd.mask_token", "objectives.vmlsd.mask_token"}
 

@@ -54,7 +54,8 @@ class SpatialAttentionPool(AttentionPool2d):
     """CRIS.pytorch's ``AttentionPool2d.forward``: spatial attention pool + ``connect`` residual."""
 
     def forward(self, x: Tensor) -> Tensor:
-        view = SimpleNamespace(backbone=SimpleNamespace(visual=SimpleNamespace(attnpool=self)), training=self.training)
+        view = SimpleNamespace(backbone=SimpleNamespace(visual=SimpleNamespace(attnpool=self)),
+                               training=self.training)
         return cris_style.CRIS.spatial_attnpool(view, x)
 
 
@@ -83,7 +84,8 @@ class LAVTOne(lavt_style.LAVTOne):
 
 
 def test_cris_recipe():
-    block = _recipe("### CLIP ResNet (CRIS", {"width=64": "width=16", "never=(0, 49406, 49407)": "never=(0, 98, 99)"})
+    block = _recipe("### CLIP ResNet (CRIS",
+                    {"width=64": "width=16", "never=(0, 49406, 49407)": "never=(0, 98, 99)"})
     torch.manual_seed(0)
     model = CRISPoolModule()
     batch = cris_style.make_batch()

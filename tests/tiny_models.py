@@ -204,7 +204,9 @@ def make_model(
     return image_tower, text_tower, decoder
 
 
-def tiny_wrapper(seed: int = 0, *, text_dim: int = 16, batch_norm: bool = False, **kwargs) -> MaskedSelfDistill:
+def tiny_wrapper(
+    seed: int = 0, *, text_dim: int = 16, batch_norm: bool = False, **kwargs
+) -> MaskedSelfDistill:
     """``MaskedSelfDistill`` over ``make_model(seed)``; the mask tokens drawn from a forked RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1000)  # mask tokens are drawn from the global RNG

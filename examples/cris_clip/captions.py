@@ -112,7 +112,9 @@ def holds(relation: str, objects: list[SceneObject], t: int, a: int) -> bool:
     return gap[relation] >= AXIS_MARGIN
 
 
-def make_caption(objects: list[SceneObject], rng: np.random.Generator, *, max_words: int = MAX_WORDS) -> Caption:
+def make_caption(
+    objects: list[SceneObject], rng: np.random.Generator, *, max_words: int = MAX_WORDS
+) -> Caption:
     """A true caption of the scene (see the module docstring); needs one describable object."""
     free = [int(i) for i in rng.permutation(describable(objects))]
     if not free:

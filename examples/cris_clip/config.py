@@ -46,7 +46,8 @@ LIBRARY_HELP = {
     "weight": "loss weight λ",
     "masking": "mask the kept tokens (off: the Table V ablation, the branch re-encodes unmasked tokens)",
     "metric": "correlation: dot (paper) or cosine",
-    "scorer": "how tokens are ranked before top-K: correlation (paper), late_interaction, prediction or random",
+    "scorer": "how tokens are ranked before top-K: correlation (paper), late_interaction, prediction or "
+              "random",
     "surgery": "correlation scores minus each token's mean score over the batch's sentences (CLIP Surgery)",
     "supervision": "branch targets: the main prediction (distill, paper) or the ground truth (Table VI)",
     "share_decoder": "the branches use the model's decoder (off: each its own copy, Table VII ablation)",
@@ -123,8 +124,9 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         objectives = tuple(d["objectives"]) if d.get("objectives") is not None else None
-        return cls(preset=d["preset"], method=d["method"], objectives=objectives, model=ModelConfig(**d["model"]),
-                   distill=DistillConfig.from_dict(d["distill"]), data=DataConfig(**d["data"]),
+        return cls(preset=d["preset"], method=d["method"], objectives=objectives,
+                   model=ModelConfig(**d["model"]), distill=DistillConfig.from_dict(d["distill"]),
+                   data=DataConfig(**d["data"]),
                    optim=OptimConfig(**d["optim"]), run=RunConfig(**d["run"]))
 
 
@@ -132,8 +134,10 @@ PRESETS: dict[str, Config] = {
     # tuned on the synthetic val split to finish in minutes on 2 CPU cores (see docs/benchmarks.md)
     "demo": Config(preset="demo", model=MODEL_CONFIGS["demo"], data=DataConfig(num_train=8000),
                    optim=OptimConfig(epochs=4, batch_size=16, lr=4e-3, weight_decay=0.0, warmup_epochs=0.25)),
-    # world v2 (world_v2.py, issue 16): the demo's model and schedule at 96 px, 2000 samples per evaluation split
-    "v2": Config(preset="v2", model=MODEL_CONFIGS["v2"], data=DataConfig(num_train=8000, num_val=2000, world="v2"),
+    # world v2 (world_v2.py, issue 16): the demo's model and schedule at 96 px, 2000 samples per
+    # evaluation split
+    "v2": Config(preset="v2", model=MODEL_CONFIGS["v2"],
+                 data=DataConfig(num_train=8000, num_val=2000, world="v2"),
                  optim=OptimConfig(epochs=4, batch_size=16, lr=4e-3, weight_decay=0.0, warmup_epochs=0.25)),
     # the paper's recipe (Sec. IV-B): 100 epochs, lr 1e-5, batch 32, weight decay 5e-4
     "vitb16": Config(preset="vitb16", model=MODEL_CONFIGS["vitb16"]),
@@ -198,10 +202,12 @@ SECTIONS = ("model", "distill", "data", "optim", "run")
 
 
 def build_parser(preset: str = "demo", description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
-                        help="demo: tiny random-init CLIP for a CPU; v2: the same at 96 px on world v2 (world_v2.py); "
-                             "vitb16 / vitl14: the paper's backbones (the defaults shown below are the chosen preset's)")
+                        help="demo: tiny random-init CLIP for a CPU; v2: the same at 96 px on world v2 "
+                             "(world_v2.py); vitb16 / vitl14: the paper's backbones (the defaults shown "
+                             "below are the chosen preset's)")
     add_flags(parser, PRESETS[preset], "method")
     for section in SECTIONS:
         add_flags(parser, getattr(PRESETS[preset], section), section)
@@ -227,9 +233,9 @@ def objective_names(values: Sequence[str]) -> tuple[str, ...] | None:
         raise ValueError(f"--objectives: {found}; {valid}")
     if "none" in names:
         if len(names) > 1:
-            raise ValueError(f"--objectives: none stands alone (LMVSD + VMLSD as set by --lmvsd/--vmlsd), got "
-                             f"{' '.join(names)}; to add objectives to the paper's branches name them all, e.g. "
-                             "lmvsd,vmlsd,mask_grounding")
+            raise ValueError(f"--objectives: none stands alone (LMVSD + VMLSD as set by --lmvsd/--vmlsd), "
+                             f"got {' '.join(names)}; to add objectives to the paper's branches name them "
+                             "all, e.g. lmvsd,vmlsd,mask_grounding")
         return None
     return tuple(dict.fromkeys(names))
 
@@ -246,8 +252,8 @@ def resolve_objectives(cfg: Config) -> Config:
         branches = [n for n in named or () if n in ("lmvsd", "vmlsd")]
         if branches:
             raise ValueError(f"--method baseline turns LMVSD and VMLSD off, but --objectives names "
-                             f"{' and '.join(branches)}; drop them (baseline + the further objectives only) or "
-                             "use --method masksd")
+                             f"{' and '.join(branches)}; drop them (baseline + the further objectives only) "
+                             "or use --method masksd")
         return replace(cfg, distill=replace(d, lmvsd=None, vmlsd=None), objectives=tuple(named or ()))
     if named is None:
         return cfg
@@ -267,8 +273,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     namespace = parser.parse_args(argv)
     cfg = PRESETS[name]
     try:
-        objectives = objective_names(namespace.objectives) if hasattr(namespace, "objectives") else cfg.objectives
-        cfg = resolve_objectives(replace(cfg, method=getattr(namespace, "method", cfg.method), objectives=objectives,
+        objectives = (objective_names(namespace.objectives) if hasattr(namespace, "objectives")
+                      else cfg.objectives)
+        cfg = resolve_objectives(replace(cfg, method=getattr(namespace, "method", cfg.method),
+                                         objectives=objectives,
                                          **{s: apply_flags(getattr(cfg, s), namespace) for s in SECTIONS}))
     except ValueError as error:
         parser.error(str(error))
@@ -278,7 +286,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         cfg,
         optim=replace(o, backbone_lr_mult=o.backbone_lr_mult if o.backbone_lr_mult is not None
                       else (0.1 if cfg.model.pretrained else 1.0)),
-        run=replace(r, out=r.out or f"runs/{name}-{cfg.method}", eval_batch_size=r.eval_batch_size or o.batch_size,
+        run=replace(r, out=r.out or f"runs/{name}-{cfg.method}",
+                    eval_batch_size=r.eval_batch_size or o.batch_size,
                     test_split=() if tests == ("none",) else tuple(tests)),
     )
 
@@ -299,7 +308,8 @@ def trajectory_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
                        else {prefix + k: list(v) if isinstance(v, tuple) else v})  # JSON has no tuples
         return out
 
-    a, b = flat({k: v for k, v in saved.items() if k != "run"}), flat({k: v for k, v in now.items() if k != "run"})
+    a, b = (flat({k: v for k, v in saved.items() if k != "run"}),
+            flat({k: v for k, v in now.items() if k != "run"}))
     changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
     pretrained = changed.get("model.pretrained")
     if pretrained and all(pretrained) and _same_file(*pretrained):  # one file named two ways

@@ -50,7 +50,8 @@ def pos2d(dim: int, height: int, width: int, *, device: torch.device | None = No
 
 
 class CoordConv(nn.Module):
-    """Append x/y coordinate channels in ``[-1, 1]``, then conv+BN+ReLU: ``[B, C, h, w] -> [B, out, h, w]``."""
+    """Append x/y coordinate channels in ``[-1, 1]``, then conv+BN+ReLU:
+    ``[B, C, h, w] -> [B, out, h, w]``."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3) -> None:
         super().__init__()
@@ -168,7 +169,9 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 class Projector(nn.Module):
     """CRIS ``Projector``: ``x [B, dim, h, w]``, ``sentence [B, text_dim]`` → logits ``[B, 1, 4h, 4w]``."""
 
-    def __init__(self, dim: int = 512, text_dim: int = 512, proj_dim: int = 256, kernel_size: int = 3) -> None:
+    def __init__(
+        self, dim: int = 512, text_dim: int = 512, proj_dim: int = 256, kernel_size: int = 3
+    ) -> None:
         super().__init__()
         self.proj_dim = proj_dim
         self.kernel_size = kernel_size
@@ -211,7 +214,9 @@ class CRISHead(nn.Module):
                                              nhead, dim_feedforward, dropout)
         self.projector = Projector(dim, text_dim, proj_dim)
 
-    def forward(self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor, word_pad_mask: Tensor) -> Tensor:
+    def forward(
+        self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor, word_pad_mask: Tensor
+    ) -> Tensor:
         return self.forward_with_fused(levels, sentence, words, word_pad_mask)[0]
 
     def forward_with_fused(self, levels: Sequence[Tensor], sentence: Tensor, words: Tensor,

@@ -9,7 +9,8 @@
 * :class:`RISDataset` turns raw items into model inputs: a training item is only the tuple
   ``(image [3,S,S] float32, text [L] int64, mask [S,S] bool)`` (the default collate stacks it),
   plus ``roles [L] int64`` when given a ``roles`` function (the synthetic set's word roles, for
-  VMLSD's selection diagnostic); an evaluation item is a dict that also carries the letterbox geometry and the original mask.
+  VMLSD's selection diagnostic); an evaluation item is a dict that also carries the letterbox
+  geometry and the original mask.
   No horizontal flips: they would break "left" / "right".
 * :func:`train_loader` shuffles by ``seed + epoch``, shards over ranks and can start mid-epoch
   (exact resume); :func:`eval_loader` gives rank ``r`` the samples ``r, r + world, ...``.
@@ -58,7 +59,8 @@ class DataConfig:
     synthetic_seed: int = field(default=0, metadata={
         "help": "seed of the synthetic data generator (independent of --seed)"})
     world: Literal["v1", "v2"] = field(default="v1", metadata={
-        "help": "synthetic: v1 (synthetic.py, the demo's) or v2 (world_v2.py: large referents, short expressions)"})
+        "help": "synthetic: v1 (synthetic.py, the demo's) or v2 (world_v2.py: large referents, short "
+                "expressions)"})
 
 
 def raw_dataset(config: DataConfig, split: str) -> Dataset:
@@ -80,7 +82,8 @@ def raw_dataset(config: DataConfig, split: str) -> Dataset:
         from refer import ReferDataset  # needs pycocotools
 
     if config.data_root is None:
-        raise ValueError(f"--dataset {config.dataset} needs --data-root (the folder holding {config.dataset}/)")
+        raise ValueError(f"--dataset {config.dataset} needs --data-root "
+                         f"(the folder holding {config.dataset}/)")
     return ReferDataset(config.data_root, dataset=config.dataset, split_by=config.split_by, split=split,
                         image_root=config.image_root)
 
@@ -176,8 +179,10 @@ class RISDataset(Dataset):
         mask = letterbox_mask(orig_mask, info)
         text = self.tokenizer([item["sentence"]])[0]
         if self.train:
-            return (image, text, mask) if self.roles is None else (image, text, mask, self.roles(item["sentence"], self.tokenizer, self.context_length))
-        return {"image": image, "text": text, "mask": mask, "info": info, "orig_mask": torch.from_numpy(orig_mask)}
+            return ((image, text, mask) if self.roles is None else
+                    (image, text, mask, self.roles(item["sentence"], self.tokenizer, self.context_length)))
+        return {"image": image, "text": text, "mask": mask, "info": info,
+                "orig_mask": torch.from_numpy(orig_mask)}
 
 
 def eval_collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -193,7 +198,8 @@ class ResumableDistributedSampler(DistributedSampler):
     start mid-epoch: ``set_epoch(epoch, start=k)`` skips this rank's first ``k`` indices."""
 
     def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:  # type: ignore[override]

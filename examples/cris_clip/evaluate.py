@@ -64,7 +64,8 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp:
     area / image area). Intersections and unions are counted on the device.
     """
     model.eval()
-    metrics = {res: {name: RISMetrics(prec_compare=prec_compare) for name in PREDICTORS} for res in resolutions}
+    metrics = {res: {name: RISMetrics(prec_compare=prec_compare) for name in PREDICTORS}
+               for res in resolutions}
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
@@ -76,7 +77,8 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp:
                 preds = [unletterbox(p[0], info) > threshold for p, info in zip(prob, batch["info"])]
             else:
                 targets = batch["mask"].to(device, non_blocking=True)  # [B, S, S]
-                preds = F.interpolate(prob, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                preds = F.interpolate(prob, size=images.shape[-2:], mode="bilinear",
+                                      align_corners=False)[:, 0]
                 preds = preds > threshold
             m = metrics[res]
             m["prediction"].update(preds, targets)
@@ -106,15 +108,17 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[MaskedSelfDistill, Config, dict]:
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[MaskedSelfDistill, Config, dict]:
     """``(wrapper with the trained weights, its Config, the checkpoint)``. The bare model for
     inference is ``wrapper.unwrap()``; no pretrained weights are fetched (the checkpoint has them)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(ckpt["config"])
     model = build_model(replace(cfg.model, pretrained=None))
     extras = build_objectives(extra_objectives(cfg), model, cfg.model)  # the run's --objectives heads
-    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill,  # masksd
-                                extra_objectives=extras)
+    wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder,  # masksd
+                                config=cfg.distill, extra_objectives=extras)
     wrapper.load_state_dict(ckpt["model"])
     return wrapper.to(device).eval(), cfg, ckpt
 
@@ -122,7 +126,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by train.py")
-    p.add_argument("--split", nargs="+", default=None, help="splits (default: val and the dataset's test splits)")
+    p.add_argument("--split", nargs="+", default=None,
+                   help="splits (default: val and the dataset's test splits)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size per process")
     p.add_argument("--resolution", choices=("original", "model"), default="original",
                    help="original image size (CRIS, default) or the model's input size (LAVT)")
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -150,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     for split in args.split or ["val", *TEST_SPLITS[data.dataset]]:
         dataset = RISDataset(raw_dataset(data, split), image_size=cfg.model.image_size,
                              context_length=context_length(cfg), train=False)
-        loader = eval_loader(dataset, batch_size=args.batch_size, rank=rank, world_size=world, workers=args.workers)
-        scores = evaluate(wrapper.unwrap(), loader, device=device, amp=args.amp, resolutions=(args.resolution,),
-                          threshold=args.threshold, prec_compare=args.prec_compare)
+        loader = eval_loader(dataset, batch_size=args.batch_size, rank=rank, world_size=world,
+                             workers=args.workers)
+        scores = evaluate(wrapper.unwrap(), loader, device=device, amp=args.amp,
+                          resolutions=(args.resolution,), threshold=args.threshold,
+                          prec_compare=args.prec_compare)
         results[split] = scores[args.resolution]["prediction"]
     if world > 1:  # barrier first: torch < 2.8 can deadlock destroying a gloo group while a worker thread
         dist.barrier()  # still frees the last collective (pytorch/pytorch#154976)

@@ -1,6 +1,6 @@
 """The reference RIS model: open_clip ViT and text towers (through masksd's adapter) + a CRIS head.
 
-``build_model(config)`` returns the bare ``masksd.RISModel(image_tower, text_tower, decoder)``;
+``build_model(config)`` returns the bare ``masksd.towers.RISModel(image_tower, text_tower, decoder)``;
 ``train.py`` wraps it with ``masksd.MaskedSelfDistill``. :data:`MODEL_CONFIGS` holds the three
 architectures: ``demo`` (a tiny CLIP, random init or ``pretrain_clip.py``'s weights, 64 px, patch 8,
 trains on a CPU in minutes), ``vitb16`` and ``vitl14`` (the paper's backbones at 480 px, CRIS head at
@@ -36,7 +36,7 @@ try:  # a script run of this folder (train.py) imports siblings by plain name
     from cris_head import CRISHead
 except ModuleNotFoundError:  # imported as examples.cris_clip.model (tests, benchmarks)
     from .cris_head import CRISHead
-from masksd import Encoded, HookSpec, Maskable, ModalitySpec, Objective, RISModel, Tap
+from masksd import HookSpec, Maskable, ModalitySpec, Objective, Tap
 from masksd.adapters.open_clip import towers_from_open_clip
 from masksd.objectives import (
     CrossModalAlignment,
@@ -48,6 +48,7 @@ from masksd.objectives import (
     MaskRIS,
     MaskRISConfig,
 )
+from masksd.towers import Encoded, RISModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,8 +106,8 @@ def build_model(config: ModelConfig) -> RISModel:
     else:
         clip = open_clip.create_model(config.clip_model, pretrained=config.pretrained,
                                       force_image_size=config.image_size)
-    image_tower, text_tower = towers_from_open_clip(clip, image_layers=config.image_layers,
-                                                    dense=None if config.dense_scoring == "none" else config.dense_scoring)
+    dense = None if config.dense_scoring == "none" else config.dense_scoring
+    image_tower, text_tower = towers_from_open_clip(clip, image_layers=config.image_layers, dense=dense)
     joint_dim = int(image_tower.visual.output_dim)
     head = CRISHead(
         vis_dim=[image_tower.embed_dim] * len(config.image_layers) + [joint_dim],
@@ -200,7 +201,8 @@ def build_objectives(names: Sequence[str], model: RISModel, config: ModelConfig)
                                                  text_dim=joint, fused_dim=config.head_dim, name="cal_fused"),
         "lang_rec": lambda: LanguageReconstruction(fused_dim=config.head_dim, text_dim=joint,
                                                    config=LanguageReconstructionConfig(**size)),
-        "maskris": lambda: MaskRIS(MaskRISConfig(patch_size=maskris_patch_size(config.image_size), mask_id=0)),
+        "maskris": lambda: MaskRIS(MaskRISConfig(patch_size=maskris_patch_size(config.image_size),
+                                                 mask_id=0)),
     }
     unknown = [n for n in names if n not in built]
     if unknown:

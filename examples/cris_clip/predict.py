@@ -25,7 +25,9 @@ from evaluate import THRESHOLD, load_checkpoint
 from PIL import Image
 
 
-def load_input(image: str | None, sentence: str | None, index: int | None, split: str) -> tuple[np.ndarray, str]:
+def load_input(
+    image: str | None, sentence: str | None, index: int | None, split: str
+) -> tuple[np.ndarray, str]:
     """``(uint8 [H, W, 3] image, sentence)`` from an image file or a synthetic sample."""
     if image is not None:
         if sentence is None:
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by train.py")
     p.add_argument("--image", default=None, help="input image (any format PIL reads)")
-    p.add_argument("--sentence", default=None, help="the referring expression (default: the synthetic sample's)")
-    p.add_argument("--synthetic-index", type=int, default=None, help="use sample N of a synthetic split instead")
+    p.add_argument("--sentence", default=None,
+                   help="the referring expression (default: the synthetic sample's)")
+    p.add_argument("--synthetic-index", type=int, default=None,
+                   help="use sample N of a synthetic split instead")
     p.add_argument("--synthetic-split", default="test", help="split for --synthetic-index (default test)")
     p.add_argument("--out", default="prediction.png", help="output PNG: the image with the mask overlaid")
     p.add_argument("--mask-out", default=None, help="also write the binary mask as a PNG (0/255)")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     overlay(image, mask, color=color, alpha=args.alpha).save(out)  # type: ignore[arg-type]
     if args.mask_out:
         Image.fromarray(mask.astype(np.uint8) * 255).save(args.mask_out)
-    print(f'"{sentence}": mask covers {100 * mask.mean():.1f}% of the {image.shape[1]}x{image.shape[0]} image '
+    print(f'"{sentence}": mask covers {100 * mask.mean():.1f}% of the '
+          f"{image.shape[1]}x{image.shape[0]} image "
           f"(max probability {float(prob.max()):.2f}); wrote {out}")
 
 

@@ -1,7 +1,8 @@
 """Contrastive pretraining of the demo CLIP on captioned synthetic scenes (issue 8, item 1).
 
     python examples/cris_clip/pretrain_clip.py --preset demo           # ≤ 15 min on 2 CPU cores
-    python examples/cris_clip/train.py --preset demo --pretrained runs/pretrain-clip/open_clip_pytorch_model.bin
+    python examples/cris_clip/train.py --preset demo \\
+        --pretrained runs/pretrain-clip/open_clip_pytorch_model.bin
     python examples/cris_clip/pretrain_clip.py --preset v2   # world v2, dense terms (pretrain_dense.py)
 
 The CLIP is ``model.MODEL_CONFIGS[--model].clip_cfg`` at that config's image size, built as
@@ -51,8 +52,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from world_v2 import generate_sample as generate_sample_v2
 
-from masksd import Encoded
 from masksd.adapters.open_clip import towers_from_open_clip
+from masksd.towers import Encoded
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -72,11 +73,15 @@ class PretrainConfig:
     warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
     min_lr_ratio: float = _help("final lr as a fraction of the peak", 0.05)
     token_weight: float = _help("weight of the word-patch MaxSim loss (0: CLIP's loss alone)", 1.0)
-    world: str = _help("v1: captions.py + synthetic.py (demo); v2: world_v2.py scenes, pretrain_dense.py captions", "v1")
-    dense_weight: float = _help("v2: weight of the dense sentence/word-to-patch terms on the objects' masks", 0.0)
+    world: str = _help("v1: captions.py + synthetic.py (demo); v2: world_v2.py scenes, pretrain_dense.py "
+                       "captions", "v1")
+    dense_weight: float = _help("v2: weight of the dense sentence/word-to-patch terms on the objects' masks",
+                                0.0)
     seed: int = _help("seed of the initial weights and of the caption world", 0)
-    train_scenes: int | None = _help("cycle through this many training scenes (none: a fresh scene per sample)")
-    val_scenes: int = _help("held-out captioned scenes for retrieval (the first --align-scenes for alignment)", 1000)
+    train_scenes: int | None = _help("cycle through this many training scenes (none: a fresh scene per "
+                                     "sample)")
+    val_scenes: int = _help("held-out captioned scenes for retrieval (the first --align-scenes for "
+                            "alignment)", 1000)
     align_scenes: int = _help("held-out scenes whose caption words score the patch-word alignment", 500)
     refer_samples: int = _help("referring val samples scoring the sentence-patch selection", 200)
     eval_interval: int = _help("steps between evaluations (and checkpoints)", 300)
@@ -98,7 +103,8 @@ PRESETS: dict[str, PretrainConfig] = {
                          threads=1, workers=0,
                          out="runs/pretrain-clip-v2"),  # world v2: 96 px, dense alignment (issue 16)
     "smoke": PretrainConfig(preset="smoke", steps=20, batch_size=32, val_scenes=128, align_scenes=64,
-                            refer_samples=32, eval_interval=10, log_interval=5, out="runs/pretrain-clip-smoke"),
+                            refer_samples=32, eval_interval=10, log_interval=5,
+                            out="runs/pretrain-clip-smoke"),
 }
 
 
@@ -107,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     base = PRESETS[pre.parse_known_args(argv)[0].preset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=base.preset, help="demo: ≤ 15 min on 2 "
                         "CPU cores; smoke: seconds (the defaults shown are the chosen preset's)")
     hints = typing.get_type_hints(PretrainConfig)
@@ -115,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         if "help" in f.metadata:
             kind = next(a for a in typing.get_args(hints[f.name]) if a is not type(None)) \
                 if typing.get_origin(hints[f.name]) is not None else hints[f.name]
-            kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+            kwargs: dict[str, Any] = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                                      else {"type": kind})
             parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                                 help=f"{f.metadata['help']} (default: {getattr(base, f.name)})", **kwargs)
     return replace(base, **{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "preset"})
@@ -166,7 +174,9 @@ def maxsim(patches: Tensor, words: Tensor, mask: Tensor) -> Tensor:
     return best @ onehot / onehot.sum(0).clamp(min=1)
 
 
-def losses(image: Encoded, text: Encoded, mask: Tensor, scale: Tensor, token_weight: float) -> dict[str, Tensor]:
+def losses(
+    image: Encoded, text: Encoded, mask: Tensor, scale: Tensor, token_weight: float
+) -> dict[str, Tensor]:
     """``{"loss", "clip", "token"}``: CLIP's loss on the global features ``[B, D]``, MaxSim's on the
     patch tokens ``[B, N, D]`` and the word tokens ``[B, L, D]`` (``mask [B, L]``: the words)."""
     img, txt = F.normalize(image.global_feature, dim=-1), F.normalize(text.global_feature, dim=-1)
@@ -218,7 +228,8 @@ def evaluate(clip: nn.Module, towers: tuple[nn.Module, nn.Module], tokenizer: An
         on_objects = cover.sum(0)
         starts = np.cumsum([1] + [len(tokenizer.encode(w)) for w in s.caption.text.split()])  # word → token
         for m in s.caption.mentions:
-            words[m.role].append(hits(image.tokens[n] @ text.tokens[n, starts[m.word]], cover[m.obj], on_objects))
+            words[m.role].append(hits(image.tokens[n] @ text.tokens[n, starts[m.word]], cover[m.obj],
+                                      on_objects))
     image_r, text_r = encode(towers, torch.stack([letterbox(r.image, size)[0] for r in refer]),
                              tokenizer([r.sentence for r in refer]))
     selection = []
@@ -252,7 +263,8 @@ def save(obj: object, path: Path) -> None:
 
 def export(clip: nn.Module, config: ModelConfig, out: Path) -> Path:
     """open_clip's hub layout in ``out``: ``open_clip_pytorch_model.bin`` + ``open_clip_config.json``."""
-    model_cfg = dict(config.clip_cfg, vision_cfg=dict(config.clip_cfg["vision_cfg"], image_size=config.image_size))
+    model_cfg = dict(config.clip_cfg,
+                     vision_cfg=dict(config.clip_cfg["vision_cfg"], image_size=config.image_size))
     (out / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}, indent=2) + "\n")
     save(clip.state_dict(), out / "open_clip_pytorch_model.bin")
@@ -272,10 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clip = make_clip(mcfg)
     towers = towers_from_open_clip(clip)  # share clip's parameters; give the tokens masksd scores
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=context)
-    no_decay = [p for n, p in clip.named_parameters() if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n]
+    no_decay = [p for n, p in clip.named_parameters()
+                if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n]
     decay = [p for p in clip.parameters() if all(p is not q for q in no_decay)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     state: dict[str, Any] = {"step": 0, "history": [], "evals": [], "seconds": 0.0}
 
@@ -285,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if k not in RUN_FIELDS and v != getattr(cfg, k)}
         if changed:
-            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): {changed}")
+            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): "
+                             f"{changed}")
         clip.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -295,8 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif resume is not None and cfg.resume != "auto":
         raise SystemExit(f"--resume {resume}: no such file")
 
-    captioned, referring = (dense.caption_sample, generate_sample_v2) if cfg.world == "v2" else (caption_sample,
-                                                                                               generate_sample)
+    captioned, referring = ((dense.caption_sample, generate_sample_v2) if cfg.world == "v2"
+                            else (caption_sample, generate_sample))
     val = [captioned("val", i, seed=cfg.seed, image_size=size) for i in range(cfg.val_scenes)]
     refer = [referring("val", i, image_size=size) for i in range(cfg.refer_samples)]
     run_eval = lambda: evaluate(clip, towers, tokenizer, cfg, val, refer, size)  # noqa: E731
@@ -309,11 +324,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def report(e: dict[str, Any]) -> str:
         r, w, s = e["retrieval"], e["word_patch"]["all"], e["sentence_patch"]
         return (f"step {e['step']:>5} | val loss {e['val_loss'].get('loss', math.nan):.3f} | R@1/R@5 i→t "
-                f"{r['image_to_text']['r@1']:.3f}/{r['image_to_text']['r@5']:.3f} t→i {r['text_to_image']['r@1']:.3f}/"
-                f"{r['text_to_image']['r@5']:.3f} | word→patch top-1 {w['top1']:.3f} (chance {w['chance']:.3f}) | "
+                f"{r['image_to_text']['r@1']:.3f}/{r['image_to_text']['r@5']:.3f} "
+                f"t→i {r['text_to_image']['r@1']:.3f}/{r['text_to_image']['r@5']:.3f} | "
+                f"word→patch top-1 {w['top1']:.3f} (chance {w['chance']:.3f}) | "
                 f"sentence top-50% precision {s['precision']:.3f} (chance {s['chance']:.3f})")
 
-    print(f"pretraining the {cfg.model} CLIP ({sum(p.numel() for p in clip.parameters()) / 1e6:.2f} M parameters, "
+    print(f"pretraining the {cfg.model} CLIP "
+          f"({sum(p.numel() for p in clip.parameters()) / 1e6:.2f} M parameters, "
           f"{size}px): {cfg.steps} steps × {cfg.batch_size} fresh scenes, lr {cfg.lr:g}, token weight "
           f"{cfg.token_weight:g}; load average {load_start[0]:.2f} on {os.cpu_count()} cores", flush=True)
     if not state["evals"]:
@@ -321,9 +338,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(report(state["evals"][-1]), flush=True)
 
     stop = min(cfg.steps, cfg.max_steps or cfg.steps)
-    stream = dense.DenseCaptionStream("train", seed=cfg.seed, size=size, context_length=context, scenes=cfg.train_scenes,
-                                      grid=size // mcfg.clip_cfg["vision_cfg"]["patch_size"]) if cfg.world == "v2" \
-        else CaptionStream("train", seed=cfg.seed, size=size, context_length=context, scenes=cfg.train_scenes)
+    stream = (dense.DenseCaptionStream("train", seed=cfg.seed, size=size, context_length=context,
+                                       scenes=cfg.train_scenes,
+                                       grid=size // mcfg.clip_cfg["vision_cfg"]["patch_size"])
+              if cfg.world == "v2"
+              else CaptionStream("train", seed=cfg.seed, size=size, context_length=context,
+                                 scenes=cfg.train_scenes))
     loader = DataLoader(stream, batch_size=cfg.batch_size, sampler=range(state["step"] * cfg.batch_size,
                         stop * cfg.batch_size), num_workers=cfg.workers)
     bar = None
@@ -359,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             else:
-                print(f"step {state['step']:>5} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
+                print(f"step {state['step']:>5} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+                      flush=True)
             sums, count, tick = None, 0, time.perf_counter()
         if state["step"] % cfg.eval_interval == 0 or state["step"] == stop:
             if state["step"] != state["evals"][-1]["step"]:

@@ -27,7 +27,7 @@ from einops import einsum
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from masksd import Encoded
+from masksd.towers import Encoded
 
 try:  # a script run of this folder (pretrain_clip.py) imports siblings by plain name
     from captions import Caption, CaptionSample, Mention
@@ -77,12 +77,15 @@ def caption_sample(split: str, index: int, *, seed: int = 0, image_size: int = 9
             expr = make_expression(objects, s, rng)
             if expr is None:
                 continue
-            anchor = next((i for i, o in enumerate(objects) if expr.anchor.matches(o)), None) if expr.anchor else None
+            anchor = (next((i for i, o in enumerate(objects) if expr.anchor.matches(o)), None) if expr.anchor
+                      else None)
             tokens += ([("and", None, None)] if tokens else []) + expression_tokens(expr, s, anchor)
         if tokens:
-            mentions = tuple(Mention(k, obj, role) for k, (_, obj, role) in enumerate(tokens) if obj is not None)
+            mentions = tuple(Mention(k, obj, role) for k, (_, obj, role) in enumerate(tokens)
+                             if obj is not None)
             return CaptionSample(render(objects, labels, rng), labels, objects,
-                                 Caption(" ".join(w for w, _, _ in tokens), mentions), f"captions_v2/{split}/{seed}/{index}")
+                                 Caption(" ".join(w for w, _, _ in tokens), mentions),
+                                 f"captions_v2/{split}/{seed}/{index}")
 
 
 def subjects(caption: Caption) -> list[int]:
@@ -138,7 +141,9 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(p * F.log_softmax(logits[rows], dim=-1)).sum(-1).mean()
 
 
-def dense_losses(image: Encoded, text: Encoded, sentence: Tensor, words: Tensor, scale: Tensor) -> dict[str, Tensor]:
+def dense_losses(
+    image: Encoded, text: Encoded, sentence: Tensor, words: Tensor, scale: Tensor
+) -> dict[str, Tensor]:
     """``{"dense_sentence", "dense_word"}`` for patch tokens ``[B, N, D]``, word tokens ``[B, L, D]``,
     sentence features ``[B, D]`` and the targets ``sentence [B, N]``, ``words [B, L, N]``."""
     patches, tokens, sent = image.tokens, text.tokens, text.global_feature

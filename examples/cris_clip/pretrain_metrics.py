@@ -21,7 +21,8 @@ def recall(sim: Tensor, same: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str,
 
 
 def coverage(labels: np.ndarray, grid: int, num: int) -> Tensor:
-    """int ``[S, S]`` labels → ``[num, grid²]``: row ``l`` = the share of each patch's pixels labelled ``l``."""
+    """int ``[S, S]`` labels → ``[num, grid²]``: row ``l`` = the share of each patch's pixels
+    labelled ``l``."""
     cells = rearrange(torch.from_numpy(labels.astype(np.int64)), "(h a) (w b) -> (h w) (a b)", h=grid, w=grid)
     return (cells[None] == torch.arange(num)[:, None, None]).float().mean(-1)
 
@@ -32,9 +33,11 @@ def hits(scores: Tensor, cover: Tensor, objects: Tensor | None = None) -> dict[s
     ``objects [P]`` (their share on any object) also the same among object pixels only (bright
     patches score high even at random init; this chance is the named object's share of the objects)."""
     k, top = max(1, round(cover.sum().item())), scores.argmax()
-    out = {"top1": cover[top].item(), "topk": cover[scores.topk(k).indices].mean().item(), "chance": cover.mean().item()}
+    out = {"top1": cover[top].item(), "topk": cover[scores.topk(k).indices].mean().item(),
+           "chance": cover.mean().item()}
     if objects is not None:
-        out.update(top1_on_objects=objects[top].item(), top1_among_objects=(cover[top] / objects[top]).nan_to_num().item(),
+        out.update(top1_on_objects=objects[top].item(),
+                   top1_among_objects=(cover[top] / objects[top]).nan_to_num().item(),
                    chance_among_objects=(cover.sum() / objects.sum()).item())
     return out
 

@@ -8,10 +8,11 @@ The synthetic grammar (``synthetic.Expression.text``) has four sentence forms::
     the <superlative> [size] [colour] <noun>                     superlative
 
 where ``<noun>`` is a shape or the word "shape"; world v2 (``world_v2.py``) adds a location word
-before or after the phrase (``left circle``, ``circle on top``) and the relation ``near``. Each word gets one of :data:`ROLE_NAMES`:
-``target_attribute`` (size/colour of the referent), ``target_noun``, ``relation`` (relation,
-ordinal, superlative and direction words), ``anchor`` (the words naming the other object of a
-relation: the distractor a model must not segment) and ``function`` ("the"). ``token_roles``
+before or after the phrase (``left circle``, ``circle on top``) and the relation ``near``. Each
+word gets one of :data:`ROLE_NAMES`: ``target_attribute`` (size/colour of the referent),
+``target_noun``, ``relation`` (relation, ordinal, superlative and direction words), ``anchor`` (the
+words naming the other object of a relation: the distractor a model must not segment) and
+``function`` ("the"). ``token_roles``
 spreads them over the CLIP BPE positions the model sees (a word may be several tokens); SOT,
 EOT and padding get -1, which ``masksd.diagnostics.kept_by_role`` ignores.
 """
@@ -32,8 +33,10 @@ ROLE_NAMES: tuple[str, ...] = ("target_attribute", "target_noun", "relation", "a
 _ATTRIBUTES = frozenset(SIZES) | frozenset(COLOURS)
 _NOUNS = frozenset(SHAPES) | {"shape"}
 _RELATION_WORDS = frozenset(w for r in (*RELATIONS, *RELATIONS_V2) for w in r.split())
-_ANCHOR_NEXT = frozenset(r.split()[-1] for r in (*RELATIONS, *RELATIONS_V2))  # "of", "to", ...: the anchor follows
-_POSITION_WORDS = frozenset(DIRECTIONS) | frozenset(SUPERLATIVES.values()) | frozenset(ORDINALS) | {"from", "on"}
+# "of", "to", ...: the anchor follows
+_ANCHOR_NEXT = frozenset(r.split()[-1] for r in (*RELATIONS, *RELATIONS_V2))
+_POSITION_WORDS = (frozenset(DIRECTIONS) | frozenset(SUPERLATIVES.values()) | frozenset(ORDINALS)
+                   | {"from", "on"})
 
 
 def word_roles(sentence: str) -> list[int]:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset
 
-COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
-                                             "yellow": (235, 215, 40), "purple": (155, 60, 205),
+COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 190, 60),
+                                             "blue": (50, 90, 235), "yellow": (235, 215, 40),
+                                             "purple": (155, 60, 205),
                                              "white": (240, 240, 240)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.075, "large": 0.125}  # extent, fraction of image side
@@ -276,7 +277,8 @@ def _pick(options: list, phrases: list[Phrase], rng: np.random.Generator):
 
 def _minimal_unique(objects: list[SceneObject], idx: int, rng: np.random.Generator) -> Phrase | None:
     """A phrase naming only ``objects[idx]``: minimal, sometimes with extra attributes."""
-    phrases = [p for p in _subsets(objects[idx], allow_empty=False) if sum(p.matches(o) for o in objects) == 1]
+    phrases = [p for p in _subsets(objects[idx], allow_empty=False)
+               if sum(p.matches(o) for o in objects) == 1]
     if not phrases:
         return None
     n_min = min(_n_attrs(p) for p in phrases)
@@ -316,7 +318,8 @@ def _try_ordinal(objects: list[SceneObject], t: int, rng: np.random.Generator) -
                 continue
             for k in (1, 2, 3):
                 superlative = k == 1 and bool(rng.random() < 0.5)
-                expr = Expression("ordinal", phrase, ordinal=k, direction=str(direction), superlative=superlative)
+                expr = Expression("ordinal", phrase, ordinal=k, direction=str(direction),
+                                  superlative=superlative)
                 if resolve(expr, objects, margins=True) == [t]:
                     valid.append(expr)
         if valid:

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE --------------------------
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if r.device == "auto" else r.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if r.device == "auto"
+                          else r.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         if ckpt["world_size"] != world:
             changed["world_size"] = (ckpt["world_size"], world)
         if changed:
-            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): {changed}")
+            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): "
+                             f"{changed}")
     elif r.resume == "auto":
         log(f"--resume auto: no {resume}, starting from scratch")
     elif resume is not None:
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- model, wrapped by masksd (--method baseline: the same wrapper with both branches off) --
     model = build_model(replace(cfg.model, pretrained=None) if ckpt else cfg.model)  # bare RISModel
-    extras = build_objectives(extra_objectives(cfg), model, cfg.model)  # masksd: --objectives beyond the paper's
+    # masksd: --objectives beyond the paper's
+    extras = build_objectives(extra_objectives(cfg), model, cfg.model)
     wrapper = MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder, config=cfg.distill,
                                 extra_objectives=extras)  # masksd
     wrapper.to(device)
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
 
             bar = tqdm(total=remaining, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, dynamic_ncols=True)
         sums, steps = None, 0  # loss terms summed on the device; read at log intervals only
-        selection = SelectionStats(role_names=ROLE_NAMES)  # masksd: what do the branches keep? (read per epoch)
+        # masksd: what do the branches keep? (read per epoch)
+        selection = SelectionStats(role_names=ROLE_NAMES)
         for images, texts, masks, *roles in loader:
             if steps >= remaining:
                 break
@@ -248,14 +252,16 @@ def main(argv: list[str] | None = None) -> None:
         m = results[first][primary]["prediction"]
         improved = math.isfinite(m["miou"]) and m["miou"] > state["best_miou"]
         if improved:
-            state.update(best_miou=m["miou"], best_epoch=epoch + 1, best_step=state["global_step"], best_eval=results)
+            state.update(best_miou=m["miou"], best_epoch=epoch + 1, best_step=state["global_step"],
+                         best_eval=results)
         state["history"].append({
             "epoch": epoch + 1, "global_step": state["global_step"], "partial": state["epoch"] == epoch,
             "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 1),
             "train": {k: round(v, 5) for k, v in train_terms.items()},
             "lmvsd_selection": {k: round(v, 4) for k, v in kept_on_target.items()},
             "vmlsd_selection": {k: round(v, 4) for k, v in kept_words.items()},  # kept rate per word role
-            "eval": {split: {res: by[res]["prediction"] for res in resolutions} for split, by in results.items()},
+            "eval": {split: {res: by[res]["prediction"] for res in resolutions}
+                     for split, by in results.items()},
         })
 
         # ---- checkpoint: written once; best.pt is a link to it -----------------------------------
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 link(out / "last.pt", out / "best.pt")
         terms = " ".join(f"{k} {v:.4f}" for k, v in train_terms.items())
         if kept_on_target:
-            terms += f" | kept on target {kept_on_target['precision']:.3f} (random {kept_on_target['random']:.3f})"
+            terms += (f" | kept on target {kept_on_target['precision']:.3f} "
+                      f"(random {kept_on_target['random']:.3f})")
         if kept_words:
             terms += " | words kept " + " ".join(f"{k} {v:.2f}" for k, v in kept_words.items())
         log(f"epoch {epoch + 1:>3}/{o.epochs} step {state['global_step']:>6} | {terms} | {first} mIoU "
@@ -297,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     final = dict(state["best_eval"])  # the validation splits were scored at the best epoch
     for split in r.test_split:
         if split not in final:
-            final[split] = evaluate(model, split_loader(split), device=device, amp=o.amp, resolutions=resolutions)
+            final[split] = evaluate(model, split_loader(split), device=device, amp=o.amp,
+                                    resolutions=resolutions)
     if world > 1:  # barrier first: torch < 2.8 can deadlock destroying a gloo group while a worker thread
         dist.barrier()  # still frees the last collective (pytorch/pytorch#154976)
         dist.destroy_process_group()
@@ -308,12 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     trivial = {name: final[first][primary][name] for name in ("all_background", "whole_image")}
     metrics = {
         "units": "percent",
-        "protocol": {"resolution": primary, "threshold": THRESHOLD, "prec_compare": ">=", "doc": "docs/metrics.md"},
+        "protocol": {"resolution": primary, "threshold": THRESHOLD, "prec_compare": ">=",
+                     "doc": "docs/metrics.md"},
         "preset": cfg.preset, "method": cfg.method, "dataset": cfg.data.dataset,
         "best_epoch": state["best_epoch"],
         "best_metric": {"split": first, "name": "miou", "value": state["best_miou"]},
         "global_step": state["global_step"], "splits": splits, "trivial": {first: trivial},
-        "history": state["history"], "wall_time_s": round(wall, 1), "world_size": world, "config": cfg.to_dict(),
+        "history": state["history"], "wall_time_s": round(wall, 1), "world_size": world,
+        "config": cfg.to_dict(),
         "machine": machine(device),  # float results differ across CPU models: compare runs of one machine
     }
     if cfg.model.pretrained and Path(cfg.model.pretrained).is_file():  # which weights, not only which path
@@ -322,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics["splits_model_resolution"] = {split: by["model"]["prediction"] for split, by in final.items()}
         metrics["trivial_model_resolution"] = {first: {k: final[first]["model"][k] for k in trivial}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"\nbest epoch {state['best_epoch']} ({first} mIoU {state['best_miou']:.2f}); best.pt on every split "
-          f"({primary} resolution, percent):")
+    print(f"\nbest epoch {state['best_epoch']} ({first} mIoU {state['best_miou']:.2f}); best.pt on every "
+          f"split ({primary} resolution, percent):")
     print(format_table({**splits, **{f"{k} ({first})": v for k, v in trivial.items()}}))
     print(f"wall time {int(wall // 60)} min {wall % 60:.0f} s ({wall:.1f} s); wrote {out / 'metrics.json'}, "
           f"{out / 'last.pt'}, {best}", flush=True)

@@ -46,17 +46,20 @@ def draw_tokens(ax: Any, fig: Figure, words: list[str], kept: list[bool], masked
         if x > 0.95:
             x, y = 0.01, y - 0.45
     ax.text(0.01, 0.02, "VMLSD words: green = kept by correlation filtering, red = masked, grey = not "
-            "selected (SOT/EOT/padding are never selected)", transform=ax.transAxes, fontsize=9, color="#333333")
+            "selected (SOT/EOT/padding are never selected)", transform=ax.transAxes, fontsize=9,
+            color="#333333")
 
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="checkpoint of train.py (default: a random-init demo model)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint of train.py (default: a random-init demo model)")
     p.add_argument("--split", default="val", help="synthetic split of the sample (default val)")
     p.add_argument("--index", type=int, default=0, help="synthetic sample index (default 0)")
     p.add_argument("--image", default=None, help="your own image instead of a synthetic sample")
-    p.add_argument("--sentence", default=None, help="sentence (required with --image; overrides the sample's)")
+    p.add_argument("--sentence", default=None,
+                   help="sentence (required with --image; overrides the sample's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask draws (default 0)")
     p.add_argument("--out", default="visualize.png", help="output PNG")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     x, info = letterbox(image, size)
     tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=context_length(cfg))
     ids = tokenizer([sentence])
-    target = letterbox_mask(gt, info)[None] if gt is not None else torch.zeros(1, size, size, dtype=torch.bool)
+    target = (letterbox_mask(gt, info)[None] if gt is not None
+              else torch.zeros(1, size, size, dtype=torch.bool))
     generator = torch.Generator(device).manual_seed(args.seed)
     out = wrapper(x[None].to(device), ids.to(device), target.to(device), generator=generator)  # masksd
     branches = out.selections  # per branch: kept, masked, logits, grid
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     panels = [("ground truth", target[0].float().numpy())] if gt is not None else []
     panels.append(("main prediction", torch.sigmoid(out.logits.float())[0, 0].cpu().numpy()))
     for name, branch in branches.items():
-        panels.append((f"{name.upper()} branch prediction", torch.sigmoid(branch["logits"].float())[0, 0].cpu().numpy()))
+        panels.append((f"{name.upper()} branch prediction",
+                       torch.sigmoid(branch["logits"].float())[0, 0].cpu().numpy()))
     fig = Figure(figsize=(3.2 * (1 + len(panels)), 4.8))
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display backend
     grid = fig.add_gridspec(2, 1 + len(panels), height_ratios=[4, 1.3])
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in torch.nonzero(kept).flatten().tolist():
             r, c = divmod(n, gw)
             style = dict(facecolor="#444444", alpha=0.85) if masked[n] else dict(fill=False)
-            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, edgecolor="yellow", linewidth=1.0, **style))
+            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, edgecolor="yellow", linewidth=1.0,
+                                   **style))
         ax.set_title(f"LMVSD: {int(kept.sum())}/{kept.numel()} patches kept\n(outlined), "
                      f"{int(masked.sum())} masked (filled)", fontsize=10)
         result["lmvsd"] = {"kept": int(kept.sum()), "masked": int(masked.sum()), "patches": kept.numel()}
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     words = [special.get(id_list[i]) or tokenizer.decode([id_list[i]]).strip() or "·" for i in valid]
     kept_t = branches["vmlsd"]["kept"][0].tolist() if "vmlsd" in branches else [False] * len(id_list)
     masked_t = branches["vmlsd"]["masked"][0].tolist() if "vmlsd" in branches else [False] * len(id_list)
-    draw_tokens(fig.add_subplot(grid[1, :]), fig, words, [kept_t[i] for i in valid], [masked_t[i] for i in valid])
+    draw_tokens(fig.add_subplot(grid[1, :]), fig, words, [kept_t[i] for i in valid],
+                [masked_t[i] for i in valid])
     if "vmlsd" in branches:
         result["vmlsd"] = {"kept": [w for w, i in zip(words, valid) if kept_t[i]],
                            "masked": [w for w, i in zip(words, valid) if masked_t[i]]}

@@ -147,7 +147,8 @@ def inside(obj: SceneObject, size: int) -> np.ndarray:
 def _specs(rng: np.random.Generator, split: str) -> list[tuple[str, str, str]]:
     """(colour, shape, size) of the target (first) and its distractors."""
     combos = [(c, s) for c in COLOURS for s in SHAPES]
-    pool = sorted(HELD_OUT_COMBOS) if split == "compositional" else [c for c in combos if c not in HELD_OUT_COMBOS]
+    pool = (sorted(HELD_OUT_COMBOS) if split == "compositional"
+            else [c for c in combos if c not in HELD_OUT_COMBOS])
     colours, sizes = list(COLOURS), list(AREAS)
     colour, shape = pool[int(rng.integers(len(pool)))]
     n = int(rng.choice(OBJECT_COUNTS))
@@ -180,7 +181,8 @@ def make_scene(rng: np.random.Generator, split: str, size: int = IMAGE_SIZE
         area = float(rng.uniform(*AREAS[size_class]))
         for _ in range(30):
             cx, cy = (float(v) for v in rng.uniform(0.12, 0.88, size=2))
-            rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-12, 13, size=3), 0, 255))
+            rgb = tuple(int(v)
+                        for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-12, 13, size=3), 0, 255))
             obj = SceneObject(colour, shape, size_class, cx, cy, circumradius(shape, area), rgb)
             pixels = inside(obj, size)
             grown = inside(replace(obj, radius=obj.radius * 1.12), size)
@@ -231,7 +233,8 @@ def _try(kind: str, objects: list[SceneObject], t: int, rng: np.random.Generator
         for phrase in _phrases(objects[t])[:3]:  # phrases matching >= 2 objects, location needed
             if sum(phrase.matches(o) for o in objects) >= 2:
                 for d in DIRECTIONS:
-                    e = Expression("location", phrase, direction=d, prefix=bool(rng.random() < 0.4), article=article)
+                    e = Expression("location", phrase, direction=d, prefix=bool(rng.random() < 0.4),
+                                   article=article)
                     valid += [e] if resolve(e, objects) == [t] else []
     else:
         for a in range(len(objects)):
@@ -274,7 +277,9 @@ def scene_rng(split: str, index: int, seed: int, stream: int = STREAM) -> np.ran
     return np.random.default_rng([int(seed), stream, SPLIT_IDS[split], int(index)])
 
 
-def generate_sample(split: str, index: int, *, image_size: int = IMAGE_SIZE, seed: int = 0) -> SyntheticSample:
+def generate_sample(
+    split: str, index: int, *, image_size: int = IMAGE_SIZE, seed: int = 0
+) -> SyntheticSample:
     """Sample ``index`` of ``split`` (deterministic in ``(split, index, seed)``); ``expression`` is
     this module's :class:`Expression`."""
     rng = scene_rng(split, index, seed)

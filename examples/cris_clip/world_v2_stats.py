@@ -46,8 +46,9 @@ def split_stats(generate: Callable[..., Any], split: str, samples: int, seed: in
     q = np.quantile(areas, [0.1, 0.25, 0.5, 0.75, 0.9])
     return {
         "samples": samples, "image_size": int(rows[0].image.shape[0]),
-        "area": {"mean": float(areas.mean()), **{f"q{int(p * 100)}": float(v)
-                                                 for p, v in zip((0.1, 0.25, 0.5, 0.75, 0.9), q, strict=True)}},
+        "area": {"mean": float(areas.mean()),
+                 **{f"q{int(p * 100)}": float(v)
+                    for p, v in zip((0.1, 0.25, 0.5, 0.75, 0.9), q, strict=True)}},
         "same_category_rate": float(np.mean([s >= 2 for s in same])),
         "same_category_mean": float(np.mean(same)),
         "words_per_expression": float(np.mean([len(w) for w in words])),
@@ -86,8 +87,10 @@ def plot(worlds: dict[str, dict[str, Any]], path: str) -> None:
 
 
 def summary(name: str, stats: dict[str, Any]) -> str:
-    lines = [f"**{name}**", "", "| split | area q10 / q25 / median / q75 / q90 | ≥ 2 of the referent's category | "
-             "words / expression | objects / image | kinds | ms / sample |", "|---|---|---:|---:|---:|---|---:|"]
+    lines = [f"**{name}**", "",
+             "| split | area q10 / q25 / median / q75 / q90 | ≥ 2 of the referent's category | "
+             "words / expression | objects / image | kinds | ms / sample |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for split, s in stats.items():
         a = s["area"]
         kinds = ", ".join(f"{k} {v / s['samples']:.2f}" for k, v in sorted(s["kinds"].items()))
@@ -99,7 +102,8 @@ def summary(name: str, stats: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2000, help="samples per split")
     parser.add_argument("--seed", type=int, default=0, help="the generator's seed (--synthetic-seed)")
     parser.add_argument("--compare-demo", action=argparse.BooleanOptionalAction, default=True,

@@ -52,7 +52,8 @@ def conv_layer(in_dim: int, out_dim: int, kernel_size: int = 1, stride: int = 1)
 
 def linear_layer(in_dim: int, out_dim: int) -> nn.Sequential:
     """Linear + BatchNorm1d + ReLU(inplace) (``[B, in] -> [B, out]``)."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim),
+                         nn.ReLU(inplace=True))
 
 
 class CoordConv(nn.Module):
@@ -72,7 +73,9 @@ class CoordConv(nn.Module):
 class FPN(nn.Module):
     """Sentence-gated FPN over (C3, C4, C5); output on the C4 grid ``[B, dim, H/16, W/16]``."""
 
-    def __init__(self, in_dims: tuple[int, int, int] = (128, 256, 32), state_dim: int = 32, dim: int = 32) -> None:
+    def __init__(
+        self, in_dims: tuple[int, int, int] = (128, 256, 32), state_dim: int = 32, dim: int = 32
+    ) -> None:
         super().__init__()
         self.txt_proj = linear_layer(state_dim, dim)
         self.f5_proj = conv_layer(in_dims[2], dim, 1)
@@ -86,7 +89,8 @@ class FPN(nn.Module):
         self.coordconv = nn.Sequential(CoordConv(dim, dim, 3), conv_layer(dim, dim, 3))
 
     def forward(self, feats: tuple[Tensor, Tensor, Tensor], state: Tensor) -> Tensor:
-        """``feats`` = (v3 ``[B,C3,H/8,W/8]``, v4 ``[B,C4,H/16,W/16]``, v5 ``[B,C5,H/32,W/32]``), ``state`` ``[B,S]``."""
+        """``feats`` = (v3 ``[B,C3,H/8,W/8]``, v4 ``[B,C4,H/16,W/16]``, v5 ``[B,C5,H/32,W/32]``),
+        ``state`` ``[B,S]``."""
         v3, v4, v5 = feats
         gate = self.txt_proj(state)[:, :, None, None]
         f5 = self.f5_norm(self.f5_proj(v5) * gate)
@@ -131,7 +135,8 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
 
     def forward(self, vis: Tensor, txt: Tensor, vis_pos: Tensor, txt_pos: Tensor, pad_mask: Tensor) -> Tensor:
-        """``vis`` ``[HW, B, C]``, ``txt`` ``[L, B, D]``, ``pad_mask`` ``[B, L]`` (True = pad) -> ``[HW, B, C]``."""
+        """``vis`` ``[HW, B, C]``, ``txt`` ``[L, B, D]``, ``pad_mask`` ``[B, L]`` (True = pad) ->
+        ``[HW, B, C]``."""
         v = self.norm1(vis)
         q = v + vis_pos
         vis = vis + self.dropout1(self.self_attn(q, q, value=v, need_weights=False)[0])
@@ -149,7 +154,8 @@ class TransformerDecoder(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(d_model, nhead, word_dim, dim_ff, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(d_model, nhead, word_dim, dim_ff, dropout)
+                                    for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, vis: Tensor, txt: Tensor, pad_mask: Tensor) -> Tensor:
@@ -190,7 +196,9 @@ class Projector(nn.Module):
         return out.transpose(0, 1)
 
 
-def build_clip(image_size: int = 64, context_length: int = 8, embed_dim: int = 32, width: int = 16) -> open_clip.CLIP:
+def build_clip(
+    image_size: int = 64, context_length: int = 8, embed_dim: int = 32, width: int = 16
+) -> open_clip.CLIP:
     """A random-init ``open_clip.CLIP`` with a ``ModifiedResNet`` (RN) vision tower."""
     return open_clip.CLIP(
         embed_dim=embed_dim,
@@ -208,7 +216,8 @@ class CRIS(nn.Module):
         visual = self.backbone.visual
         c5_in, state_dim = visual.attnpool.k_proj.in_features, visual.output_dim
         # CRIS adds a residual branch to CLIP's attention pool (not in the CLIP checkpoint).
-        visual.attnpool.connect = nn.Sequential(nn.Conv2d(c5_in, state_dim, 1, bias=False), nn.BatchNorm2d(state_dim))
+        visual.attnpool.connect = nn.Sequential(nn.Conv2d(c5_in, state_dim, 1, bias=False),
+                                                nn.BatchNorm2d(state_dim))
         c3, c4 = c5_in // 4, c5_in // 2
         word_dim = self.backbone.ln_final.normalized_shape[0]
         self.neck = FPN((c3, c4, state_dim), state_dim, dim)
@@ -242,7 +251,8 @@ class CRIS(nn.Module):
         tokens = rearrange(x, "b c h w -> (h w) b c") + pos[:, None, :].to(x.dtype)
         out, _ = F.multi_head_attention_forward(
             query=tokens, key=tokens, value=tokens, embed_dim_to_check=c, num_heads=pool.num_heads,
-            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            in_proj_weight=None,
+            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
             bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
             out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias, training=self.training,
             need_weights=False, use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight,
@@ -262,7 +272,9 @@ class CRIS(nn.Module):
         state = x[torch.arange(x.shape[0], device=x.device), word.argmax(dim=-1)] @ bb.text_projection
         return x, state
 
-    def forward(self, img: Tensor, word: Tensor, mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, word: Tensor, mask: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """``img`` ``[B,3,H,W]``, ``word`` ``[B,L]`` (pad 0), ``mask`` ``[B,1,H,W]`` float (train only).
 
         Train: ``(pred.detach() [B,1,H/4,W/4], mask [B,1,H/4,W/4], loss [])``; eval: ``pred.detach()``.
@@ -290,7 +302,9 @@ class CRISBatch(NamedTuple):
     mask: Tensor  # [B, 1, H, W] float in {0, 1}
 
 
-def make_batch(batch_size: int = 4, image_size: int = 64, context_length: int = 8, seed: int = 0) -> CRISBatch:
+def make_batch(
+    batch_size: int = 4, image_size: int = 64, context_length: int = 8, seed: int = 0
+) -> CRISBatch:
     """Random images, CLIP-style ids (SOT=98 ... EOT=99, pad 0; lengths vary) and box masks."""
     gen = torch.Generator().manual_seed(seed)
     img = torch.randn(batch_size, 3, image_size, image_size, generator=gen)

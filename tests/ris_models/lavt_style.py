@@ -86,7 +86,8 @@ class Block(nn.Module):
 
 
 class SpatialImageLanguageAttention(nn.Module):
-    """Pixels attend to words: ``x [B, N, C]``, ``l_feats [B, Cl, L]``, ``l_mask [B, L, 1]`` -> ``[B, N, C]``."""
+    """Pixels attend to words: ``x [B, N, C]``, ``l_feats [B, Cl, L]``, ``l_mask [B, L, 1]`` ->
+    ``[B, N, C]``."""
 
     def __init__(self, v_in: int, l_in: int, key_dim: int, value_dim: int, num_heads: int = 1) -> None:
         super().__init__()
@@ -98,7 +99,8 @@ class SpatialImageLanguageAttention(nn.Module):
 
     def forward(self, x: Tensor, l_feats: Tensor, l_mask: Tensor) -> Tensor:
         l_mask = rearrange(l_mask, "b l 1 -> b 1 l")
-        query = rearrange(self.f_query(rearrange(x, "b n c -> b c n")), "b (h d) n -> b h n d", h=self.num_heads)
+        query = rearrange(self.f_query(rearrange(x, "b n c -> b c n")), "b (h d) n -> b h n d",
+                          h=self.num_heads)
         key = rearrange(self.f_key(l_feats) * l_mask, "b (h d) l -> b h d l", h=self.num_heads)
         value = rearrange(self.f_value(l_feats) * l_mask, "b (h d) l -> b h l d", h=self.num_heads)
         sim = (query @ key) * key.shape[2] ** -0.5
@@ -150,7 +152,9 @@ class MMStage(nn.Module):
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: Tensor, h: int, w: int, l_feats: Tensor, l_mask: Tensor) -> tuple[Tensor, int, int, Tensor, int, int]:
+    def forward(
+        self, x: Tensor, h: int, w: int, l_feats: Tensor, l_mask: Tensor
+    ) -> tuple[Tensor, int, int, Tensor, int, int]:
         for blk in self.blocks:
             x = blk(x)
         x_residual = self.fusion(x, l_feats, l_mask)
@@ -161,11 +165,12 @@ class MMStage(nn.Module):
 
 
 class MultiModalSwin(nn.Module):
-    """Hierarchical backbone with PWAM in every stage: image + words -> 3 maps ``[B, C_i, H/2^(i+2), ...]``."""
+    """Hierarchical backbone with PWAM in every stage: image + words -> 3 maps
+    ``[B, C_i, H/2^(i+2), ...]``."""
 
     def __init__(
-        self, embed_dim: int = 16, depths: tuple[int, ...] = (1, 2, 1), num_heads: tuple[int, ...] = (1, 2, 4),
-        l_dim: int = 32, drop_path_rate: float = 0.1,
+        self, embed_dim: int = 16, depths: tuple[int, ...] = (1, 2, 1),
+        num_heads: tuple[int, ...] = (1, 2, 4), l_dim: int = 32, drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(4, 3, embed_dim)
@@ -180,7 +185,8 @@ class MultiModalSwin(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
 
     def forward(self, x: Tensor, l_feats: Tensor, l_mask: Tensor) -> list[Tensor]:
-        """``x [B,3,H,W]``, ``l_feats [B,Cl,L]``, ``l_mask [B,L,1]`` -> ``[B,16,H/4,W/4], [B,32,H/8,W/8], [B,64,H/16,W/16]``."""
+        """``x [B,3,H,W]``, ``l_feats [B,Cl,L]``, ``l_mask [B,L,1]`` ->
+        ``[B,16,H/4,W/4], [B,32,H/8,W/8], [B,64,H/16,W/16]``."""
         x = self.patch_embed(x)
         h, w = x.shape[-2:]
         x = self.pos_drop(rearrange(x, "b c h w -> b (h w) c"))
@@ -198,7 +204,8 @@ def conv_bn_relu(in_dim: int, out_dim: int) -> list[nn.Module]:
 
 
 class SimpleDecoding(nn.Module):
-    """Top-down decoder: ``[c1, c2, c3]`` (fine -> coarse) -> two-class logits on the c1 grid ``[B, 2, h1, w1]``."""
+    """Top-down decoder: ``[c1, c2, c3]`` (fine -> coarse) -> two-class logits on the c1 grid
+    ``[B, 2, h1, w1]``."""
 
     def __init__(self, dims: tuple[int, int, int] = (16, 32, 64), hidden: int = 32) -> None:
         super().__init__()
@@ -218,9 +225,9 @@ class SimpleDecoding(nn.Module):
 def tiny_bert_config(max_positions: int = 32) -> BertConfig:
     """hidden 32, 1 layer, 2 heads, intermediate 64, vocab 100, dropout 0.1."""
     return BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=max_positions, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-        pad_token_id=PAD,
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=max_positions, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1, pad_token_id=PAD,
     )
 
 
@@ -267,13 +274,15 @@ def tiny_bert() -> BertModel:
 
 
 def lavt_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """LAVT's loss: cross-entropy with class weights [0.9, 1.1]; ``logits [B,2,H,W]``, ``target [B,H,W]`` long."""
+    """LAVT's loss: cross-entropy with class weights [0.9, 1.1]; ``logits [B,2,H,W]``,
+    ``target [B,H,W]`` long."""
     weight = torch.tensor([0.9, 1.1], device=logits.device, dtype=logits.dtype)
     return F.cross_entropy(logits, target, weight=weight)
 
 
 class LAVTBatch(NamedTuple):
-    """One batch as LAVT's train loop has it: ``loss = lavt_loss(model(image, input_ids, attention_mask), target)``."""
+    """One batch as LAVT's train loop has it:
+    ``loss = lavt_loss(model(image, input_ids, attention_mask), target)``."""
 
     image: Tensor  # [B, 3, H, W] float
     input_ids: Tensor  # [B, L] long: CLS w... SEP PAD...

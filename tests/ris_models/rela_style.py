@@ -103,11 +103,13 @@ class ReLAStyle(nn.Module):
     def __init__(self, size_divisibility: int = 32) -> None:
         super().__init__()
         self.size_divisibility = size_divisibility
-        self.register_buffer("pixel_mean", torch.tensor([123.7, 116.3, 103.5]).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor([123.7, 116.3, 103.5]).view(-1, 1, 1),
+                             persistent=False)
         self.register_buffer("pixel_std", torch.tensor([58.4, 57.1, 57.4]).view(-1, 1, 1), persistent=False)
         self.backbone = Backbone()
-        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=2 * WIDTH, max_position_embeddings=32)
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=2 * WIDTH,
+                                         max_position_embeddings=32)
         self.text_encoder = transformers.BertModel(config, add_pooling_layer=False)
         self.sem_seg_head = RefHead()
 
@@ -116,17 +118,20 @@ class ReLAStyle(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs: list[dict[str, Any]]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
         images, sizes = pad_images(images, self.size_divisibility)
         ids = torch.cat([x["lang_tokens"] for x in batched_inputs]).to(self.device)
         lang_mask = torch.cat([x["lang_mask"] for x in batched_inputs]).to(self.device)
         lang = self.text_encoder(input_ids=ids, attention_mask=lang_mask)[0]
         outputs = self.sem_seg_head(self.backbone(images), lang, lang_mask)
         if self.training:
-            gt, _ = pad_images([x["gt_mask_merged"].to(self.device).float() for x in batched_inputs], self.size_divisibility)
+            gt, _ = pad_images([x["gt_mask_merged"].to(self.device).float() for x in batched_inputs],
+                               self.size_divisibility)
             empty = torch.tensor([x["empty"] for x in batched_inputs], device=self.device, dtype=torch.long)
             return self.losses(outputs, gt[:, 0], empty)
-        masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear",
+                              align_corners=False)
         return [{"ref_seg": masks[i].softmax(0)[1, :h, :w], "nt_label": outputs["nt_label"][i].softmax(0)}
                 for i, (h, w) in enumerate(sizes)]
 

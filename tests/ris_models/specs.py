@@ -16,11 +16,13 @@ __all__ = ["cris_spec", "lavt_spec", "rela_spec", "rela_words", "timm_spec"]
 
 
 def cris_spec() -> HookSpec:
-    """CRIS (CLIP ResNet + FPN + transformer decoder; forward(img, word, mask) -> (pred.detach(), mask, loss))."""
+    """CRIS (CLIP ResNet + FPN + transformer decoder; forward(img, word, mask) ->
+    (pred.detach(), mask, loss))."""
     return HookSpec(
         image=ModalitySpec(
             embed="backbone.visual.avgpool", layout="bchw", width=16,  # CLIP RN stem output [B, 16, H/4, W/4]
-            tokens=Tap("neck", kind="input", select="[0][2]", layout="bchw"),  # C5 in CLIP space [B, 32, H/32, W/32]
+            # C5 in CLIP space [B, 32, H/32, W/32]
+            tokens=Tap("neck", kind="input", select="[0][2]", layout="bchw"),
             reuse=("backbone.visual.layer*", "backbone.visual.attnpool.connect"),
         ),
         text=ModalitySpec(

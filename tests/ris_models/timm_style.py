@@ -44,7 +44,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embedding = nn.Parameter(torch.randn(context_length, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=dropout, batch_first=True)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=dropout,
+                                           batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers)
         self.norm = nn.LayerNorm(width)
 
@@ -63,7 +64,8 @@ class FusionNeck(nn.Module):
     def __init__(self, vis_dim: int = 32, txt_dim: int = 32, dim: int = 32) -> None:
         super().__init__()
         self.txt_proj = nn.Linear(txt_dim, vis_dim)
-        self.fuse = nn.Sequential(nn.Conv2d(vis_dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(vis_dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.ReLU())
         self.up = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False),
