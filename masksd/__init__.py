@@ -48,11 +48,12 @@ __all__ = [
 # Names the top level exported up to 0.2.0, now read from their submodule (with a warning).
 _MOVED = {
     **dict.fromkeys(
-        ("CrossModalAlignment", "CrossModalAlignmentConfig", "DistillContext", "GuidedMaskedDistillation",
+        ("CrossModalAlignment", "CrossModalAlignmentConfig", "GuidedMaskedDistillation",
          "LanguageReconstruction", "LanguageReconstructionConfig", "MaskGrounding", "MaskGroundingConfig",
          "MaskRIS", "MaskRISConfig", "ObjectiveOutput"), "masksd.objectives"),
     **dict.fromkeys(("Decoder", "Embedded", "Encoded", "Fused", "RISModel", "Tower"), "masksd.towers"),
-    **dict.fromkeys(("bare_state_dict", "load_bare_state_dict", "open_clip_state_dict"), "masksd.checkpoints"),
+    **dict.fromkeys(
+        ("bare_state_dict", "load_bare_state_dict", "open_clip_state_dict"), "masksd.checkpoints"),
     **dict.fromkeys(("check_binary_target", "consistency_loss", "segmentation_loss"), "masksd.losses"),
 }
 

@@ -78,7 +78,9 @@ class WrapReport:
                 "find_unused_parameters=True unless you freeze them (requires_grad_(False))"
             )
         else:
-            lines.append("  every trainable parameter got a gradient: DDP works with find_unused_parameters=False")
+            lines.append(
+                "  every trainable parameter got a gradient: DDP works with find_unused_parameters=False"
+            )
         lines += [f"  warning: {text}" for text in self.warnings]
         return "\n".join(lines)
 
@@ -137,10 +139,10 @@ def run_check(wrapper: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 def _never_called(plan: Plan, recorder: Recorder) -> list[str]:
     """A ``reuse`` module the main branch never called as a module: nothing can be reused."""
     return [
-        f"reuse module {path!r} never ran as a module in the main branch (the model uses it another way, e.g. "
-        "its weights directly, or not at all), so the masked branches cannot reuse its output and compute "
-        "whatever the model does with it again: correct, but it costs that computation; list in `reuse` the "
-        "modules the model calls (see the calls above), or drop this one"
+        f"reuse module {path!r} never ran as a module in the main branch (the model uses it another "
+        "way, e.g. its weights directly, or not at all), so the masked branches cannot reuse its output "
+        "and compute whatever the model does with it again: correct, but it costs that computation; "
+        "list in `reuse` the modules the model calls (see the calls above), or drop this one"
         for path in plan.reuse_paths()
         if not recorder.call_log.get(("main", path)) and not recorder.replay_log.get(("main", path))
     ]

@@ -124,7 +124,7 @@ class DistillConfig:
         dropout: ``"fresh"`` (default): dropout and drop-path draw new masks in the masked
             branches, as a plain implementation of the paper does; ``"replay"``: the branches
             replay the main branch's draws, so the token mask is their only difference (see
-            ``masksd.backends.rng``).
+            ``masksd.engine.rng``).
     """
 
     lmvsd: BranchConfig | None = field(default_factory=LMVSDConfig)

@@ -43,7 +43,9 @@ def from_bnc(tokens: Tensor, layout: str, like: Tensor) -> Tensor:
     return tokens
 
 
-def layout_grid(value: Tensor, layout: str, declared: tuple[int, int] | None, *, square: bool) -> tuple[int, int] | None:
+def layout_grid(
+    value: Tensor, layout: str, declared: tuple[int, int] | None, *, square: bool
+) -> tuple[int, int] | None:
     """The 2-D grid of a token tensor: from a ``bchw`` shape, the ``declared`` grid, or a square
     token count (when ``square``); None for a sequence."""
     if layout == "bchw":

@@ -59,7 +59,9 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_scorer(name: str, *, needs: tuple[Needs, ...] = ()) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+def register_scorer(
+    name: str, *, needs: tuple[Needs, ...] = ()
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a scorer under ``name`` (``BranchConfig(scorer=name)``), with what it needs from the
     model, checked when the wrapper is built: ``"tokens"`` (the masked modality's scoring tokens),
     ``"other_global"`` (the other modality's global feature, or its tokens to pool),
@@ -100,7 +102,8 @@ def _correlation(step: Step, modality: str, *, metric: str, surgery: bool) -> Te
             "scorer='prediction' or 'random'"
         )
     tokens, guide = scoring_tokens(encoded).detach(), theirs.global_feature.detach()
-    scores = surgery_scores(guide, tokens, metric=metric) if surgery else correlation_scores(guide, tokens, metric=metric)
+    scores = (surgery_scores(guide, tokens, metric=metric) if surgery
+              else correlation_scores(guide, tokens, metric=metric))
     return _onto_units(step, modality, scores)
 
 
@@ -139,7 +142,9 @@ def _onto_units(step: Step, modality: str, scores: Tensor) -> Tensor:
 def _late_interaction(step: Step, modality: str, *, metric: str, surgery: bool) -> Tensor:
     side = other(modality)
     mine, theirs = step.encoded(modality), step.encoded(side)
-    if mine is None or theirs is None or not (step.view(modality).tokens_declared and step.view(side).tokens_declared):
+    if mine is None or theirs is None or not (
+        step.view(modality).tokens_declared and step.view(side).tokens_declared
+    ):
         raise ValueError(
             "scorer 'late_interaction' needs the token features of both modalities in one space "
             "(towers provide them; for a hooked model declare HookSpec.image.tokens and "
@@ -186,7 +191,9 @@ def score(
     """Scores ``[B, N_u]`` of ``modality``'s units under ``scorer`` (see the module docstring);
     ``surgery`` applies to ``"correlation"`` only."""
     if surgery and scorer != "correlation":
-        raise ValueError(f"surgery=True works with scorer='correlation' only, got {getattr(scorer, '__name__', scorer)!r}")
+        raise ValueError(
+            f"surgery=True works with scorer='correlation' only, got {getattr(scorer, '__name__', scorer)!r}"
+        )
     if callable(scorer):
         scores: Any = scorer(step, modality)
     else:

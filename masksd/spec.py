@@ -275,7 +275,9 @@ class ModalitySpec:
             value = getattr(self, name)
             if value is not None:
                 if len(tuple(value)) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-                    raise ValueError(f"ModalitySpec.{name} must be a pair of positive ints (h, w), got {value!r}")
+                    raise ValueError(
+                        f"ModalitySpec.{name} must be a pair of positive ints (h, w), got {value!r}"
+                    )
                 object.__setattr__(self, name, tuple(value))
         if self.argument is not None and (not isinstance(self.argument, str) or not self.argument):
             raise TypeError(f"ModalitySpec.argument must be a forward argument name, got {self.argument!r}")
@@ -312,7 +314,7 @@ class HookSpec:
             main segmentation term instead of masksd's BCE: a scalar tensor, or a dict read with
             mmseg's ``parse_losses`` convention (only entries whose key contains ``"loss"`` are
             summed; metrics such as ``acc_seg`` are ignored; see
-            ``masksd.backends.base.as_tensor_loss``); ``""`` = the whole return value (detectron2
+            ``masksd.engine.outputs.as_tensor_loss``); ``""`` = the whole return value (detectron2
             and mmseg models return their loss dict); None = masksd's BCE on the logits.
         fusion: ``"auto"`` probes once whether each modality's ``reuse`` outputs depend on the
             other modality; or say it: ``"late"``, ``"text->image"`` (the image backbone
@@ -345,7 +347,9 @@ class HookSpec:
         if self.fused is not None and not isinstance(self.fused, Tap):
             raise TypeError(f"HookSpec.fused must be a Tap or None, got {type(self.fused).__name__}")
         if not isinstance(self.logits, (Output, Tap)):
-            raise TypeError(f"HookSpec.logits must be Output(...) or Tap(...), got {type(self.logits).__name__}")
+            raise TypeError(
+                f"HookSpec.logits must be Output(...) or Tap(...), got {type(self.logits).__name__}"
+            )
         _check_choice(self.fusion, FUSIONS, "HookSpec.fusion")
         if self.loss is not None:
             _parse_selector(self.loss)

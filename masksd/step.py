@@ -64,7 +64,10 @@ def units_of(
 ) -> Units:
     """The units of one modality (see the module docstring); ``declared`` is ``ModalitySpec.units``."""
     if declared is not None and embedded.grid is not None and tuple(declared) != tuple(embedded.grid):
-        if encoded is not None and tokens_declared and encoded.grid is not None and encoded.grid != tuple(declared):
+        if (
+            encoded is not None and tokens_declared and encoded.grid is not None
+            and encoded.grid != tuple(declared)
+        ):
             raise ValueError(
                 f"ModalitySpec.units is {tuple(declared)} but the {modality} scoring tokens lie on a "
                 f"{encoded.grid} grid; drop units= (the tokens' grid is used) or tap tokens on that grid"

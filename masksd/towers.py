@@ -25,19 +25,20 @@ Optional capabilities (used only by the objectives that need them, ``masksd.obje
 model without them still trains with LMVSD/VMLSD, and an objective that needs a missing one
 raises a ``TypeError`` naming it on its first training step):
 
-``text_tower.token_ids(embedded) -> [B, L]`` int
-    The token ids of the embedded words (labels of ``MaskGrounding``). Default:
-    ``embedded.extras["ids"]``.
+``Embedded.extras["ids"]`` ``[B, L]`` int
+    The token ids of the embedded words (labels of ``MaskGrounding``), set by the text tower's
+    ``embed``.
 ``text_tower.word_embedding``
     The input-embedding matrix ``[V, C]`` that ``MaskGrounding`` ties its output layer to: an
-    ``nn.Embedding``, a ``[V, C]`` tensor, or a method returning either. Default: the tower's
-    ``token_embedding`` attribute (the open_clip adapter's). It is fetched at every step, never
-    copied or registered a second time.
+    ``nn.Embedding`` or a ``[V, C]`` parameter of the model, or a method returning either.
+    Default: the tower's ``token_embedding`` attribute (the open_clip adapter's). It is fetched at
+    every step, never copied or registered a second time.
 ``decoder.forward_with_fused(image, text) -> (logits, fused)``
     The decoder's forward that also returns its fused (vision-language) features, ``[B, D, h, w]``
     or ``[B, N, D]`` or a ``Fused``, from the *same* pass (``LanguageReconstruction``,
-    ``CrossModalAlignment(features="fused")``). masksd calls it for the main branch only, in
-    training; ``decoder(image, text)`` must equal ``forward_with_fused(image, text)[0]``.
+    ``CrossModalAlignment(features="fused")``). The tower entry's ``RISModel`` calls it in
+    training (``decode_with_fused``); ``decoder(image, text)`` must equal
+    ``forward_with_fused(image, text)[0]``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from masksd.spec import HookSpec, Maskable, ModalitySpec, Tap
 
 __all__ = [
-    "Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes", "scoring_tokens",
-    "decoder_foreign_parameters", "decoder_parameters_hidden", "tower_spec",
+    "Embedded", "Encoded", "Fused", "Tower", "Decoder", "RISModel", "align_scores", "check_batch_sizes",
+    "scoring_tokens", "decoder_foreign_parameters", "decoder_parameters_hidden", "tower_spec",
 ]
 
 _WRAPPER_PREFIXES = ("model.", "objectives.")  # masksd.checkpoints.MODEL_PREFIX / ADDED_PREFIX
@@ -151,10 +152,13 @@ class Encoded:
 
 
 def _check_scoring(scoring: Any, tokens: Tensor) -> None:
-    if not isinstance(scoring, Tensor) or scoring.dim() != 3 or tuple(scoring.shape[:2]) != tuple(tokens.shape[:2]):
+    if (
+        not isinstance(scoring, Tensor) or scoring.dim() != 3
+        or tuple(scoring.shape[:2]) != tuple(tokens.shape[:2])
+    ):
         raise ValueError(
-            f"Encoded.scoring must be a [B, N_enc, D] tensor with [B, N_enc] = {tuple(tokens.shape[:2])} (one "
-            f"scoring feature per encoded token), got {_describe(scoring)}"
+            f"Encoded.scoring must be a [B, N_enc, D] tensor with [B, N_enc] = {tuple(tokens.shape[:2])} "
+            f"(one scoring feature per encoded token), got {_describe(scoring)}"
         )
 
 
@@ -184,8 +188,13 @@ class Fused:
     grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3 or not self.tokens.is_floating_point():
-            raise ValueError(f"Fused.tokens must be a floating [B, N, D] tensor, got {_describe(self.tokens)}")
+        if (
+            not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3
+            or not self.tokens.is_floating_point()
+        ):
+            raise ValueError(
+                f"Fused.tokens must be a floating [B, N, D] tensor, got {_describe(self.tokens)}"
+            )
         _check_grid(self.grid, self.tokens.shape[1], "Fused")
 
     @classmethod
@@ -360,8 +369,8 @@ class RISModel(nn.Module):
         embedded = tower.embed(inputs)
         if not isinstance(embedded, Embedded):
             raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.towers.Embedded(tokens=..., "
-                f"maskable=...), got {type(embedded).__name__}"
+                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.towers.Embedded("
+                f"tokens=..., maskable=...), got {type(embedded).__name__}"
             )
         if embedded.tokens.shape[-1] != tower.embed_dim:
             raise ValueError(
@@ -376,8 +385,8 @@ class RISModel(nn.Module):
         encoded = tower.encode(embedded)
         if not isinstance(encoded, Encoded):
             raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.towers.Encoded(tokens=..., "
-                f"global_feature=..., features=...), got {type(encoded).__name__}"
+                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.towers.Encoded("
+                f"tokens=..., global_feature=..., features=...), got {type(encoded).__name__}"
             )
         return encoded
 
@@ -402,7 +411,9 @@ class RISModel(nn.Module):
         check_batch_sizes(image.tokens.shape[0], text.tokens.shape[0])
         if self.training and self.decode_with_fused:
             return self.sites["decode"](self._decode_with_fused, image, text)[0]
-        return _logits(self.sites["decode"](self.decoder, image, text), f"decoder ({type(self.decoder).__name__})")
+        return _logits(
+            self.sites["decode"](self.decoder, image, text), f"decoder ({type(self.decoder).__name__})"
+        )
 
 
 SITES = ("image_embed", "image_encode", "text_embed", "text_encode", "decode")
@@ -458,8 +469,8 @@ def tower_spec(model: RISModel) -> HookSpec:
 
     def part(modality: str, **options: Any) -> ModalitySpec:
         embed, encode = f"sites.{modality}_embed", f"sites.{modality}_encode"
-        return ModalitySpec(embed=embed, width=getattr(model, f"{modality}_tower").embed_dim, tokens=Tap(encode),
-                            reuse=(embed, encode), **options)
+        return ModalitySpec(embed=embed, width=getattr(model, f"{modality}_tower").embed_dim,
+                            tokens=Tap(encode), reuse=(embed, encode), **options)
 
     fused = model.decode_with_fused
     return HookSpec(
@@ -563,7 +574,8 @@ class ForeignParameters:
 
     def refuse(self, decoder: Any) -> None:
         """Raise the ``ValueError`` that names what was found (nothing found: return)."""
-        found = [f"{type(m).__name__} ({sum(p.numel() for p in self._foreign(m)):,} parameters)" for m in self.modules]
+        found = [f"{type(m).__name__} ({sum(p.numel() for p in self._foreign(m)):,} parameters)"
+                 for m in self.modules]
         found += [f"an nn.Parameter of shape {list(p.shape)} ({p.numel():,} values)" for p in self.parameters]
         if not found:
             return

@@ -131,7 +131,9 @@ class MaskedSelfDistill(nn.Module):
                 "that holds them as submodules"
             )
         model = RISModel(image_tower, text_tower, decoder, decode_with_fused=True)
-        self._setup(model, tower_spec(model), DistillConfig.merged(config, options), extra_objectives, criterion)
+        self._setup(
+            model, tower_spec(model), DistillConfig.merged(config, options), extra_objectives, criterion
+        )
         self._towers = True  # wrapper(images, texts, target): the target may come third
 
     @classmethod
@@ -148,7 +150,8 @@ class MaskedSelfDistill(nn.Module):
         """Wrap an unchanged ``model`` described by ``spec`` (what ``masksd.wrap`` does)."""
         if not isinstance(spec, HookSpec):
             raise TypeError(f"spec must be a masksd.HookSpec, got {type(spec).__name__}")
-        absent = {m: None for m in ("lmvsd", "vmlsd") if getattr(spec, "image" if m == "lmvsd" else "text") is None}
+        absent = {m: None for m in ("lmvsd", "vmlsd")
+                  if getattr(spec, "image" if m == "lmvsd" else "text") is None}
         if config is None:
             options = {**absent, **options}
         wrapper = cls.__new__(cls)
@@ -185,19 +188,26 @@ class MaskedSelfDistill(nn.Module):
                 objective = GuidedMaskedDistillation(**kwargs)
             else:
                 shared = resolve_module(model, spec.decoder, "HookSpec.decoder")  # type: ignore[arg-type]
-                objective = GuidedMaskedDistillation.with_private_decoder(shared, engine=runner.recorder, **kwargs)
+                objective = GuidedMaskedDistillation.with_private_decoder(
+                    shared, engine=runner.recorder, **kwargs
+                )
             if objective.mask_token is not None:
                 runner.init_mask_token(modality, objective.mask_token)
             objectives[name] = objective
         for objective in extra_objectives:
             if not isinstance(objective, Objective):
-                raise TypeError(f"extra_objectives must hold Objective instances, got {type(objective).__name__}")
+                raise TypeError(
+                    f"extra_objectives must hold Objective instances, got {type(objective).__name__}"
+                )
             if objective.name in objectives or objective.name == "seg":
                 raise ValueError(f"objective name {objective.name!r} is used twice")
             objectives[objective.name] = objective
         self.objectives = nn.ModuleDict(objectives)
         if criterion is not None and not callable(criterion):
-            raise TypeError(f"criterion must be callable as criterion(logits, target) -> loss, got {type(criterion).__name__}")
+            raise TypeError(
+                f"criterion must be callable as criterion(logits, target) -> loss, "
+                f"got {type(criterion).__name__}"
+            )
         if criterion is not None and spec.loss is not None:
             raise ValueError(
                 "give either criterion= (your loss on the logits) or HookSpec.loss (the loss your model "
@@ -209,7 +219,9 @@ class MaskedSelfDistill(nn.Module):
         """Refuse, at wrap time, a branch whose scorer needs features the spec does not declare."""
         spec = self.runner.spec
         if getattr(spec, modality) is None:
-            raise ValueError(f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None")
+            raise ValueError(
+                f"{name} masks {modality} tokens but HookSpec.{modality} is None; set {name}=None"
+            )
         if callable(branch.scorer):
             return
         side = other(modality)
@@ -220,8 +232,10 @@ class MaskedSelfDistill(nn.Module):
             "other_tokens": theirs is not None and theirs.tokens is not None,
             "image": modality == "image",
         }
-        wanted = {"tokens": f"HookSpec.{modality}.tokens", "other_global": f"HookSpec.{side}.global_ (or .tokens)",
-                  "other_tokens": f"HookSpec.{side}.tokens", "image": "image tokens (it masks images only)"}
+        wanted = {"tokens": f"HookSpec.{modality}.tokens",
+                  "other_global": f"HookSpec.{side}.global_ (or .tokens)",
+                  "other_tokens": f"HookSpec.{side}.tokens",
+                  "image": "image tokens (it masks images only)"}
         needs = scorer_needs(branch.scorer)
         missing = [wanted[need] for need in needs if not present[need]]
         if missing:
@@ -246,7 +260,8 @@ class MaskedSelfDistill(nn.Module):
     @property
     def config(self) -> DistillConfig:
         """The configuration as it stands (weights changed by ``set_weights`` included)."""
-        branches = {name: self.objectives[name].config for name in ("lmvsd", "vmlsd") if name in self.objectives}
+        branches = {name: self.objectives[name].config for name in ("lmvsd", "vmlsd")
+                    if name in self.objectives}
         return dataclasses.replace(self._config, **branches)
 
     def unwrap(self) -> nn.Module:
@@ -279,7 +294,9 @@ class MaskedSelfDistill(nn.Module):
     def _objective_names(self, names: Any, argument: str) -> list[str]:
         unknown = [name for name in names if name not in self.objectives]
         if unknown:
-            raise ValueError(f"{argument}: no objective named {unknown}; this wrapper has {list(self.objectives)}")
+            raise ValueError(
+                f"{argument}: no objective named {unknown}; this wrapper has {list(self.objectives)}"
+            )
         return list(names)
 
     def set_weights(self, **weights: float) -> None:
@@ -287,7 +304,10 @@ class MaskedSelfDistill(nn.Module):
         ``vmlsd``, extra objectives' names). Values are finite numbers >= 0; each is stored once,
         in the objective's ``config`` (``wrapper.config`` reads them), so what is saved stays true."""
         for name, value in weights.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < 0
+            ):
                 raise ValueError(f"set_weights: {name} must be a finite number >= 0, got {value!r}")
         names = self._objective_names([n for n in weights if n != "seg"], "set_weights")
         if "seg" in weights:
@@ -314,7 +334,8 @@ class MaskedSelfDistill(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(
-        self, *args: Any, target: Tensor | None = None, generator: torch.Generator | None = None, **kwargs: Any
+        self, *args: Any, target: Tensor | None = None, generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> DistillOutput | Any:
         """Training: ``DistillOutput``; eval: the bare model's output (see the class docstring)."""
         if getattr(self, "_is_replica", False):
@@ -359,7 +380,8 @@ class MaskedSelfDistill(nn.Module):
         # the objectives, each on the step's record (BatchNorm running statistics left to the main branch)
         terms = {"seg": seg}
         selections: dict[str, dict[str, Any]] = {}
-        active = [(name, objective) for name, objective in self.objectives.items() if name not in self._disabled]
+        active = [(name, objective) for name, objective in self.objectives.items()
+                  if name not in self._disabled]
         with running_stats_frozen(self.model):
             for name, objective in active:
                 result = objective(step, self.runner)
@@ -371,7 +393,9 @@ class MaskedSelfDistill(nn.Module):
         for name, objective in active:
             total = total + objective.weight * terms[name]
         losses = {name: term.detach() for name, term in terms.items()}
-        return DistillOutput(logits=step.logits, loss=total, losses=losses, selections=selections, output=step.output)
+        return DistillOutput(
+            logits=step.logits, loss=total, losses=losses, selections=selections, output=step.output
+        )
 
 
 def wrap(

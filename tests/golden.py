@@ -75,7 +75,9 @@ def _hex(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     """Bool / integer tensors as nested lists of ints; tuples (grids) as lists; else None."""
-    if isinstance(value, Tensor) and (value.dtype == torch.bool or not (value.is_floating_point() or value.is_complex())):
+    if isinstance(value, Tensor) and (
+        value.dtype == torch.bool or not (value.is_floating_point() or value.is_complex())
+    ):
         return value.detach().cpu().long().tolist()
     if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
         return list(value)
@@ -156,7 +158,9 @@ def run_case(
             out.loss.backward()
             losses = {name: _hex(value) for name, value in out.losses.items()}
             losses["loss"] = _hex(out.loss.detach())
-            steps.append({"losses": losses, "selections": _selections(out.selections), "grad": _grad(wrapper)})
+            steps.append(
+                {"losses": losses, "selections": _selections(out.selections), "grad": _grad(wrapper)}
+            )
         wrapper.eval()
         with torch.no_grad():
             ours = wrapper(*eval_args)
@@ -185,7 +189,9 @@ def _reference_inputs() -> tuple[Tensor, Tensor, Tensor]:
     return images, texts, masks
 
 
-def _reference(entry: str, *, head_dropout: float | None = None, extras: bool = False, **options: Any) -> Record:
+def _reference(
+    entry: str, *, head_dropout: float | None = None, extras: bool = False, **options: Any
+) -> Record:
     """The demo CLIP-ViT + CRIS model (examples/cris_clip/model.py) through ``entry`` ("towers" / "hooks")."""
     from examples.cris_clip.model import (
         EXTRA_OBJECTIVES,
@@ -203,9 +209,13 @@ def _reference(entry: str, *, head_dropout: float | None = None, extras: bool = 
         model = build_model(config)
         objectives = build_objectives(EXTRA_OBJECTIVES, model, config) if extras else []
         if entry == "towers":
-            return masksd.MaskedSelfDistill(model.image_tower, model.text_tower, model.decoder,
-                                            extra_objectives=objectives, config=masksd.DistillConfig(**options))
-        return masksd.wrap(model, hook_spec(), extra_objectives=objectives, config=masksd.DistillConfig(**options))
+            return masksd.MaskedSelfDistill(
+                model.image_tower, model.text_tower, model.decoder,
+                extra_objectives=objectives, config=masksd.DistillConfig(**options),
+            )
+        return masksd.wrap(
+            model, hook_spec(), extra_objectives=objectives, config=masksd.DistillConfig(**options)
+        )
 
     images, texts, masks = _reference_inputs()
     if entry == "towers":
@@ -276,7 +286,9 @@ def _timm_style(**options: Any) -> Record:
 
 def _ris_cases() -> dict[str, Callable[[], Record]]:
     out: dict[str, Callable[[], Record]] = {}
-    for name, run in (("cris", _cris_style), ("lavt", _lavt_style), ("rela", _rela_style), ("timm", _timm_style)):
+    for name, run in (
+        ("cris", _cris_style), ("lavt", _lavt_style), ("rela", _rela_style), ("timm", _timm_style)
+    ):
         out[f"ris_{name}_default"] = run
         out[f"ris_{name}_replay"] = lambda run=run: run(dropout="replay")
     out["ris_lavt_criterion"] = lambda: _lavt_style(criterion=True)  # LAVT's weighted CE as criterion=
@@ -305,7 +317,9 @@ def _tiny_hooks(model: str = "TinyRIS", **options: Any) -> Record:
     cls = getattr(hook_models, model)
     spec = hook_models.tiny_spec() if model == "TinyRIS" else hook_models.early_spec()
     images, ids, masks = hook_models.make_batch()
-    return run_case(lambda: masksd.wrap(cls(), spec, **options), (images, ids), {"target": masks}, (images, ids))
+    return run_case(
+        lambda: masksd.wrap(cls(), spec, **options), (images, ids), {"target": masks}, (images, ids)
+    )
 
 
 def _tiny_cases() -> dict[str, Callable[[], Record]]:
@@ -333,8 +347,10 @@ def _maskris(entry: str, mode: str) -> Record:
         def build() -> masksd.MaskedSelfDistill:
             image_tower, text_tower, _ = tiny_models.make_model(0)
             objective = masksd.objectives.MaskRIS(config, image_dim=16, text_dim=16)
-            return masksd.MaskedSelfDistill(image_tower, text_tower, objective_models.FusedTinyDecoder(),
-                                            extra_objectives=[objective], **masksd.objectives.MaskRIS.paper_options())
+            return masksd.MaskedSelfDistill(
+                image_tower, text_tower, objective_models.FusedTinyDecoder(),
+                extra_objectives=[objective], **masksd.objectives.MaskRIS.paper_options(),
+            )
 
         return run_case(build, (images, ids, target), {}, (images, ids))
     config = masksd.objectives.MaskRISConfig(mode=mode, patch_size=8, mask_id=1)
@@ -417,10 +433,17 @@ def mismatches(expected: Record, actual: Record, where: str = "") -> list[str]:
         return out
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual) \
             and expected and isinstance(expected[0], dict):
-        return [m for i, (e, a) in enumerate(zip(expected, actual)) for m in mismatches(e, a, f"{where}[{i}]")]
+        return [
+            m for i, (e, a) in enumerate(zip(expected, actual)) for m in mismatches(e, a, f"{where}[{i}]")
+        ]
     if _grid_of_ints(expected) and _grid_of_ints(actual) and len(expected) == len(actual) \
             and all(len(e) == len(a) for e, a in zip(expected, actual)):
-        cells = [(b, i) for b, (e, a) in enumerate(zip(expected, actual)) for i, (x, y) in enumerate(zip(e, a)) if x != y]
+        cells = [
+            (b, i)
+            for b, (e, a) in enumerate(zip(expected, actual))
+            for i, (x, y) in enumerate(zip(e, a))
+            if x != y
+        ]
         if cells:
             shown = ", ".join(f"[{b}][{i}] {expected[b][i]}->{actual[b][i]}" for b, i in cells[:8])
             return [f"{where}: {len(cells)} entries differ: {shown}{' ...' if len(cells) > 8 else ''}"]
@@ -446,7 +469,9 @@ def _short(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"record {VALUES.name} (default: compare with it)")
+    parser.add_argument(
+        "--write", action="store_true", help=f"record {VALUES.name} (default: compare with it)"
+    )
     parser.add_argument("names", nargs="*", help="only these cases (default: all)")
     args = parser.parse_args(argv)
     todo = cases()

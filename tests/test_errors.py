@@ -35,7 +35,9 @@ def test_embed_that_returns_a_tuple():
     _, text_tower, decoder = make_model()
     wrapper = MaskedSelfDistill(TupleTower(), text_tower, decoder).train()
     images, ids, target = _batch()
-    with pytest.raises(TypeError, match=r"image_tower \(TupleTower\)\.embed must return masksd.towers.Embedded.*tuple"):
+    with pytest.raises(
+        TypeError, match=r"image_tower \(TupleTower\)\.embed must return masksd.towers.Embedded.*tuple"
+    ):
         wrapper(images, ids, target)
 
 
@@ -157,7 +159,10 @@ def test_module_decoders_pass_and_the_runtime_check_runs_once(monkeypatch):
     monkeypatch.setattr(tower_backend, "register_module_forward_pre_hook",
                         lambda hook: calls.append(hook) or register(hook))
     image_tower, text_tower, decoder = make_model()
-    for model in ((image_tower, text_tower, decoder), (image_tower, text_tower, Holder(decoder, nn.Linear(1, 1)))):
+    for model in (
+        (image_tower, text_tower, decoder),
+        (image_tower, text_tower, Holder(decoder, nn.Linear(1, 1))),
+    ):
         wrapper = MaskedSelfDistill(*model).train()
         for _ in range(3):
             out = wrapper(*_batch())

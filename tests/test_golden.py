@@ -24,17 +24,20 @@ def _skip_reason(name: str) -> str | None:
     if RECORDED is None:
         return f"{golden.VALUES.name} is missing: run python -m tests.golden --write"
     if name not in RECORDED["cases"]:
-        return f"case {name} is not recorded in {golden.VALUES.name}: run python -m tests.golden --write {name}"
+        return (f"case {name} is not recorded in {golden.VALUES.name}: "
+                f"run python -m tests.golden --write {name}")
     then, now = RECORDED["environment"], golden.environment()
     if then["torch"] != now["torch"]:
-        return f"golden values were recorded with torch {then['torch']}, this is torch {now['torch']} (floats differ)"
+        return (f"golden values were recorded with torch {then['torch']}, "
+                f"this is torch {now['torch']} (floats differ)")
     for library in golden.case_libraries(name):
         if then["libraries"].get(library) != now["libraries"].get(library):
             return (f"golden values were recorded with {library} {then['libraries'].get(library)}, "
                     f"this is {library} {now['libraries'].get(library)}")
     for key in ("machine", "cpu_capability"):
         if then[key] != now[key]:
-            return f"golden values were recorded on {key}={then[key]!r}, this is {now[key]!r} (CPU kernels differ)"
+            return (f"golden values were recorded on {key}={then[key]!r}, "
+                    f"this is {now[key]!r} (CPU kernels differ)")
     return None
 
 

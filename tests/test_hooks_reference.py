@@ -22,8 +22,10 @@ def _further_objectives() -> list[masksd.Objective]:
     size = dict(width=DEMO.head_dim, heads=DEMO.head_heads, ffn=DEMO.head_ffn, dropout=0.0)
     return [masksd.objectives.LanguageReconstruction(fused_dim=DEMO.head_dim, text_dim=64,
                                           config=masksd.objectives.LanguageReconstructionConfig(**size)),
-            masksd.objectives.CrossModalAlignment(config=masksd.objectives.CrossModalAlignmentConfig(features="fused"), text_dim=64,
-                                       fused_dim=DEMO.head_dim, name="cal_fused")]
+            masksd.objectives.CrossModalAlignment(
+                config=masksd.objectives.CrossModalAlignmentConfig(features="fused"), text_dim=64,
+                fused_dim=DEMO.head_dim, name="cal_fused",
+            )]
 
 
 def _models():

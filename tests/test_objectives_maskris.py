@@ -31,7 +31,9 @@ def towers_maskris(mode: str = "input", **config) -> MaskRIS:
 def myris_wrapper(objective: MaskRIS, seed: int = 0, **options) -> masksd.MaskedSelfDistill:
     """The README's ``MyRIS`` (``hook_models.TinyRIS``) with the README's spec."""
     torch.manual_seed(seed)
-    return masksd.wrap(hook_models.TinyRIS(), hook_models.tiny_spec(), extra_objectives=[objective], **options)
+    return masksd.wrap(
+        hook_models.TinyRIS(), hook_models.tiny_spec(), extra_objectives=[objective], **options
+    )
 
 
 def myris_maskris(mode: str = "input", **config) -> MaskRIS:
@@ -45,7 +47,9 @@ class Recorder:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls: list[tuple] = []
-        module.register_forward_pre_hook(lambda m, args: self.calls.append(tuple(a.detach().clone() for a in args)))
+        module.register_forward_pre_hook(
+            lambda m, args: self.calls.append(tuple(a.detach().clone() for a in args))
+        )
 
 
 # ------------------------------------------------------------------------ corruption rules
@@ -95,11 +99,15 @@ def test_bert_style_rates_and_specials():
     vocab, specials, mask_id = 30, (0, 1, 2), 3
     ids = torch.randint(0, vocab, (400, 64), generator=g)
     eligible = ~torch.isin(ids, torch.tensor((*specials, mask_id)))
-    new, picked = corrupt_ids(ids, eligible, ratio=0.15, split=(0.8, 0.1, 0.1), mask_id=mask_id, vocab_size=vocab,
-                              excluded=(*specials, mask_id), generator=g)
+    new, picked = corrupt_ids(
+        ids, eligible, ratio=0.15, split=(0.8, 0.1, 0.1), mask_id=mask_id, vocab_size=vocab,
+        excluded=(*specials, mask_id), generator=g,
+    )
     chosen, to_mask, to_random = picked["chosen"], picked["to_mask"], picked["to_random"]
     n = int(eligible.sum())
-    assert not (chosen & ~eligible).any() and torch.equal(new[~eligible], ids[~eligible])  # specials untouched
+    assert (
+        not (chosen & ~eligible).any() and torch.equal(new[~eligible], ids[~eligible])
+    )  # specials untouched
     assert abs(int(chosen.sum()) - 0.15 * n) < 5 * math.sqrt(n * 0.15 * 0.85)
     m = int(chosen.sum())
     for part, p in ((to_mask, 0.8), (to_random, 0.1), (chosen & ~to_mask & ~to_random, 0.1)):
@@ -113,8 +121,10 @@ def test_bert_style_rates_and_specials():
 
 def test_every_non_excluded_id_can_be_drawn():
     ids = torch.full((50, 200), 10)
-    new, _ = corrupt_ids(ids, torch.ones_like(ids, dtype=torch.bool), ratio=1.0, split=(0.0, 1.0, 0.0),
-                         mask_id=None, vocab_size=8, excluded=(0, 3, 7), generator=torch.Generator().manual_seed(0))
+    new, _ = corrupt_ids(
+        ids, torch.ones_like(ids, dtype=torch.bool), ratio=1.0, split=(0.0, 1.0, 0.0),
+        mask_id=None, vocab_size=8, excluded=(0, 3, 7), generator=torch.Generator().manual_seed(0),
+    )
     assert set(new.unique().tolist()) == {1, 2, 4, 5, 6}
 
 
@@ -165,7 +175,9 @@ def test_corrupted_pass_sees_the_corrupted_inputs_on_myris():
     (img0, ids0), (img1, ids1) = calls.calls[1:]
     assert torch.equal(img0, images) and torch.equal(ids0, ids)
     pixels = info["image_masked"].repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand_as(images)
-    assert torch.equal(img1[pixels], torch.zeros(int(pixels.sum()))) and torch.equal(img1[~pixels], images[~pixels])
+    assert torch.equal(img1[pixels], torch.zeros(int(pixels.sum()))) and torch.equal(
+        img1[~pixels], images[~pixels]
+    )
     assert info["image_masked"].sum((1, 2)).tolist() == [12] * 4  # 16 patches of 8 px, 75 %
     assert torch.equal(ids1, info["ids"]) and (ids1[info["text_to_mask"]] == 1).all()
     assert not (info["text_chosen"] & (ids == hook_models.PAD)).any()
@@ -176,7 +188,9 @@ def test_corrupted_pass_sees_the_corrupted_inputs_on_myris():
 @pytest.mark.parametrize("backend", ["towers", "hooks"])
 def test_trains_alone_with_the_paper_weights(backend, mode):
     objective = towers_maskris(mode) if backend == "towers" else myris_maskris(mode)
-    build = towers_wrapper if backend == "towers" else lambda objectives, **o: myris_wrapper(objectives[0], **o)
+    build = (
+        towers_wrapper if backend == "towers" else lambda objectives, **o: myris_wrapper(objectives[0], **o)
+    )
     wrapper = build([objective], **MaskRIS.paper_options())
     assert list(wrapper.objectives) == ["maskris"] and wrapper.seg_weight == 0.5
     data = towers_batch() if backend == "towers" else hooks_batch()
@@ -189,8 +203,12 @@ def test_trains_alone_with_the_paper_weights(backend, mode):
         assert_all_grads(wrapper, "objectives.maskris.")
     else:
         assert not list(wrapper.added_parameters())
-    again = build([towers_maskris(mode) if backend == "towers" else myris_maskris(mode)], **MaskRIS.paper_options())
-    torch.testing.assert_close(train_step(again, data).losses["maskris"], out.losses["maskris"])  # reproducible
+    again = build(
+        [towers_maskris(mode) if backend == "towers" else myris_maskris(mode)], **MaskRIS.paper_options()
+    )
+    torch.testing.assert_close(
+        train_step(again, data).losses["maskris"], out.losses["maskris"]
+    )  # reproducible
     wrapper.eval()
     images, ids, _ = data
     with torch.no_grad():
@@ -212,13 +230,17 @@ def test_embedding_mode_replaces_both_modalities_in_one_pass():
     seen: dict[str, list] = {"patch_embed": [], "word_embed": []}
     for name in seen:  # the input of the next module: what the embedding hook returned
         after = {"patch_embed": wrapper.unwrap().backbone, "word_embed": wrapper.unwrap().text_encoder}[name]
-        after.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach().clone()))
+        after.register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(args[0].detach().clone())
+        )
     images, ids, target = hooks_batch()
     out = train_step(wrapper, (images, ids, target))
     assert len(seen["patch_embed"]) == 3 and len(seen["word_embed"]) == 3  # probe, main, one joint pass
     words = out.selections["maskris"]["text_to_mask"]
     assert torch.equal(words, ids != hook_models.PAD)
-    assert torch.allclose(seen["word_embed"][2][words], objective.text_token.detach().expand(int(words.sum()), -1))
+    assert torch.allclose(
+        seen["word_embed"][2][words], objective.text_token.detach().expand(int(words.sum()), -1)
+    )
     masked_units = out.selections["maskris"]["image_masked"]  # [B, 16] on the 4x4 backbone grid
     assert masked_units.shape == (4, 16) and masked_units.sum(1).tolist() == [12] * 4
     image_token = objective.image_token.detach()[None, :, None, None]
@@ -249,8 +271,8 @@ def test_towers_input_mode_refuses_non_id_texts():
 def lavt_spec() -> HookSpec:
     pwam = "backbone.layers.2.fusion.image_lang_att"
     return HookSpec(
-        image=ModalitySpec(embed="backbone.patch_embed", layout="bchw", tokens=Tap(f"{pwam}.f_query", layout="bcn"),
-                           reuse=("backbone.layers.*",)),
+        image=ModalitySpec(embed="backbone.patch_embed", layout="bchw",
+                           tokens=Tap(f"{pwam}.f_query", layout="bcn"), reuse=("backbone.layers.*",)),
         text=ModalitySpec(embed="text_encoder.embeddings.word_embeddings",
                           maskable=Maskable(ids="input_ids", never=(2, 3), attention_mask="attention_mask"),
                           tokens=Tap(f"{pwam}.f_key", layout="bcn"), reuse=("text_encoder",)),
@@ -304,7 +326,9 @@ def test_cris_style_model_with_its_own_loss():
     objective = MaskRIS(MaskRISConfig(patch_size=16, mask_id=1))  # CLIP has no [MASK]: some word id
     wrapper = masksd.wrap(model, spec, extra_objectives=[objective], **MaskRIS.paper_options())
     batch = cris_style.make_batch()
-    out = wrapper.train()(batch.img, batch.word, target=batch.mask, generator=torch.Generator().manual_seed(0))
+    out = wrapper.train()(
+        batch.img, batch.word, target=batch.mask, generator=torch.Generator().manual_seed(0)
+    )
     info = out.selections["maskris"]
     assert not torch.isin(info["ids"][info["text_to_random"]], torch.tensor([0, 98, 99, 1])).any()
     assert not (info["text_chosen"] & torch.isin(batch.word, torch.tensor([0, 98, 99]))).any()

@@ -150,7 +150,9 @@ def test_towers_fused_is_the_main_pass_not_a_masked_one():
 
     decoder.forward_with_fused = recording
     out = train_step(wrapper, towers_batch())
-    assert torch.equal(seen["fused"], history[0].flatten(2).transpose(1, 2))  # the first pass is the main branch
+    assert torch.equal(
+        seen["fused"], history[0].flatten(2).transpose(1, 2)
+    )  # the first pass is the main branch
     assert len(history) == 3  # main, LMVSD, VMLSD: no extra decoder pass for the objective
     wrapper.eval()
     images, ids, _ = towers_batch()
@@ -166,7 +168,9 @@ def test_errors():
         LanguageReconstructionConfig(width=10, heads=3)
     with pytest.raises(TypeError, match="config"):
         LanguageReconstruction(fused_dim=4, text_dim=4, config={"weight": 1})
-    wrapper = towers_wrapper([LanguageReconstruction(fused_dim=8, text_dim=16, config=LanguageReconstructionConfig(**SMALL))])
+    wrapper = towers_wrapper(
+        [LanguageReconstruction(fused_dim=8, text_dim=16, config=LanguageReconstructionConfig(**SMALL))]
+    )
     with pytest.raises(ValueError, match="fused_dim=16"):
         train_step(wrapper, towers_batch())
     wrapper = towers_wrapper([reconstruction(max_len=4)])

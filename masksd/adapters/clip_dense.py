@@ -354,4 +354,5 @@ def clip_dense_tap(
     return Tap(block, kind="input", select="[0]", project=tuple(steps))
 
 
-register_projection(STEP_PREFIX[:-1], apply_dense_step, differentiable=False)  # "clip_dense:<mode>:<P>:<block>"
+# steps named "clip_dense:<mode>:<P>:<block>"
+register_projection(STEP_PREFIX[:-1], apply_dense_step, differentiable=False)

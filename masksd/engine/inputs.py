@@ -84,7 +84,8 @@ def image_argument(spec: HookSpec, arguments: Mapping[str, Any]) -> str | None:
             )
         return spec.image.argument
     images = [name for name, value in arguments.items()
-              if isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 4 and name != spec.target]
+              if isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 4
+              and name != spec.target]
     return images[0] if len(images) == 1 else None
 
 
@@ -94,7 +95,9 @@ def batch_sizes(spec: HookSpec, arguments: Mapping[str, Any]) -> dict[str, int]:
     names: dict[str, str] = {}
     image = image_argument(spec, arguments)
     if image is not None:
-        names[image] = "HookSpec.image.argument" if spec.image is not None and spec.image.argument else "the images"
+        names[image] = (
+            "HookSpec.image.argument" if spec.image is not None and spec.image.argument else "the images"
+        )
     if spec.text is not None:
         ids = spec.text.argument or spec.text.maskable.ids
         for name, role in ((ids, "the ids"), (spec.text.maskable.attention_mask, "the attention mask")):

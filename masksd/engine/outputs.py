@@ -87,13 +87,15 @@ def as_tensor_loss(value: Any, where: str) -> Tensor:
         if not terms:
             raise ValueError(
                 f"{where} selects a dict with no loss entry: a key must contain 'loss' (mmseg's "
-                f"convention; metrics such as 'acc_seg' are ignored), found tensors at {found or list(value)}; "
-                "rename the model's loss key or point the selector at the loss itself (e.g. "
-                "HookSpec(loss=\"['losses']['loss_ce']\"))"
+                "convention; metrics such as 'acc_seg' are ignored), found tensors at "
+                f"{found or list(value)}; rename the model's loss key or point the selector at the loss "
+                "itself (e.g. HookSpec(loss=\"['losses']['loss_ce']\"))"
             )
         value = torch.stack(terms).sum()
     if not isinstance(value, Tensor) or value.numel() != 1:
-        found_what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        found_what = (
+            f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        )
         raise ValueError(
             f"{where} must give a scalar loss tensor or a dict of loss terms, got {found_what}; "
             "point HookSpec.loss at the model's training loss (e.g. \"[2]\" or \"['loss']\")"

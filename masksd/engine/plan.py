@@ -58,11 +58,15 @@ def resolve_tensor(model: nn.Module, path: str, argument: str) -> Tensor:
         value = getattr(resolve_module(model, owner, argument) if owner else model, name, None)
     value = value.weight if isinstance(value, nn.Embedding) else value
     if not isinstance(value, Tensor) or value.dim() != 2:
-        raise ValueError(f"{argument} {path!r} is neither an nn.Embedding nor a [V, C] parameter of the model")
+        raise ValueError(
+            f"{argument} {path!r} is neither an nn.Embedding nor a [V, C] parameter of the model"
+        )
     return value
 
 
-def expand_patterns(model: nn.Module, patterns: tuple[str, ...], argument: str) -> list[tuple[str, nn.Module]]:
+def expand_patterns(
+    model: nn.Module, patterns: tuple[str, ...], argument: str
+) -> list[tuple[str, nn.Module]]:
     """Module paths (``fnmatch`` patterns allowed), outermost matches only, in model order."""
     named = dict(model.named_modules())
     chosen: list[str] = []
@@ -106,7 +110,8 @@ def infer_width(module: nn.Module) -> int | None:
 
 def refuse_wrapped(model: Any) -> None:
     """Refuse DDP / DataParallel / torch.compile wrappers: hooks belong on the bare model."""
-    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, "_orig_mod")
+    wrapped = (isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+               or hasattr(model, "_orig_mod"))
     if wrapped:
         raise TypeError(
             f"model is a {type(model).__name__}: wrap the bare model first, then put the wrapper in "
@@ -172,9 +177,11 @@ def project(model: nn.Module, paths: str | tuple[str, ...] | None, value: Tensor
             matrix = None
         if not isinstance(matrix, Tensor):
             prefix, colon, _ = path.partition(":")
-            hint = (f" nor a registered step ('{prefix}:' is not registered: import the module that registers it, "
-                    "e.g. masksd.adapters.clip_dense)") if colon else ""
-            raise ValueError(f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model{hint}")
+            hint = (f" nor a registered step ('{prefix}:' is not registered: import the module that "
+                    "registers it, e.g. masksd.adapters.clip_dense)") if colon else ""
+            raise ValueError(
+                f"Tap.project {path!r} is neither a module nor a parameter/tensor of the model{hint}"
+            )
         value = value @ matrix.to(value.dtype)
     return value
 
@@ -189,7 +196,8 @@ def init_token(model: nn.Module, init: str, token: Tensor, where: str) -> None:
             weight = resolve_module(model, path, where).weight
             if weight.shape[-1] != token.shape[0]:
                 raise ValueError(
-                    f"{where}: row width {weight.shape[-1]} of {path!r} differs from the embedded width {token.shape[0]}"
+                    f"{where}: row width {weight.shape[-1]} of {path!r} differs from the embedded width "
+                    f"{token.shape[0]}"
                 )
             token.copy_(weight[int(row)])
 
@@ -201,7 +209,8 @@ def spec_taps(spec: HookSpec, modalities: list[Modality]) -> list[tuple[str, Tap
     taps: list[tuple[str, Tap]] = [("logits", spec.logits)] if isinstance(spec.logits, Tap) else []
     for m in modalities:
         part = spec.modality(m)
-        taps += [(f"{m}.{name}", t) for name, t in (("tokens", part.tokens), ("global_", part.global_)) if t is not None]
+        taps += [(f"{m}.{name}", t) for name, t in (("tokens", part.tokens), ("global_", part.global_))
+                 if t is not None]
     return taps + ([("fused", spec.fused)] if spec.fused is not None else [])
 
 
@@ -241,7 +250,9 @@ class Plan:
         for m in modalities:
             part = spec.modality(m)
             if part.call is not None and part.call < 0:
-                raise ValueError(f"HookSpec.{m}.call must be >= 0 (which call of {part.embed!r}), got {part.call}")
+                raise ValueError(
+                    f"HookSpec.{m}.call must be >= 0 (which call of {part.embed!r}), got {part.call}"
+                )
             embeds[m] = (part.embed, resolve_module(model, part.embed, f"HookSpec.{m}.embed"))
             reuse[m] = expand_patterns(model, part.reuse, f"HookSpec.{m}.reuse")
         roles: dict[TapKey, list[str]] = {}
@@ -259,7 +270,9 @@ class Plan:
         if spec.fusion != "auto":
             image_on_text, text_on_image = DEPENDS[spec.fusion]
             declared = {"image": image_on_text, "text": text_on_image}
-        return cls(model, spec, inspect.signature(model.forward), modalities, embeds, reuse, taps, labels, declared)
+        return cls(
+            model, spec, inspect.signature(model.forward), modalities, embeds, reuse, taps, labels, declared
+        )
 
     def part(self, modality: str) -> ModalitySpec:
         """The ``ModalitySpec`` of ``modality`` (ValueError when the spec declares none)."""
@@ -289,5 +302,6 @@ class Plan:
             return dict(self.signature.bind(*args, **kwargs).arguments)
         except TypeError as error:
             raise TypeError(
-                f"the wrapper's arguments do not fit {type(self.model).__name__}.forward{self.signature}: {error}"
+                f"the wrapper's arguments do not fit {type(self.model).__name__}.forward{self.signature}: "
+                f"{error}"
             ) from None

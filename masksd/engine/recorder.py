@@ -168,7 +168,9 @@ def rng_point(path: str, call: int) -> str:
 
 
 @torch.compiler.disable
-def _install(modules: list[tuple[str, nn.Module]], main: Run, replays: dict[str, Replay]) -> list[tuple[nn.Module, Any]]:
+def _install(
+    modules: list[tuple[str, nn.Module]], main: Run, replays: dict[str, Replay]
+) -> list[tuple[nn.Module, Any]]:
     """Replace each module's ``forward`` by a ``Replay`` of ``main``'s outputs; returns what
     ``_restore`` puts back. Run eagerly: under ``torch.compile`` of the wrapper, dynamo defers the
     ``setattr`` but not a traced ``del module.forward``, which then finds nothing. One ``Replay``
@@ -297,8 +299,9 @@ class Recorder:
         tokens = output.tokens if isinstance(output, Embedded) else output
         if not isinstance(tokens, Tensor) or not tokens.is_floating_point():
             raise TypeError(
-                f"HookSpec.{modality}.embed {part.embed!r} must output a floating tensor (or a masksd.Embedded), "
-                f"got {type(output).__name__}; choose the module whose output is the embedded tokens"
+                f"HookSpec.{modality}.embed {part.embed!r} must output a floating tensor (or a "
+                f"masksd.Embedded), got {type(output).__name__}; choose the module whose output is the "
+                "embedded tokens"
             )
         if run.probe:
             leaf = run.embedded[modality] = tokens.detach().requires_grad_(True)

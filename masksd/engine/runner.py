@@ -111,7 +111,9 @@ class Runner:
                     depends[m] = None if not values else False
                     continue
                 total = torch.stack([t.float().sum() for t in tensors]).sum()
-                depends[m] = torch.autograd.grad(total, leaf, allow_unused=True, retain_graph=True)[0] is not None
+                depends[m] = (
+                    torch.autograd.grad(total, leaf, allow_unused=True, retain_graph=True)[0] is not None
+                )
         self.depends = depends
         return depends
 
@@ -161,7 +163,9 @@ class Runner:
         logits = check_logits(raw_logits, two_class=self.spec.two_class, where="the main branch")
         loss = None
         if self.spec.loss is not None:
-            loss = as_tensor_loss(apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss")
+            loss = as_tensor_loss(
+                apply_selector(output, self.spec.loss, where="HookSpec.loss"), "HookSpec.loss"
+            )
         step = Step(model=self.model, logits=logits, raw_logits=raw_logits, target=target, output=output,
                     model_loss=loss, generator=generator, inputs=(args, kwargs), record=run)
         arguments = self.plan.bind(args, kwargs)
@@ -191,9 +195,13 @@ class Runner:
             return Embedded(tokens=raw.tokens, maskable=maskable, grid=raw.grid, extras=raw.extras)
         tokens = to_bnc(raw, part.layout)
         grid = layout_grid(raw, part.layout, part.grid, square=modality == "image")
-        return Embedded(tokens=tokens, maskable=maskable_from_rule(part.maskable, arguments, tokens, where), grid=grid)
+        return Embedded(
+            tokens=tokens, maskable=maskable_from_rule(part.maskable, arguments, tokens, where), grid=grid
+        )
 
-    def _encoded(self, modality: Modality, embedded: Embedded, run: Run, *, grad: bool = False) -> Encoded | None:
+    def _encoded(
+        self, modality: Modality, embedded: Embedded, run: Run, *, grad: bool = False
+    ) -> Encoded | None:
         """Scoring features from the taps of ``run``, detached unless ``grad``."""
         part = self.plan.part(modality)
         if part.tokens is None and part.global_ is None:
@@ -208,9 +216,11 @@ class Runner:
                     return raw
                 tokens = cut(project(self.model, part.tokens.project, to_bnc(raw, part.tokens.layout)))
                 aligned = tokens.shape[1] == embedded.tokens.shape[1]
-                grid = embedded.grid if aligned else layout_grid(raw, part.tokens.layout, None, square=modality == "image")
+                grid = (embedded.grid if aligned
+                        else layout_grid(raw, part.tokens.layout, None, square=modality == "image"))
             if part.global_ is not None:
-                pooled = cut(project(self.model, part.global_.project, self._tap(part.global_, None, run, f"{where}.global_")))
+                pooled = cut(project(self.model, part.global_.project,
+                                     self._tap(part.global_, None, run, f"{where}.global_")))
             elif tokens is not None and tokens.shape[1] == embedded.maskable.shape[1]:
                 weights = embedded.maskable.to(tokens.dtype)[..., None]
                 pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -226,7 +236,9 @@ class Runner:
         if not values:
             raise ValueError(f"{where}: module {tap.module!r} did not run in this forward{NOT_FIRED_HINT}")
         if tap.call is None and len(values) > 1:
-            raise ValueError(f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one")
+            raise ValueError(
+                f"{where}: module {tap.module!r} ran {len(values)} times; set Tap(call=...) to pick one"
+            )
         return apply_selector(values[tap.call or 0], tap.select, where=f"{where} ({tap.module!r} {tap.kind})")
 
     # --------------------------------------------------------------------------- extra passes
@@ -254,7 +266,9 @@ class Runner:
             ``Encoded`` (with gradients) as the decoder would see them in that pass.
         """
         if inputs and (mask or tokens):
-            raise ValueError("rerun: give inputs= (raw inputs replaced) or mask=/tokens= (embedded tokens), not both")
+            raise ValueError(
+                "rerun: give inputs= (raw inputs replaced) or mask=/tokens= (embedded tokens), not both"
+            )
         record: Run = step.record
         args, kwargs = step.inputs
         masked = dict(mask or {})
@@ -262,7 +276,9 @@ class Runner:
         for m, value in (tokens or {}).items():
             expected = tuple(step.embedded(m).tokens.shape)
             if tuple(value.shape) != expected:
-                raise ValueError(f"replacement {m} tokens {tuple(value.shape)} must have the embedded shape {expected}")
+                raise ValueError(
+                    f"replacement {m} tokens {tuple(value.shape)} must have the embedded shape {expected}"
+                )
             replace[m] = Replacement(tokens=value)
         replays = [self.plan.embeds[m][0] for m in replace]
         label = "replaced"
@@ -293,9 +309,9 @@ class Runner:
                               two_class=self.spec.two_class, where=f"the {label} pass")
         if torch.is_grad_enabled() and not logits.requires_grad:
             raise ValueError(
-                f"HookSpec.logits gives a tensor with no gradient in the {label} pass (does the model return a "
-                "detached prediction in training?); tap the module that produces the logits instead: "
-                "HookSpec(logits=Tap('<module path>'))"
+                f"HookSpec.logits gives a tensor with no gradient in the {label} pass (does the model "
+                "return a detached prediction in training?); tap the module that produces the logits "
+                "instead: HookSpec(logits=Tap('<module path>'))"
             )
         return logits
 
@@ -336,7 +352,9 @@ class Runner:
                 result[m] = self.encoded_with_grad(step, m) if step.encoded(m) is not None else None
         return result
 
-    def _with_inputs(self, step: Step, inputs: Mapping[str, Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _with_inputs(
+        self, step: Step, inputs: Mapping[str, Tensor]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         bound = self.plan.signature.bind(*step.inputs[0], **step.inputs[1])
         for modality, value in inputs.items():
             bound.arguments[self._input_name(modality, dict(bound.arguments))] = value
@@ -363,7 +381,9 @@ class Runner:
         arguments = self.plan.bind(*step.inputs)
         name = self._input_name(modality, arguments)
         value = arguments[name]
-        if modality == "image" and not (isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 4):
+        if modality == "image" and not (
+            isinstance(value, Tensor) and value.is_floating_point() and value.dim() == 4
+        ):
             raise TypeError(
                 f"the image argument {name!r} is {_describe(value)}, not a float [B, C, H, W] tensor; "
                 "input-space corruption needs the image tensor (or use MaskRISConfig(mode='embedding'))"
@@ -372,8 +392,9 @@ class Runner:
                                                      or value.dtype == torch.bool)
         if modality == "text" and not (integer and value.dim() == 2):
             raise TypeError(
-                f"the text argument {name!r} is {_describe(value)}, not integer token ids [B, L]; input-space "
-                "corruption replaces ids, so pass the ids, or use MaskRISConfig(mode='embedding') or text_ratio=0"
+                f"the text argument {name!r} is {_describe(value)}, not integer token ids [B, L]; "
+                "input-space corruption replaces ids, so pass the ids, or use "
+                "MaskRISConfig(mode='embedding') or text_ratio=0"
             )
         return value
 
@@ -393,7 +414,8 @@ class Runner:
             raise TypeError(
                 "the text tokens carry no ids: put them in Embedded.extras['ids'] in the tower's embed(), or "
                 "name the forward argument that holds the token ids [B, L] in HookSpec.text.maskable.ids, "
-                "e.g. Maskable(ids='input_ids', never=(pad_id, ...)) (objectives that read token_ids need one)"
+                "e.g. Maskable(ids='input_ids', never=(pad_id, ...)) (objectives that read token_ids "
+                "need one)"
             )
         arguments = self.plan.bind(*step.inputs)
         if name not in arguments:
@@ -409,24 +431,27 @@ class Runner:
         module = resolve_module(self.model, text.embed, "HookSpec.text.embed")
         if not isinstance(module, nn.Embedding):
             raise TypeError(
-                f"HookSpec.text.embed {text.embed!r} is a {type(module).__name__}, not an nn.Embedding, so it holds "
-                "no input-embedding matrix to tie to; point HookSpec.text.embed at the word-embedding table "
-                "(e.g. 'bert.embeddings.word_embeddings') or set ModalitySpec(word_embedding=...)"
+                f"HookSpec.text.embed {text.embed!r} is a {type(module).__name__}, not an nn.Embedding, so "
+                "it holds no input-embedding matrix to tie to; point HookSpec.text.embed at the "
+                "word-embedding table (e.g. 'bert.embeddings.word_embeddings') or set "
+                "ModalitySpec(word_embedding=...)"
             )
         return module.weight
 
     def encoded_with_grad(self, step: Step, modality: str) -> Encoded:
         """The main branch's scoring features of ``modality`` *with* their autograd graph."""
         if step.encoded(modality) is None:
-            raise ValueError(f"the model declares no {modality} scoring features (HookSpec.{modality}.tokens)")
+            raise ValueError(
+                f"the model declares no {modality} scoring features (HookSpec.{modality}.tokens)"
+            )
         tap = self.plan.part(modality).tokens
         steps = projection_steps(tap.project) if tap is not None else ()
         if any((found := registered_step(s)) is not None and not found.differentiable for s in steps):
             raise ValueError(
                 f"HookSpec.{modality}.tokens is a dense scoring tap ({tap.project!r}), computed without "  # type: ignore[union-attr]
-                "gradient, and an objective asked for the encoder's features with their gradient (Mask Grounding, "
-                "cross-modal alignment on encoder features): keep the plain tap for such objectives, or use the "
-                "tower adapter's dense= (scorers only)"
+                "gradient, and an objective asked for the encoder's features with their gradient (Mask "
+                "Grounding, cross-modal alignment on encoder features): keep the plain tap for such "
+                "objectives, or use the tower adapter's dense= (scorers only)"
             )
         encoded = self._encoded(modality, step.embedded(modality), step.record, grad=True)  # type: ignore[arg-type]
         assert encoded is not None
@@ -446,7 +471,9 @@ class Runner:
             return raw
         if not isinstance(raw, Tensor) or raw.dim() != (4 if tap.layout == "bchw" else 3):
             found = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
-            raise ValueError(f"HookSpec.fused (layout {tap.layout!r}) gives {found}; check its module, select and layout")
+            raise ValueError(
+                f"HookSpec.fused (layout {tap.layout!r}) gives {found}; check its module, select and layout"
+            )
         return Fused(tokens=to_bnc(raw, tap.layout), grid=layout_grid(raw, tap.layout, None, square=True))
 
 
@@ -468,7 +495,9 @@ def maskable_from_rule(rule: Maskable, arguments: dict[str, Any], tokens: Tensor
     if rule.fn is not None:
         maskable = maskable & rule.fn(arguments).to(device=tokens.device, dtype=torch.bool)
     if maskable.shape != tokens.shape[:2]:
-        raise ValueError(f"{where} gives shape {tuple(maskable.shape)}; the embedded tokens are {tuple(tokens.shape[:2])}")
+        raise ValueError(
+            f"{where} gives shape {tuple(maskable.shape)}; the embedded tokens are {tuple(tokens.shape[:2])}"
+        )
     return maskable
 
 

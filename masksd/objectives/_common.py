@@ -148,14 +148,15 @@ def text_padding(step: Step, runner: Runner, *encoded: Encoded | None) -> Tensor
     """
     maskable = step.embedded("text").maskable
     for source in (*encoded, step.encoded("text")):
-        pad = source.features.get("pad_mask") if source is not None and isinstance(source.features, dict) else None
+        pad = (source.features.get("pad_mask") if source is not None and isinstance(source.features, dict)
+               else None)
         if isinstance(pad, Tensor) and pad.dtype == torch.bool and pad.shape == maskable.shape:
             return pad.to(maskable.device)
     try:
         ids = runner.token_ids(step)
     except TypeError as error:
         raise TypeError(
-            "the text's padding is needed but unknown: give Encoded.features['pad_mask'] [B, L] bool from the "
-            f"text tower, or token ids ({error})"
+            "the text's padding is needed but unknown: give Encoded.features['pad_mask'] [B, L] bool "
+            f"from the text tower, or token ids ({error})"
         ) from error
     return trailing_padding(ids, maskable)

@@ -94,7 +94,9 @@ class GuidedMaskedDistillation(Objective):
         self._check_scores = True
 
     @classmethod
-    def with_private_decoder(cls, decoder: Decoder, *, engine: object = None, **kwargs: object) -> GuidedMaskedDistillation:
+    def with_private_decoder(
+        cls, decoder: Decoder, *, engine: object = None, **kwargs: object
+    ) -> GuidedMaskedDistillation:
         """Build a branch with an independent copy of ``decoder`` (unshared weights). Hooks the
         ``engine`` registered inside the decoder stay the engine's (not copies of it)."""
         if not isinstance(decoder, nn.Module):
@@ -143,7 +145,9 @@ class GuidedMaskedDistillation(Objective):
         kept, masked = self.select(step)
         view = step.view(self.masked_modality)
         embedded_mask = view.units.expand(masked, view.embedded.maskable)
-        logits = runner.rerun(step, mask={self.masked_modality: (embedded_mask, self.mask_token)}, decoder=self.decoder)
+        logits = runner.rerun(
+            step, mask={self.masked_modality: (embedded_mask, self.mask_token)}, decoder=self.decoder
+        )
         if self.supervision == "distill":
             loss = consistency_loss(logits, step.logits, hard=self.hard_targets, threshold=self.threshold)
         else:
