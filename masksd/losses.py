@@ -224,7 +224,7 @@ def _autocast_off(tensor: Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
+def segmentation_loss(logits: Tensor, target: Tensor, *, checked: bool = False) -> Tensor:
     """Mean BCE-with-logits of ``logits`` against a binary ``target`` mask.
 
     Args:
@@ -232,6 +232,8 @@ def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
         target: ``[B, H, W]`` or ``[B, 1, H, W]``: bool, integer with values in {0, 1}, or float
             with values in [0, 1] (soft targets, e.g. label smoothing, are accepted); resized
             with nearest-neighbour to ``h × w`` when sizes differ.
+        checked: the caller already checked the target's values (masksd's engine does, once per
+            step, before the model runs); skip that check here.
 
     Returns:
         scalar float32 loss.
@@ -253,7 +255,7 @@ def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
         )
     if target.is_complex():
         raise TypeError(f"target must be a bool, integer or float mask, got dtype {target.dtype}")
-    valid = target_validity(target, "target")
+    valid = None if checked else target_validity(target, "target")
     with _autocast_off(logits):
         target = target.to(device=logits.device, dtype=torch.float32)
         if target.shape[-2:] != logits.shape[-2:]:

@@ -374,7 +374,7 @@ class MaskedSelfDistill(nn.Module):
         elif step.model_loss is not None:
             seg = step.model_loss
         else:
-            seg = segmentation_loss(step.logits, step.target)
+            seg = segmentation_loss(step.logits, step.target, checked=True)  # checked by check_inputs
         if valid is not None:  # a CUDA target whose check is still in flight: a bad one gives NaN
             seg = torch.where(valid.to(seg.device), seg, torch.full_like(seg, float("nan")))
         # the objectives, each on the step's record (BatchNorm running statistics left to the main branch)

@@ -153,6 +153,6 @@ class GuidedMaskedDistillation(Objective):
         else:
             if step.target is None:
                 raise ValueError(f"{self.name}: supervision='ground_truth' needs a target mask")
-            loss = segmentation_loss(logits, step.target)
+            loss = segmentation_loss(logits, step.target, checked=True)  # the engine checked it
         info = {"kept": kept, "masked": masked, "logits": logits.detach(), "grid": view.units.grid}
         return ObjectiveOutput(loss=loss, info=info)
