@@ -78,7 +78,9 @@ def units_of(
         if encoded.grid != embedded.grid and encoded.tokens.shape[1] != embedded.tokens.shape[1]:
             maskable = shrink_mask(embedded.maskable, embedded.grid, encoded.grid)
             return Units(maskable, encoded.grid, embedded.grid, coarse=True)
-    return Units(embedded.maskable, embedded.grid, embedded.grid, coarse=False)
+    # a copy, not the embedded record's tensor: torch 2.1's dynamo fails on one tensor reached by two
+    # paths of a step (a guard on a symbol with no source, pytorch/pytorch#90665)
+    return Units(embedded.maskable.clone(), embedded.grid, embedded.grid, coarse=False)
 
 
 @dataclass
