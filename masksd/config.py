@@ -117,7 +117,8 @@ class DistillConfig:
             ``False`` are accepted and normalised.
         vmlsd: the masked-words branch (``VMLSDConfig``), or None.
         supervision: ``"distill"`` (paper) or ``"ground_truth"`` (Table VI ablation).
-        share_decoder: False gives each branch its own decoder copy (Table VII; towers only).
+        share_decoder: False gives each branch its own decoder copy (Table VII; a hooked model
+            names its decoder in ``HookSpec(decoder=...)``, the tower entry does it itself).
         hard_targets: binarise the teacher at ``threshold`` instead of soft probabilities.
         threshold: probability threshold for hard targets.
         seg_weight: weight of the main segmentation loss.

@@ -8,7 +8,7 @@ inductor itself is covered on the tower backend by ``tests/test_compile.py`` beh
 After the first two steps nothing recompiles (tested): the per-step state the hooks keep does
 not fail dynamo's guards. Compiling the wrapper used to fail with ``AttributeError: 'Sequential'
 object has no attribute 'forward'``: dynamo deferred the branch's ``module.forward = Replay(...)``
-but ran the traced ``del module.forward`` (now both run eagerly, ``masksd.backends.hook_branches``).
+but ran the traced ``del module.forward`` (now both run eagerly, ``masksd.engine.recorder``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_compiled_cris_style_model_matches_eager():
     """CRIS's projector returns a transposed view and its training forward returns ``pred.detach()``:
     the kept logits and the returned detached copy made AOTAutograd fail ("incorrect out shape after
     application of ViewMeta sequence", also with ``torch.compile(wrapper)``); masksd now keeps
-    copies under compile (``masksd.backends.taps.captured``)."""
+    copies under compile (``masksd.engine.recorder.captured``)."""
     from ris_models import cris_style
     from ris_models.specs import cris_spec
 

@@ -293,3 +293,33 @@ def test_dataparallel_replica_is_refused():
     replica = wrapped()._replicate_for_data_parallel()
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         train_step(replica)
+
+
+def test_private_decoders_for_a_hooked_model_train_apart_from_the_shared_one():
+    """``share_decoder=False`` (paper Table VII) on a hooked model: ``HookSpec(decoder=...)`` names the
+    module; each branch's copy runs in its branch only, and the user's keys stay the user's."""
+    with pytest.raises(ValueError, match=r"HookSpec\(decoder='<module path>'\)"):
+        wrapped(share_decoder=False)
+    wrapper = wrapped(spec=tiny_spec(decoder="decoder"), share_decoder=False)
+    model = wrapper.unwrap()
+    assert model.state_dict().keys() == TinyRIS().state_dict().keys()
+    private = {name: wrapper.objectives[name].decoder for name in ("lmvsd", "vmlsd")}
+    assert all(d is not model.decoder and torch.equal(d.weight, model.decoder.weight)
+               for d in private.values())
+    calls = {name: 0 for name in ("shared", "lmvsd", "vmlsd")}
+    model.decoder.register_forward_hook(lambda *_: calls.__setitem__("shared", calls["shared"] + 1))
+    for name, module in private.items():
+        module.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    train_step(wrapper)  # includes the one-off fusion probe (a forward of the shared decoder)
+    calls.update(shared=0, lmvsd=0, vmlsd=0)
+    out = train_step(wrapper)
+    assert calls == {"shared": 1, "lmvsd": 1, "vmlsd": 1}
+    out.loss.backward()
+    assert all(d.weight.grad is not None for d in private.values())  # both in the graph
+    assert private["lmvsd"].weight.grad.abs().sum() > 0  # (VMLSD may mask no word: then its copy's
+    assert model.decoder.weight.grad is not None          #  logits equal the main's and its gradient is 0)
+    assert "objectives.lmvsd.decoder.weight" in wrapper.state_dict()
+    wrapper.eval()
+    images, ids, _ = make_batch()
+    with torch.no_grad():
+        assert torch.equal(wrapper(images, ids), model(images, ids))
