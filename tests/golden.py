@@ -1,7 +1,7 @@
 """Golden values of two training steps per wrapped model, to hold a refactor of the engine to them exactly.
 
 Not a test module: ``tests/test_golden.py`` recomputes every case and compares it with
-``tests/golden_values.json``; ``python -m tests.golden --write`` records that file, and
+``tests/golden_values.json``; ``PYTHONPATH=tests python -m tests.golden --write`` records that file, and
 ``python -m tests.golden`` (no flag) compares and prints the mismatches.
 
 Each case (``cases()``) builds a model with fixed seeds, wraps it (tower entry
@@ -49,10 +49,6 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # the helper modules (tiny_models, ris_models, ...) import by plain name
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:  # examples.cris_clip
-    sys.path.insert(0, str(HERE.parent))
 
 import masksd  # noqa: E402
 

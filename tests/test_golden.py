@@ -2,11 +2,11 @@
 selections and gradient norms recorded in ``tests/golden_values.json`` (hex floats compared as
 strings, selections as lists), and eval is the bare model bit for bit.
 
-They hold a refactor of the engine (``masksd/wrapper.py``, ``masksd/backends/*``) to the old
-numbers. A change that is meant to move them: rerecord with ``python -m tests.golden --write`` (or
-``python -m tests.golden --write CASE ...``) and say why in the commit. Floats are exact for one torch
-build on one CPU kind only, so the tests skip where the recorded environment differs (CI's torch
-2.1.2 floor environment among them).
+They hold a refactor of the engine (``masksd/wrapper.py``, ``masksd/engine/*``) to the old
+numbers. A change that is meant to move them: rerecord with
+``PYTHONPATH=tests python -m tests.golden --write`` (or ``... --write CASE ...``) and say why in the
+commit. Floats are exact for one torch build on one CPU kind only, so the tests skip where the
+recorded environment differs (CI's torch 2.1.2 floor environment among them).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ CASES = golden.cases()
 
 def _skip_reason(name: str) -> str | None:
     if RECORDED is None:
-        return f"{golden.VALUES.name} is missing: run python -m tests.golden --write"
+        return f"{golden.VALUES.name} is missing: run PYTHONPATH=tests python -m tests.golden --write"
     if name not in RECORDED["cases"]:
         return (f"case {name} is not recorded in {golden.VALUES.name}: "
-                f"run python -m tests.golden --write {name}")
+                f"run PYTHONPATH=tests python -m tests.golden --write {name}")
     then, now = RECORDED["environment"], golden.environment()
     if then["torch"] != now["torch"]:
         return (f"golden values were recorded with torch {then['torch']}, "
