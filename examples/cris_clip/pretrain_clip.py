@@ -73,15 +73,11 @@ class PretrainConfig:
     warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
     min_lr_ratio: float = _help("final lr as a fraction of the peak", 0.05)
     token_weight: float = _help("weight of the word-patch MaxSim loss (0: CLIP's loss alone)", 1.0)
-    world: str = _help("v1: captions.py + synthetic.py (demo); v2: world_v2.py scenes, pretrain_dense.py "
-                       "captions", "v1")
-    dense_weight: float = _help("v2: weight of the dense sentence/word-to-patch terms on the objects' masks",
-                                0.0)
+    world: str = _help("v1: captions.py, synthetic.py (demo); v2: world_v2.py, pretrain_dense.py", "v1")
+    dense_weight: float = _help("v2: weight of the dense sentence/word-to-patch terms on the masks", 0.0)
     seed: int = _help("seed of the initial weights and of the caption world", 0)
-    train_scenes: int | None = _help("cycle through this many training scenes (none: a fresh scene per "
-                                     "sample)")
-    val_scenes: int = _help("held-out captioned scenes for retrieval (the first --align-scenes for "
-                            "alignment)", 1000)
+    train_scenes: int | None = _help("cycle through this many training scenes (none: fresh scenes)")
+    val_scenes: int = _help("held-out captioned scenes for retrieval (and --align-scenes)", 1000)
     align_scenes: int = _help("held-out scenes whose caption words score the patch-word alignment", 500)
     refer_samples: int = _help("referring val samples scoring the sentence-patch selection", 200)
     eval_interval: int = _help("steps between evaluations (and checkpoints)", 300)
@@ -113,8 +109,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     base = PRESETS[pre.parse_known_args(argv)[0].preset]
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=base.preset, help="demo: ≤ 15 min on 2 "
                         "CPU cores; smoke: seconds (the defaults shown are the chosen preset's)")
     hints = typing.get_type_hints(PretrainConfig)
@@ -299,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if k not in RUN_FIELDS and v != getattr(cfg, k)}
         if changed:
-            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's (checkpoint, now): "
-                             f"{changed}")
+            raise SystemExit(f"--resume {resume}: settings differ from the checkpoint's: {changed}")
         clip.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
