@@ -365,13 +365,8 @@ class RISModel(nn.Module):
         return self.sites[f"{modality}_encode"](self._encode, modality, embedded)
 
     def _embed(self, modality: str, inputs: Any) -> Embedded:
+        embedded = self._call_tower(modality, "embed", inputs, Embedded, "tokens=..., maskable=...")
         tower = getattr(self, f"{modality}_tower")
-        embedded = tower.embed(inputs)
-        if not isinstance(embedded, Embedded):
-            raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).embed must return masksd.towers.Embedded("
-                f"tokens=..., maskable=...), got {type(embedded).__name__}"
-            )
         if embedded.tokens.shape[-1] != tower.embed_dim:
             raise ValueError(
                 f"{modality}_tower.embed_dim is {tower.embed_dim} but its embed() returns tokens of width "
@@ -381,14 +376,19 @@ class RISModel(nn.Module):
         return embedded
 
     def _encode(self, modality: str, embedded: Embedded) -> Encoded:
+        fields = "tokens=..., global_feature=..., features=..."
+        return self._call_tower(modality, "encode", embedded, Encoded, fields)
+
+    def _call_tower(self, modality: str, method: str, value: Any, kind: type, fields: str) -> Any:
+        """``<modality>_tower.<method>(value)``, refused unless it returns a ``kind`` record."""
         tower = getattr(self, f"{modality}_tower")
-        encoded = tower.encode(embedded)
-        if not isinstance(encoded, Encoded):
+        result = getattr(tower, method)(value)
+        if not isinstance(result, kind):
             raise TypeError(
-                f"{modality}_tower ({type(tower).__name__}).encode must return masksd.towers.Encoded("
-                f"tokens=..., global_feature=..., features=...), got {type(encoded).__name__}"
+                f"{modality}_tower ({type(tower).__name__}).{method} must return "
+                f"masksd.towers.{kind.__name__}({fields}), got {type(result).__name__}"
             )
-        return encoded
+        return result
 
     def _decode_with_fused(self, image: Encoded, text: Encoded) -> tuple[Tensor, Fused]:
         name = f"decoder ({type(self.decoder).__name__}).forward_with_fused"
